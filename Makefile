@@ -1,0 +1,50 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.14.1
+CUDA_HOME   ?= $(shell [ -d /usr/local/cuda ] && echo /usr/local/cuda)
+# Compile every .cu file on CPU-only CI machines too; one architecture keeps CI fast.
+# Set D2G_CUDA_ARCHS= (empty) to let setup.py choose (the visible GPU, else 8.0;9.0+PTX).
+D2G_CUDA_ARCHS ?= 9.0
+GPU_OUT     ?= gpu_check_out
+
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export CUDA_HOME D2G_CUDA_ARCHS
+
+.PHONY: venv install build test test-fast demo bench gpu-check cmake clean
+
+$(VENV)/.deps-stamp: setup.py pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" ninja "setuptools>=64,<81" wheel cmake
+	$(PIP) install -q pytest pytest-benchmark "diffusers>=0.30" "transformers>=4.40" safetensors tqdm numpy
+	# Comparison targets (official E-LatentLPIPS and LPIPS) for parity tests and benchmarks.
+	$(PIP) install -q "torchvision" "elatentlpips==0.2" "lpips==0.1.4" scipy matplotlib || \
+	  echo "warning: comparison packages not installed; their parity tests will be skipped"
+	touch $@
+
+venv: $(VENV)/.deps-stamp
+
+# Builds d2g_fast._C in place (editable install). flock serialises concurrent builds.
+install build: venv
+	flock /tmp/d2g_fast_build.lock $(PIP) install --no-build-isolation --no-deps -e ".[test]"
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m d2g_fast.demo
+
+bench: build
+	$(PY) benchmarks/run.py --device cpu
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_OUT)
+
+# The same csrc/ tree built with CMake against libtorch (IDE, compile_commands.json, sanitizers).
+cmake: venv
+	bash tools/cmake_build.sh
+
+clean:
+	rm -rf build cmake-build d2g_fast/_C*.so *.egg-info

@@ -1,0 +1,62 @@
+"""Loading of the compiled extension ``d2g_fast._C``.
+
+The extension registers the C++ CPU/CUDA kernels of every op with the dispatcher
+(``torch.ops.d2g_fast.*``). When it cannot be loaded the package still works through the
+reference and Triton paths, but the reason is reported once, loudly: a silent slow path is
+a bug report nobody can write.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+_STATE: dict = {"loaded": False, "error": None, "module": None, "warned": False}
+
+
+def _load() -> None:
+    if os.environ.get("D2G_NO_EXT", "") not in ("", "0"):
+        _STATE["error"] = "disabled by the environment variable D2G_NO_EXT"
+        return
+    try:
+        from d2g_fast import _C  # noqa: F401  (static initialisers register the ops)
+    except Exception as exc:  # ImportError, OSError (undefined symbol, ABI mismatch), ...
+        _STATE["error"] = f"{type(exc).__name__}: {exc}"
+        return
+    _STATE["loaded"] = True
+    _STATE["module"] = _C
+
+
+_load()
+
+
+def ext_loaded() -> bool:
+    """True when the compiled extension is importable and its ops are registered."""
+    return _STATE["loaded"]
+
+
+def ext_error() -> str | None:
+    """Why the extension is not available (None when it is)."""
+    return _STATE["error"]
+
+
+def cuda_kernels_compiled() -> bool:
+    return _STATE["loaded"] and bool(_STATE["module"].compiled_with_cuda())
+
+
+def cuda_archs() -> str:
+    return _STATE["module"].cuda_archs() if _STATE["loaded"] else ""
+
+
+def warn_missing_once(op: str) -> None:
+    """Report the missing extension the first time an op has to fall back because of it."""
+    if _STATE["warned"] or _STATE["loaded"]:
+        return
+    _STATE["warned"] = True
+    warnings.warn(
+        f"d2g_fast: the compiled extension d2g_fast._C is not available "
+        f"({_STATE['error']}); '{op}' and every other op fall back to the slow pure-PyTorch "
+        f"reference. Rebuild with `pip install --no-build-isolation -e .` (see README.md) "
+        f"or pass impl='ref' to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,174 @@
+"""Build of d2g_fast and its compiled extension d2g_fast._C (ahead of time, never on first call).
+
+Environment:
+  D2G_NO_CUDA=1        build the CPU kernels only, even where a toolkit is found
+  D2G_FORCE_CUDA=1     build the CUDA kernels even without a visible GPU (needs a toolkit)
+  D2G_CUDA_ARCHS       e.g. "9.0" or "8.0;9.0+PTX" (default: the visible GPU, else 8.0;9.0+PTX)
+  CUDA_HOME            the toolkit folder (default: found from nvcc, then /usr/local/cuda)
+  MAX_JOBS             parallel compile jobs (default: bounded by cores and memory)
+  D2G_DEBUG=1          -O0 -g, for debuggers and sanitizers
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and \
+        os.path.isfile(os.path.join(path, "bin", "nvcc"))
+
+
+def find_cuda_home() -> str | None:
+    """The real toolkit folder. An `nvcc` on the PATH may be a wrapper script (as on our CI
+    machines, /usr/local/bin/nvcc), whose folder holds no headers or libraries."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script: look for the path it executes
+            with open(real, "rb") as f:
+                head = f.read(4096).decode("utf-8", "ignore")
+            for token in head.split():
+                if token.endswith("/bin/nvcc"):
+                    candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda", "/opt/cuda"]
+    for c in candidates:
+        if _is_toolkit(c):
+            return os.path.realpath(c)
+    return None
+
+
+def memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return 8.0
+
+
+def default_jobs(with_cuda: bool) -> int:
+    per_job_gib = 4.0 if with_cuda else 2.0  # nvcc on torch headers peaks around 3-4 GiB
+    return max(1, min(os.cpu_count() or 1, int(memory_gib() // per_job_gib)))
+
+
+cuda_home = find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def cuda_archs() -> str:
+    if os.environ.get("D2G_CUDA_ARCHS"):
+        return os.environ["D2G_CUDA_ARCHS"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{a}.{b}" for a, b in caps)
+    return "8.0;9.0+PTX"
+
+
+def want_cuda() -> tuple[bool, str]:
+    if _flag("D2G_NO_CUDA"):
+        return False, "D2G_NO_CUDA=1"
+    if torch.version.cuda is None:
+        if _flag("D2G_FORCE_CUDA"):
+            sys.exit("D2G_FORCE_CUDA=1 but this torch is a CPU-only build (torch.version.cuda is None)")
+        return False, "torch is a CPU-only build"
+    if cuda_home is None:
+        if _flag("D2G_FORCE_CUDA"):
+            sys.exit("D2G_FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return False, "no CUDA toolkit found"
+    return True, f"toolkit {cuda_home}"
+
+
+def sources(with_cuda: bool) -> list[str]:
+    cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cu = sorted(glob.glob("csrc/**/*.cu", recursive=True)) if with_cuda else []
+    return cpp + cu
+
+
+def extensions():
+    with_cuda, why = want_cuda()
+    debug = _flag("D2G_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp", "-fvisibility=hidden"]
+    define_macros = []
+    archs = ""
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+    if with_cuda:
+        archs = cuda_archs()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        define_macros.append(("D2G_WITH_CUDA", None))
+    define_macros.append(("D2G_CUDA_ARCHS", f'"{archs}"'))
+    os.environ.setdefault("MAX_JOBS", str(default_jobs(with_cuda)))
+    cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    ext = cls(
+        name="d2g_fast._C",
+        sources=sources(with_cuda),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+    print("=" * 72)
+    print("d2g_fast build configuration")
+    print(f"  torch            {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"  CUDA kernels     {'yes' if with_cuda else 'no'} ({why})")
+    print(f"  CUDA archs       {archs or '-'}")
+    print(f"  CUDA_HOME        {cuda_home or '-'}")
+    print(f"  MAX_JOBS         {os.environ['MAX_JOBS']} (cores {os.cpu_count()}, "
+          f"memory {memory_gib():.0f} GiB)")
+    print(f"  optimisation     {' '.join(opt)}")
+    print(f"  sources          {len(ext.sources)} files")
+    print("=" * 72)
+    return [ext]
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("use_ninja", True)
+        super().__init__(*args, **kwargs)
+
+
+setup(
+    name="d2g_fast",
+    version="0.1.0",
+    description="Distil diffusion models into one-step conditional GANs (Diffusion2GAN), fast.",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(
+        os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["d2g_fast", "d2g_fast.*"]),
+    package_data={"d2g_fast": ["assets/*"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExt},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "transformers>=4.40"],
+        # Comparison targets for parity tests and benchmarks (never imported by the package).
+        "compare": ["elatentlpips==0.2", "lpips==0.1.4", "setuptools<81"],
+    },
+    entry_points={"console_scripts": ["d2g=d2g_fast.cli:main"]},
+    zip_safe=False,
+)
