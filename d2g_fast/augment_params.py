@@ -1,0 +1,286 @@
+"""Per-sample parameters of the paired latent augmentation (the ADA pipeline of E-LatentLPIPS).
+
+One :class:`AugmentParams` describes ONE random transform per sample, applied identically to the
+generated and the target latent by :func:`d2g_fast.ops.paired_augment`:
+
+* geometric (presets ``b`` and ``g``): one inverse 3x3 homogeneous matrix per sample, mapping an
+  output pixel (centred coordinates) to the input pixel it samples, plus the reflect-padding
+  margins, which the pipeline computes over the whole batch;
+* colour (preset ``c``): brightness offset, contrast factor, saturation factor per sample;
+* cutout (preset ``o``): centre and size of the zeroed rectangle per sample.
+
+Sampling follows the draw order of the StyleGAN2-ADA / E-LatentLPIPS pipeline with every
+probability multiplier at ``p`` (1 by default), so that with the default CPU generator seeded
+identically the same transform is drawn (float32 latents).  ``debug_percentile`` reproduces
+the official deterministic mode; in addition every colour draw equals the percentile (the
+official colour draws ignore it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Letters of the presets: b = blit (x-flip, 90-degree rotation, integer translation),
+# g = general geometry (isotropic scale, rotation, anisotropic scale, fractional translation),
+# c = colour (brightness, contrast, saturation), o = cutout.
+PRESET_LETTERS = "bgco"
+OFFICIAL_PRESETS = ("b", "g", "c", "o", "co", "bg", "bgc", "bgco")
+
+# Hyper-parameters of the ADA pipeline (defaults of StyleGAN2-ADA, used by E-LatentLPIPS).
+XINT_MAX = 0.125     # integer translation range, relative to the image size
+SCALE_STD = 0.2      # log2 std of the isotropic scale
+ROTATE_MAX = 1.0     # rotation range, 1 = full circle
+ANISO_STD = 0.2      # log2 std of the anisotropic scale
+XFRAC_STD = 0.125    # std of the fractional translation, relative to the image size
+CUTOUT_SIZE = 0.5    # cutout rectangle size, relative to the image size
+
+# Half the support (in input pixels) of the 12-tap resampling filter: the pipeline pads by
+# twice this (6 pixels) beyond the transformed corners.
+FILTER_PAD = 3
+
+
+def parse_preset(preset: str) -> str:
+    """Validate a preset string such as ``"bg"`` and return it in canonical letter order."""
+    if not isinstance(preset, str) or not preset:
+        raise ValueError(f"preset must be a non-empty string of letters from {PRESET_LETTERS!r}, "
+                         f"got {preset!r}")
+    unknown = sorted(set(preset) - set(PRESET_LETTERS))
+    if unknown:
+        raise ValueError(f"preset {preset!r} has unknown letters {unknown}; allowed letters are "
+                         f"{PRESET_LETTERS!r} (b=blit, g=geometry, c=colour, o=cutout)")
+    if len(set(preset)) != len(preset):
+        raise ValueError(f"preset {preset!r} repeats a letter")
+    return "".join(ch for ch in PRESET_LETTERS if ch in preset)
+
+
+# --- 3x3 homogeneous matrices, batched over the first dimension (float32) ---------------------
+
+def _mat(rows: list[list[torch.Tensor | float]], n: int) -> torch.Tensor:
+    out = torch.zeros(n, 3, 3, dtype=torch.float32)
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
+            out[:, r, c] = v
+    return out
+
+
+def _translate(tx, ty, n):
+    return _mat([[1, 0, tx], [0, 1, ty], [0, 0, 1]], n)
+
+
+def _scale(sx, sy, n):
+    return _mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], n)
+
+
+def _rotate(theta: torch.Tensor, n):
+    c, s = torch.cos(theta), torch.sin(theta)
+    return _mat([[c, torch.sin(-theta), 0], [s, c, 0], [0, 0, 1]], n)
+
+
+@dataclass
+class AugmentParams:
+    """Parameters of one paired augmentation of a batch of ``batch_size`` latents of size
+    ``height`` x ``width``.  Tensors live on the CPU (tiny); :meth:`packed` ships what the
+    kernels need to the latents' device in one copy."""
+
+    batch_size: int
+    height: int
+    width: int
+    g_inv: torch.Tensor | None = None            # (N, 3, 3) float32: output pixel -> input pixel
+    margins: tuple[int, int, int, int] = (0, 0, 0, 0)  # reflect padding (x0, y0, x1, y1)
+    brightness: torch.Tensor | None = None       # (N,) offset added (u - 0.5)
+    contrast: torch.Tensor | None = None         # (N,) factor (u + 0.5)
+    saturation: torch.Tensor | None = None       # (N,) factor 2u
+    cutout_center: torch.Tensor | None = None    # (N, 2) centre (x, y), relative to the size
+    cutout_size: torch.Tensor | None = None      # (N, 2) size (x, y), relative (0 = no cutout)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, batch_size: int, height: int, width: int) -> "AugmentParams":
+        """No augmentation at all: the op returns its inputs unchanged."""
+        return cls(int(batch_size), int(height), int(width))
+
+    @classmethod
+    def sample(cls, preset: str, batch_size: int, height: int, width: int, *,
+               num_channels: int = 4, generator: torch.Generator | None = None,
+               debug_percentile: float | None = None, p: float = 1.0) -> "AugmentParams":
+        """Draw one transform per sample for ``preset`` (letters of ``"bgco"``).
+
+        ``generator`` is a CPU ``torch.Generator`` (None = torch's default CPU generator).
+        ``debug_percentile`` in [0, 1) makes every draw deterministic (see the module doc).
+        ``p`` is the ADA probability multiplier (1 = every enabled transform fires)."""
+        preset = parse_preset(preset)
+        for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+        if debug_percentile is not None and not (0.0 <= float(debug_percentile) < 1.0):
+            raise ValueError(f"debug_percentile must be in [0, 1), got {debug_percentile!r}")
+        n, h, w = batch_size, height, width
+        gen = generator
+        rand = lambda *shape: torch.rand(*shape, generator=gen)      # noqa: E731
+        randn = lambda *shape: torch.randn(*shape, generator=gen)    # noqa: E731
+        pct = None if debug_percentile is None else torch.tensor(float(debug_percentile))
+        prob = torch.tensor(float(p))
+        out = cls(n, h, w)
+
+        def gate(value, identity_value, shape):
+            fire = rand(*shape) < prob
+            return torch.where(fire, value, torch.full_like(value, identity_value))
+
+        g_inv = None
+        if "b" in preset or "g" in preset:
+            g_inv = torch.eye(3).expand(n, 3, 3).contiguous()
+        if "b" in preset:
+            # x-flip
+            i = gate(torch.floor(rand(n) * 2), 0.0, (n,))
+            if pct is not None:
+                i = torch.full_like(i, float(torch.floor(pct * 2)))
+            g_inv = g_inv @ _scale(1 / (1 - 2 * i), 1.0, n)
+            # rotation by a multiple of 90 degrees; the inverse rotates back
+            i = gate(torch.floor(rand(n) * 4), 0.0, (n,))
+            if pct is not None:
+                i = torch.full_like(i, float(torch.floor(pct * 4)))
+            g_inv = g_inv @ _rotate(-(-math.pi / 2 * i), n)
+            # integer translation, rounded to pixels
+            t = (rand(n, 2) * 2 - 1) * XINT_MAX
+            t = torch.where(rand(n, 1) < prob, t, torch.zeros_like(t))
+            if pct is not None:
+                t = torch.full_like(t, float((pct * 2 - 1) * XINT_MAX))
+            g_inv = g_inv @ _translate(-torch.round(t[:, 0] * w), -torch.round(t[:, 1] * h), n)
+        if "g" in preset:
+            erf_pct = None if pct is None else torch.erfinv(pct * 2 - 1)
+            # isotropic scale 2^(0.2 N)
+            s = gate(torch.exp2(randn(n) * SCALE_STD), 1.0, (n,))
+            if pct is not None:
+                s = torch.full_like(s, float(torch.exp2(erf_pct * SCALE_STD)))
+            g_inv = g_inv @ _scale(1 / s, 1 / s, n)
+            # rotation before and after the anisotropic scale, each with 1 - sqrt(1 - p)
+            p_rot = 1 - torch.sqrt((1 - prob).clamp(0, 1))
+            theta = (rand(n) * 2 - 1) * math.pi * ROTATE_MAX
+            theta = torch.where(rand(n) < p_rot, theta, torch.zeros_like(theta))
+            if pct is not None:
+                theta = torch.full_like(theta, float((pct * 2 - 1) * math.pi * ROTATE_MAX))
+            g_inv = g_inv @ _rotate(theta, n)
+            s = gate(torch.exp2(randn(n) * ANISO_STD), 1.0, (n,))
+            if pct is not None:
+                s = torch.full_like(s, float(torch.exp2(erf_pct * ANISO_STD)))
+            g_inv = g_inv @ _scale(1 / s, 1 / (1 / s), n)
+            theta = (rand(n) * 2 - 1) * math.pi * ROTATE_MAX
+            theta = torch.where(rand(n) < p_rot, theta, torch.zeros_like(theta))
+            if pct is not None:
+                theta = torch.zeros_like(theta)  # the official deterministic mode: no post-rotation
+            g_inv = g_inv @ _rotate(theta, n)
+            # fractional translation N * 0.125 of the size
+            t = randn(n, 2) * XFRAC_STD
+            t = torch.where(rand(n, 1) < prob, t, torch.zeros_like(t))
+            if pct is not None:
+                t = torch.full_like(t, float(erf_pct * XFRAC_STD))
+            g_inv = g_inv @ _translate(-(t[:, 0] * w), -(t[:, 1] * h), n)
+        if g_inv is not None:
+            out.g_inv = g_inv
+            out.margins = compute_margins(g_inv, h, w)
+
+        if "c" in preset:
+            def colour_draw():
+                u = rand(n)
+                return torch.full_like(u, float(pct)) if pct is not None else u
+            out.brightness = colour_draw() - 0.5
+            out.contrast = colour_draw() + 0.5
+            # with one channel the saturation is a no-op and the pipeline draws nothing
+            out.saturation = colour_draw() * 2 if num_channels > 1 else torch.ones(n)
+        if "o" in preset:
+            size = torch.full((n, 2), CUTOUT_SIZE)
+            size = torch.where(rand(n, 1) < prob, size, torch.zeros_like(size))
+            center = rand(n, 2)
+            if pct is not None:
+                size = torch.full_like(size, CUTOUT_SIZE)
+                center = torch.full_like(center, float(pct))
+            out.cutout_center, out.cutout_size = center, size
+        return out
+
+    # ---- properties ----------------------------------------------------------------------------
+    @property
+    def has_geometry(self) -> bool:
+        return self.g_inv is not None
+
+    @property
+    def has_colour(self) -> bool:
+        return self.brightness is not None
+
+    @property
+    def has_cutout(self) -> bool:
+        return self.cutout_center is not None
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.has_geometry or self.has_colour or self.has_cutout)
+
+    def check(self, x: torch.Tensor, arg: str = "x") -> None:
+        """Raise if these parameters were drawn for another batch or image size than ``x``."""
+        n, _, h, w = x.shape
+        if n != self.batch_size:
+            raise ValueError(f"params: drawn for batch size {self.batch_size}, but {arg} has "
+                             f"batch size {n}")
+        if (h, w) != (self.height, self.width):
+            raise ValueError(f"params: drawn for {self.height}x{self.width} latents, but {arg} is "
+                             f"{h}x{w}")
+
+    def sampling_affine(self) -> torch.Tensor:
+        """(N, 6) float64 [a00, a01, a02, a10, a11, a12]: the coordinate (x, y) in the 2x
+        upsampled padded input that the resampling grid point (jx, jy) reads, as
+        ``x = a00*jx + a01*jy + a02``.  The resampling grid has 2(W+6) x 2(H+6) points; point j
+        sits at the input's centred coordinate (j+1)/2 - (W+6)/2."""
+        n, h, w = self.batch_size, self.height, self.width
+        if self.g_inv is None:
+            return torch.zeros(n, 6, dtype=torch.float64)
+        g = self.g_inv.to(torch.float64)
+        mx0, my0, _, _ = self.margins
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        ox, oy = 0.5 - (w + 2 * FILTER_PAD) / 2, 0.5 - (h + 2 * FILTER_PAD) / 2  # w at j = 0
+        a = torch.empty(n, 6, dtype=torch.float64)
+        for row, (c0, m0) in enumerate(((cx, mx0), (cy, my0))):
+            # padded-input coordinate z + c + m, then 2x for the upsampled grid
+            a[:, 3 * row + 0] = g[:, row, 0]
+            a[:, 3 * row + 1] = g[:, row, 1]
+            a[:, 3 * row + 2] = 2 * (g[:, row, 0] * ox + g[:, row, 1] * oy + g[:, row, 2] + c0 + m0)
+        return a
+
+    def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+        """(N, 13) tensor for the kernels: sampling affine (6), brightness offset, contrast
+        factor, saturation factor, cutout centre x, y, cutout half-size x, y."""
+        n = self.batch_size
+        p = torch.zeros(n, 13, dtype=torch.float64)
+        p[:, 0:6] = self.sampling_affine()
+        p[:, 6] = 0.0 if self.brightness is None else self.brightness.double()
+        p[:, 7] = 1.0 if self.contrast is None else self.contrast.double()
+        p[:, 8] = 1.0 if self.saturation is None else self.saturation.double()
+        if self.cutout_center is not None:
+            p[:, 9:11] = self.cutout_center.double()
+            p[:, 11:13] = self.cutout_size.double() / 2
+        return p.to(device=device, dtype=dtype, non_blocking=True)
+
+    def flags(self) -> int:
+        """Bit mask for the kernels: 1 = geometry, 2 = colour, 4 = cutout."""
+        return int(self.has_geometry) | 2 * int(self.has_colour) | 4 * int(self.has_cutout)
+
+
+def compute_margins(g_inv: torch.Tensor, height: int, width: int) -> tuple[int, int, int, int]:
+    """Reflect-padding margins (x0, y0, x1, y1) that cover where the output corners land in the
+    input plus the filter support, taken over the whole batch, clamped to size - 1 (the most
+    a reflection can pad).  Computed in float32 like the reference pipeline so the ceil agrees."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]],
+                           dtype=torch.float32)
+    where = g_inv @ corners.t()                                   # (N, 3, 4)
+    xy = where[:, :2, :].permute(1, 0, 2).flatten(1)              # (2, N * 4)
+    m = torch.cat([-xy, xy]).max(dim=1).values                   # (x0, y0, x1, y1)
+    pad = 2 * FILTER_PAD
+    m = m + torch.tensor([pad - cx, pad - cy] * 2, dtype=torch.float32)
+    m = m.max(torch.zeros(4))
+    m = m.min(torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32))
+    mx0, my0, mx1, my1 = (int(v) for v in m.ceil().to(torch.int32))
+    return mx0, my0, mx1, my1
