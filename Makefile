@@ -26,9 +26,15 @@ $(VENV)/.deps-stamp: setup.py pyproject.toml Makefile
 
 venv: $(VENV)/.deps-stamp
 
-# Builds d2g_fast._C in place (editable install). flock serialises concurrent builds.
-install build: venv
-	flock /tmp/d2g_fast_build.lock $(PIP) install --no-build-isolation --no-deps -e ".[test]"
+# The package is installed editable (Python files only, once); the extension d2g_fast._C is
+# then built ahead of time, in place, by ninja in build/ (incremental: only changed sources are
+# recompiled). flock serialises concurrent builds. `pip install .` builds everything in one go.
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py
+	D2G_SKIP_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e ".[test]"
+	touch $@
+
+install build: $(VENV)/.install-stamp
+	flock /tmp/d2g_fast_build.lock $(PY) setup.py -q build_ext --inplace
 
 test: build
 	$(PY) -m pytest -q tests

@@ -7,6 +7,8 @@ Environment:
   CUDA_HOME            the toolkit folder (default: found from nvcc, then /usr/local/cuda)
   MAX_JOBS             parallel compile jobs (default: bounded by cores and memory)
   D2G_DEBUG=1          -O0 -g, for debuggers and sanitizers
+  D2G_SKIP_EXT=1       install the Python package only (the Makefile then builds the extension
+                       in place with `setup.py build_ext --inplace`, incrementally, in build/)
 """
 from __future__ import annotations
 
@@ -96,6 +98,20 @@ def want_cuda() -> tuple[bool, str]:
     return True, f"toolkit {cuda_home}"
 
 
+def extra_cuda_includes() -> list[str]:
+    """Some toolkits (ours on CI) ship without the cuBLAS/cuSPARSE headers that
+    ATen/cuda/CUDAContext.h includes; the nvidia-* wheels torch depends on carry them."""
+    if cuda_home is None or os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import site
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        for sub in ("nvidia/cu13/include", "nvidia/cusparse/include"):
+            path = os.path.join(base, sub)
+            if os.path.isfile(os.path.join(path, "cusparse.h")):
+                return [path]
+    return []
+
+
 def sources(with_cuda: bool) -> list[str]:
     cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True)) if with_cuda else []
@@ -120,7 +136,7 @@ def extensions():
     ext = cls(
         name="d2g_fast._C",
         sources=sources(with_cuda),
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc")] + (extra_cuda_includes() if with_cuda else []),
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         extra_link_args=["-fopenmp"],
@@ -155,7 +171,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["d2g_fast", "d2g_fast.*"]),
     package_data={"d2g_fast": ["assets/*"]},
-    ext_modules=extensions(),
+    ext_modules=[] if _flag("D2G_SKIP_EXT") else extensions(),
     cmdclass={"build_ext": BuildExt},
     install_requires=[
         "torch>=2.4",

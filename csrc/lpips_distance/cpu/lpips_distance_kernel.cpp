@@ -1,0 +1,158 @@
+// CPU kernel of the LatentLPIPS layer distance: one pass over both feature maps.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "lpips_distance/lpips_distance.h"
+#include "lpips_distance/lpips_distance_math.h"
+
+namespace d2g {
+namespace lpips {
+namespace {
+
+struct Strides4 {
+  int64_t n, c, h, w;
+  explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  bool channels_inner() const { return c == 1; }
+};
+
+template <typename scalar_t>
+void forward_rows(const scalar_t* a, const scalar_t* b, const Strides4& sa, const Strides4& sb,
+                  const at::opmath_type<scalar_t>* w, at::opmath_type<scalar_t>* map,
+                  at::opmath_type<scalar_t>* stats, int64_t N, int64_t C, int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = N * H * W;
+  // A task is one image row (n, h): W pixels whose sums live in a small local buffer.
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Sums<acc_t>> sums(W);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / H, h = row % H;
+      const scalar_t* ra = a + n * sa.n + h * sa.h;
+      const scalar_t* rb = b + n * sb.n + h * sb.h;
+      for (auto& s : sums) zero(s);
+      if (sa.channels_inner() && sb.channels_inner()) {  // channels_last: channels contiguous
+        for (int64_t x = 0; x < W; ++x) {
+          const scalar_t* pa = ra + x * sa.w;
+          const scalar_t* pb = rb + x * sb.w;
+          Sums<acc_t> s;
+          zero(s);
+          for (int64_t c = 0; c < C; ++c) accumulate(s, acc_t(pa[c]), acc_t(pb[c]), w[c]);
+          sums[x] = s;
+        }
+      } else {  // channel planes: the inner loop runs along the row
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* pa = ra + c * sa.c;
+          const scalar_t* pb = rb + c * sb.c;
+          const acc_t wc = w[c];
+          for (int64_t x = 0; x < W; ++x)
+            accumulate(sums[x], acc_t(pa[x * sa.w]), acc_t(pb[x * sb.w]), wc);
+        }
+      }
+      const int64_t pix0 = (n * H + h) * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const PixelStats<acc_t> p = finalize(sums[x]);
+        map[pix0 + x] = p.dist;
+        stats[0 * plane + pix0 + x] = p.i0;
+        stats[1 * plane + pix0 + x] = p.i1;
+        stats[2 * plane + pix0 + x] = p.s0;
+        stats[3 * plane + pix0 + x] = p.s1;
+      }
+    }
+  });
+}
+
+// Writes the gradient for one input: self_ is the input being differentiated, other its pair.
+template <typename scalar_t>
+void backward_one(const scalar_t* self_, const scalar_t* other, const Strides4& ss,
+                  const Strides4& so, scalar_t* out, const Strides4& sout,
+                  const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* pixel_grad,
+                  const at::opmath_type<scalar_t>* i_self, const at::opmath_type<scalar_t>* i_other,
+                  const at::opmath_type<scalar_t>* s_self, int64_t N, int64_t C, int64_t H,
+                  int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / H, h = row % H;
+      const int64_t pix0 = (n * H + h) * W;
+      const scalar_t* ra = self_ + n * ss.n + h * ss.h;
+      const scalar_t* rb = other + n * so.n + h * so.h;
+      scalar_t* ro = out + n * sout.n + h * sout.h;
+      if (sout.channels_inner()) {
+        for (int64_t x = 0; x < W; ++x) {
+          const int64_t p = pix0 + x;
+          for (int64_t c = 0; c < C; ++c)
+            ro[x * sout.w + c] = static_cast<scalar_t>(grad_input<acc_t>(
+                pixel_grad[p], w[c], acc_t(ra[x * ss.w + c * ss.c]), acc_t(rb[x * so.w + c * so.c]),
+                i_self[p], i_other[p], s_self[p]));
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t x = 0; x < W; ++x) {
+            const int64_t p = pix0 + x;
+            ro[c * sout.c + x * sout.w] = static_cast<scalar_t>(grad_input<acc_t>(
+                pixel_grad[p], w[c], acc_t(ra[c * ss.c + x * ss.w]), acc_t(rb[c * so.c + x * so.w]),
+                i_self[p], i_other[p], s_self[p]));
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> lpips_distance_cpu(const at::Tensor& f0, const at::Tensor& f1,
+                                                      const at::Tensor& weight, bool spatial) {
+  const auto acc = check_forward_args(f0, f1, weight);
+  const auto w = weight.to(acc).contiguous();
+  auto [map, stats] = alloc_forward_outputs(f0, acc);
+  const int64_t N = f0.size(0), C = f0.size(1), H = f0.size(2), W = f0.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_distance_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_rows<scalar_t>(f0.const_data_ptr<scalar_t>(), f1.const_data_ptr<scalar_t>(), Strides4(f0),
+                           Strides4(f1), w.const_data_ptr<acc_t>(), map.mutable_data_ptr<acc_t>(),
+                           stats.mutable_data_ptr<acc_t>(), N, C, H, W);
+  });
+  return {finish_distance(map, spatial), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& f0, const at::Tensor& f1, const at::Tensor& weight,
+    const at::Tensor& stats, bool spatial, bool need_f0, bool need_f1) {
+  check_backward_args(grad, f0, f1, weight, stats, spatial);
+  const auto acc = stats.scalar_type();
+  const int64_t N = f0.size(0), C = f0.size(1), H = f0.size(2), W = f0.size(3);
+  const auto w = weight.to(acc).contiguous();
+  // d(mean_hw d)/d d_pixel = 1/HW: fold the mean into a per-pixel upstream gradient.
+  const auto pixel_grad =
+      (spatial ? grad.to(acc).reshape({N, H, W}) : (grad.to(acc) / double(H * W)).view({N, 1, 1}).expand({N, H, W}))
+          .contiguous();
+  auto g0 = alloc_grad(f0, need_f0);
+  auto g1 = alloc_grad(f1, need_f1);
+  const int64_t plane = N * H * W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_distance_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* st = stats.const_data_ptr<acc_t>();
+    const acc_t* pg = pixel_grad.const_data_ptr<acc_t>();
+    const scalar_t* a = f0.const_data_ptr<scalar_t>();
+    const scalar_t* b = f1.const_data_ptr<scalar_t>();
+    if (need_f0)
+      backward_one<scalar_t>(a, b, Strides4(f0), Strides4(f1), g0.mutable_data_ptr<scalar_t>(), Strides4(g0),
+                             w.const_data_ptr<acc_t>(), pg, st, st + plane, st + 2 * plane, N, C, H, W);
+    if (need_f1)
+      backward_one<scalar_t>(b, a, Strides4(f1), Strides4(f0), g1.mutable_data_ptr<scalar_t>(), Strides4(g1),
+                             w.const_data_ptr<acc_t>(), pg, st + plane, st, st + 3 * plane, N, C, H, W);
+  });
+  return {g0, g1};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d2g_fast, CPU, m) {
+  m.impl("lpips_distance", &lpips_distance_cpu);
+  m.impl("lpips_distance_backward", &lpips_distance_backward_cpu);
+}
+
+}  // namespace lpips
+}  // namespace d2g

@@ -1,0 +1,199 @@
+// CUDA kernels of the LatentLPIPS layer distance.
+// Forward: one read of both feature maps. With channel planes (NCHW) a thread owns a pixel and
+// neighbouring threads read neighbouring pixels (coalesced); with channels innermost
+// (channels_last) a warp owns a pixel and its lanes read neighbouring channels, then reduce
+// with shuffles. Backward: one elementwise pass per input gradient, in the output's memory
+// order. Launches: forward 1 kernel + 1 mean (none with spatial=True); backward 1 per gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "lpips_distance/lpips_distance.h"
+#include "lpips_distance/lpips_distance_math.h"
+
+namespace d2g {
+namespace lpips {
+namespace {
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+template <typename acc_t>
+__device__ __forceinline__ void store_pixel(const Sums<acc_t>& s, int64_t p, int64_t plane, acc_t* map,
+                                            acc_t* stats) {
+  const PixelStats<acc_t> r = finalize(s);
+  map[p] = r.dist;
+  stats[p] = r.i0;
+  stats[plane + p] = r.i1;
+  stats[2 * plane + p] = r.s0;
+  stats[3 * plane + p] = r.s1;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_thread_per_pixel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                         Strides4 sa, Strides4 sb, const acc_t* __restrict__ w,
+                                         acc_t* __restrict__ map, acc_t* __restrict__ stats, int64_t N,
+                                         int64_t C, int64_t H, int64_t W) {
+  const int64_t plane = N * H * W;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= plane) return;
+  const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
+  const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
+  const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
+  Sums<acc_t> s;
+  zero(s);
+  for (int64_t c = 0; c < C; ++c)
+    accumulate(s, static_cast<acc_t>(pa[c * sa.c]), static_cast<acc_t>(pb[c * sb.c]), w[c]);
+  store_pixel(s, p, plane, map, stats);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_warp_per_pixel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                       Strides4 sa, Strides4 sb, const acc_t* __restrict__ w,
+                                       acc_t* __restrict__ map, acc_t* __restrict__ stats, int64_t N,
+                                       int64_t C, int64_t H, int64_t W) {
+  const int64_t plane = N * H * W;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (p >= plane) return;  // whole warps leave together: p is uniform within a warp
+  const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
+  const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
+  const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
+  Sums<acc_t> s;
+  zero(s);
+  for (int64_t c = lane; c < C; c += kWarp)
+    accumulate(s, static_cast<acc_t>(pa[c]), static_cast<acc_t>(pb[c]), w[c]);
+  s.aa = warp_sum(s.aa);
+  s.bb = warp_sum(s.bb);
+  s.waa = warp_sum(s.waa);
+  s.wbb = warp_sum(s.wbb);
+  s.wab = warp_sum(s.wab);
+  if (lane == 0) store_pixel(s, p, plane, map, stats);
+}
+
+// One thread per element of the gradient, enumerated in the output's memory order so that
+// writes are coalesced: channels innermost for channels_last outputs, else columns innermost.
+template <typename scalar_t, typename acc_t, bool kChannelsInner>
+__global__ void backward_elementwise(const scalar_t* __restrict__ self_, const scalar_t* __restrict__ other,
+                                     Strides4 ss, Strides4 so, scalar_t* __restrict__ out, Strides4 sout,
+                                     const acc_t* __restrict__ w, const acc_t* __restrict__ pixel_grad,
+                                     const acc_t* __restrict__ i_self, const acc_t* __restrict__ i_other,
+                                     const acc_t* __restrict__ s_self, int64_t N, int64_t C, int64_t H,
+                                     int64_t W) {
+  const int64_t total = N * C * H * W;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, h, x;
+    if (kChannelsInner) {
+      c = i % C;
+      x = (i / C) % W;
+      h = (i / (C * W)) % H;
+      n = i / (C * W * H);
+    } else {
+      x = i % W;
+      h = (i / W) % H;
+      c = (i / (W * H)) % C;
+      n = i / (W * H * C);
+    }
+    const int64_t p = (n * H + h) * W + x;
+    const acc_t g = grad_input<acc_t>(pixel_grad[p], w[c],
+                                      static_cast<acc_t>(self_[n * ss.n + c * ss.c + h * ss.h + x * ss.w]),
+                                      static_cast<acc_t>(other[n * so.n + c * so.c + h * so.h + x * so.w]),
+                                      i_self[p], i_other[p], s_self[p]);
+    out[n * sout.n + c * sout.c + h * sout.h + x * sout.w] = static_cast<scalar_t>(g);
+  }
+}
+
+unsigned int blocks_for(int64_t work, int threads) {
+  const int64_t b = (work + threads - 1) / threads;
+  return static_cast<unsigned int>(std::min<int64_t>(b, int64_t(1) << 30));
+}
+
+std::tuple<at::Tensor, at::Tensor> lpips_distance_cuda(const at::Tensor& f0, const at::Tensor& f1,
+                                                       const at::Tensor& weight, bool spatial) {
+  const auto acc = check_forward_args(f0, f1, weight);
+  const c10::cuda::CUDAGuard guard(f0.device());
+  const auto w = weight.to(acc).contiguous();
+  auto [map, stats] = alloc_forward_outputs(f0, acc);
+  const int64_t N = f0.size(0), C = f0.size(1), H = f0.size(2), W = f0.size(3);
+  const int64_t pixels = N * H * W;
+  const auto sa = strides_of(f0), sb = strides_of(f1);
+  const bool channels_inner = sa.c == 1 && sb.c == 1 && C > 1;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_distance_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (channels_inner) {
+      forward_warp_per_pixel<scalar_t, acc_t><<<blocks_for(pixels * kWarp, kThreads), kThreads, 0, stream>>>(
+          f0.const_data_ptr<scalar_t>(), f1.const_data_ptr<scalar_t>(), sa, sb, w.const_data_ptr<acc_t>(),
+          map.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(), N, C, H, W);
+    } else {
+      forward_thread_per_pixel<scalar_t, acc_t><<<blocks_for(pixels, kThreads), kThreads, 0, stream>>>(
+          f0.const_data_ptr<scalar_t>(), f1.const_data_ptr<scalar_t>(), sa, sb, w.const_data_ptr<acc_t>(),
+          map.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(), N, C, H, W);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {finish_distance(map, spatial), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& f0, const at::Tensor& f1, const at::Tensor& weight,
+    const at::Tensor& stats, bool spatial, bool need_f0, bool need_f1) {
+  check_backward_args(grad, f0, f1, weight, stats, spatial);
+  const c10::cuda::CUDAGuard guard(f0.device());
+  const auto acc = stats.scalar_type();
+  const int64_t N = f0.size(0), C = f0.size(1), H = f0.size(2), W = f0.size(3);
+  const int64_t plane = N * H * W;
+  const auto w = weight.to(acc).contiguous();
+  const auto pixel_grad =
+      (spatial ? grad.to(acc).reshape({N, H, W}) : (grad.to(acc) / double(H * W)).view({N, 1, 1}).expand({N, H, W}))
+          .contiguous();
+  auto g0 = alloc_grad(f0, need_f0);
+  auto g1 = alloc_grad(f1, need_f1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = N * C * H * W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_distance_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* st = stats.const_data_ptr<acc_t>();
+    const acc_t* pg = pixel_grad.const_data_ptr<acc_t>();
+    auto launch = [&](const at::Tensor& self_, const at::Tensor& other, at::Tensor& out, const acc_t* i_self,
+                      const acc_t* i_other, const acc_t* s_self) {
+      const auto so = strides_of(out);
+      const auto kernel = so.c == 1 && C > 1 ? backward_elementwise<scalar_t, acc_t, true>
+                                             : backward_elementwise<scalar_t, acc_t, false>;
+      kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(
+          self_.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), strides_of(self_),
+          strides_of(other), out.mutable_data_ptr<scalar_t>(), so, w.const_data_ptr<acc_t>(), pg, i_self,
+          i_other, s_self, N, C, H, W);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (need_f0) launch(f0, f1, g0, st, st + plane, st + 2 * plane);
+    if (need_f1) launch(f1, f0, g1, st + plane, st, st + 3 * plane);
+  });
+  return {g0, g1};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) {
+  m.impl("lpips_distance", &lpips_distance_cuda);
+  m.impl("lpips_distance_backward", &lpips_distance_backward_cuda);
+}
+
+}  // namespace lpips
+}  // namespace d2g
