@@ -11,4 +11,26 @@ TORCH_LIBRARY(d2g_fast, m) {
   m.def(
       "lpips_distance_backward(Tensor grad, Tensor f0, Tensor f1, Tensor weight, Tensor stats, "
       "bool spatial, bool need_f0, bool need_f1) -> (Tensor, Tensor)");
+  // Paired latent augmentation (csrc/paired_augment): the same per-sample transform applied to
+  // x and (optionally) y. params = AugmentParams.packed() (N, 13) float64, margins = reflect
+  // padding (x0, y0, x1, y1), flags = 1 geometry | 2 colour | 4 cutout
+  // (| 8 = without the brightness offset: the linear part). Without y the second
+  // output is an empty tensor. The backward applies the transposed operator to one or two
+  // gradients (it is linear, and the same for x and y).
+  m.def(
+      "paired_augment(Tensor x, Tensor? y, Tensor params, int[] margins, int flags) -> (Tensor, Tensor)");
+  m.def(
+      "paired_augment_backward(Tensor grad_x, Tensor? grad_y, Tensor params, int[] margins, "
+      "int flags) -> (Tensor, Tensor)");
+  // Fused multi-scale discriminator heads (csrc/multiscale_heads): K heads of per-pixel
+  // LayerNorm over channels -> SiLU -> 1x1 conv to one logit, and the non-saturating loss
+  // sum_k head_weights[k] * mean softplus(-target[n] * logit). Returns (loss, scores (K, N)
+  // spatial-mean logits, stats: per head (3, N, H, W) [logit, mean, rstd] for the backward).
+  m.def(
+      "multiscale_heads(Tensor[] features, Tensor[] weights, Tensor bias, Tensor target, "
+      "float[] head_weights, float eps) -> (Tensor, Tensor, Tensor[])");
+  m.def(
+      "multiscale_heads_backward(Tensor grad_loss, Tensor grad_scores, Tensor[] features, "
+      "Tensor[] weights, Tensor target, float[] head_weights, float eps, Tensor[] stats) "
+      "-> (Tensor[], Tensor[], Tensor)");
 }

@@ -1,0 +1,7 @@
+"""Models built around diffusers networks (imported on first use: they need diffusers)."""
+from d2g_fast.models.discriminator import (DiffusionDiscriminator, DiscriminatorConfig,
+                                           DiscriminatorOutput)
+from d2g_fast.models.heads import MultiScaleHeads
+
+__all__ = ["DiffusionDiscriminator", "DiscriminatorConfig", "DiscriminatorOutput",
+           "MultiScaleHeads"]

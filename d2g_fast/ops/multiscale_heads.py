@@ -1,0 +1,179 @@
+"""Fused multi-scale discriminator heads: the public op.
+
+``multiscale_heads(features, weights, bias, target, head_weights, eps=1e-5, impl="auto")``
+runs K readout heads (per pixel: LayerNorm over channels without affine -> SiLU -> 1x1 conv to
+one logit, ``weights[k]`` (C_k,), ``bias`` (K,)) and the non-saturating GAN loss
+
+    loss   = sum_k head_weights[k] * mean_{n,h,w} softplus(-target[n] * logit_k[n, h, w])
+    scores = (K, N) spatial mean logit per head and sample
+
+in one call (one parallel loop on the CPU, one kernel launch on the GPU for the heads plus a
+few tiny reductions). Gradients flow to ``features``, ``weights`` and ``bias``.
+
+Double backward (R1 differentiates D's output w.r.t. its input and then minimises that
+gradient): the fused backward kernel is not itself differentiable. When autograd builds a graph
+of the gradient (``create_graph=True``, as in ``d2g_fast.losses.r1_penalty``), the backward
+switches automatically to the reference math, recomputed from the saved inputs, so the second
+derivative is exact; plain training steps keep the fused backward. Tested with gradgradcheck.
+
+Backends: "ref" (d2g_fast/ref), "cpu" and "cuda" (C++ op torch.ops.d2g_fast.multiscale_heads).
+There is no Triton backend for this op (the CUDA kernel fuses all heads in one launch).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from d2g_fast import _dispatch, _ext
+from d2g_fast.ref.multiscale_heads import multiscale_heads as multiscale_heads_ref
+
+OP = "multiscale_heads"
+_CUDA_ORDER = ("cuda", "ref")
+
+
+def _check_args(features, weights, bias, target, head_weights, eps):
+    if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
+        raise TypeError(f"{OP}: 'features' must be a list of tensors, got {type(features).__name__}")
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{OP}: 'weights' must be a list of tensors, got {type(weights).__name__}")
+    k = len(features)
+    if k == 0:
+        raise ValueError(f"{OP}: 'features' must hold at least one tensor")
+    if len(weights) != k:
+        raise ValueError(f"{OP}: 'weights' must hold one tensor per feature map ({k}), "
+                         f"got {len(weights)}")
+    if len(head_weights) != k:
+        raise ValueError(f"{OP}: 'head_weights' must hold one number per feature map ({k}), "
+                         f"got {len(head_weights)}")
+    if not eps > 0:
+        raise ValueError(f"{OP}: 'eps' must be positive, got {eps}")
+    for name, t in [("bias", bias), ("target", target)] + \
+            [(f"features[{i}]", f) for i, f in enumerate(features)] + \
+            [(f"weights[{i}]", w) for i, w in enumerate(weights)]:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{OP}: '{name}' must be a floating-point tensor, got {t.dtype}")
+    if target.dim() != 1 or target.shape[0] == 0:
+        raise ValueError(f"{OP}: 'target' must have shape (N,) with N > 0, got {tuple(target.shape)}")
+    n = target.shape[0]
+    dev = features[0].device
+    for i, (f, w) in enumerate(zip(features, weights)):
+        if f.dim() != 4:
+            raise ValueError(f"{OP}: 'features[{i}]' must have shape (N, C, H, W), got "
+                             f"{tuple(f.shape)}")
+        if f.shape[0] != n:
+            raise ValueError(f"{OP}: 'features[{i}]' has batch {f.shape[0]} but 'target' has {n}")
+        if min(f.shape[1:]) == 0:
+            raise ValueError(f"{OP}: 'features[{i}]' must have C, H, W > 0, got {tuple(f.shape)}")
+        if f.dtype != features[0].dtype:
+            raise TypeError(f"{OP}: every 'features' tensor must have the dtype of 'features[0]' "
+                            f"({features[0].dtype}), 'features[{i}]' has {f.dtype}")
+        if tuple(w.shape) != (f.shape[1],):
+            raise ValueError(f"{OP}: 'weights[{i}]' must have shape (C,) = ({f.shape[1]},), got "
+                             f"{tuple(w.shape)}")
+        for name, t in ((f"features[{i}]", f), (f"weights[{i}]", w)):
+            if t.device != dev:
+                raise ValueError(f"{OP}: 'features[0]' is on {dev} but '{name}' is on {t.device}")
+    if tuple(bias.shape) != (k,):
+        raise ValueError(f"{OP}: 'bias' must have shape (K,) = ({k},), got {tuple(bias.shape)}")
+    for name, t in (("bias", bias), ("target", target)):
+        if t.device != dev:
+            raise ValueError(f"{OP}: 'features[0]' is on {dev} but '{name}' is on {t.device}")
+
+
+def multiscale_heads(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                     bias: torch.Tensor, target: torch.Tensor, head_weights: Sequence[float],
+                     eps: float = 1e-5, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss: scalar, scores: (K, N)), float32 (float64 for float64 features)."""
+    _check_args(features, weights, bias, target, head_weights, eps)
+    head_weights = [float(w) for w in head_weights]
+    backend = _dispatch.resolve_impl(OP, impl, features[0].device, cuda_order=_CUDA_ORDER)
+    if backend == "ref":
+        return multiscale_heads_ref(features, weights, bias, target, head_weights, float(eps))
+    if backend == "triton":
+        raise RuntimeError(f"{OP}: impl='triton' is not implemented for this op; use 'cuda', "
+                           f"'cpu' or 'ref'")
+    loss, scores, _stats = torch.ops.d2g_fast.multiscale_heads(
+        list(features), list(weights), bias, target, head_weights, float(eps))
+    return loss, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registrations: autograd formula (with the reference double backward) and fake
+# kernels for the C++ op.
+
+def _setup_context(ctx, inputs, output):
+    features, weights, bias, target, head_weights, eps = inputs
+    k = len(features)
+    ctx.k = k
+    ctx.head_weights = list(head_weights)
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(*features, *weights, bias, target, *output[2])
+
+
+def _backward(ctx, grad_loss, grad_scores, _grad_stats):
+    k = ctx.k
+    saved = ctx.saved_tensors
+    features, weights = list(saved[:k]), list(saved[k:2 * k])
+    bias, target, stats = saved[2 * k], saved[2 * k + 1], list(saved[2 * k + 2:])
+    need_f = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1]
+    need_b = ctx.needs_input_grad[2]
+    if grad_loss is None:
+        grad_loss = torch.zeros((), dtype=stats[0].dtype, device=stats[0].device)
+    if grad_scores is None:
+        grad_scores = torch.zeros((k, target.shape[0]), dtype=stats[0].dtype,
+                                  device=stats[0].device)
+    if torch.is_grad_enabled():
+        # A graph of this gradient is being built (double backward, e.g. R1): differentiate the
+        # reference, which autograd can differentiate again.
+        return _reference_backward(features, weights, bias, target, ctx.head_weights, ctx.eps,
+                                   grad_loss, grad_scores)
+    gf, gw, gb = torch.ops.d2g_fast.multiscale_heads_backward(
+        grad_loss, grad_scores, features, weights, target, ctx.head_weights, ctx.eps, stats)
+    return (list(gf) if need_f else None, list(gw) if need_w else None,
+            gb.to(ctx.bias_dtype) if need_b else None, None, None, None)
+
+
+def _reference_backward(features, weights, bias, target, head_weights, eps, grad_loss,
+                        grad_scores):
+    inputs = list(features) + list(weights) + [bias]
+    with torch.enable_grad():
+        # Inputs that do not require grad (e.g. frozen heads) are differentiated via a detached,
+        # grad-requiring alias; their gradient is then returned unconnected.
+        leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
+        k = len(features)
+        loss, scores = multiscale_heads_ref(leaves[:k], leaves[k:2 * k], leaves[2 * k], target,
+                                            head_weights, eps)
+        grads = torch.autograd.grad((loss, scores), leaves, (grad_loss.to(loss.dtype),
+                                                             grad_scores.to(scores.dtype)),
+                                    create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+    k = len(features)
+    return grads[:k], grads[k:2 * k], grads[2 * k], None, None, None
+
+
+def _fake_forward(features, weights, bias, target, head_weights, eps):
+    acc = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+    n = target.shape[0]
+    loss = features[0].new_empty((), dtype=acc)
+    scores = features[0].new_empty((len(features), n), dtype=acc)
+    stats = [f.new_empty((3, n, f.shape[2], f.shape[3]), dtype=acc) for f in features]
+    return loss, scores, stats
+
+
+def _fake_backward(grad_loss, grad_scores, features, weights, target, head_weights, eps, stats):
+    acc = stats[0].dtype
+    return ([torch.empty_like(f, memory_format=torch.contiguous_format) for f in features],
+            [torch.empty_like(w) for w in weights],
+            grad_scores.new_empty((len(features),), dtype=acc))
+
+
+if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "multiscale_heads"):
+    torch.library.register_fake("d2g_fast::multiscale_heads")(_fake_forward)
+    torch.library.register_fake("d2g_fast::multiscale_heads_backward")(_fake_backward)
+    torch.library.register_autograd("d2g_fast::multiscale_heads", _backward,
+                                    setup_context=_setup_context)
