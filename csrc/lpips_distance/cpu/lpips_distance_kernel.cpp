@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "lpips_distance/lpips_distance.h"
@@ -25,14 +26,24 @@ void forward_rows(const scalar_t* a, const scalar_t* b, const Strides4& sa, cons
                   at::opmath_type<scalar_t>* stats, int64_t N, int64_t C, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = N * H * W;
-  // A task is one image row (n, h): W pixels whose sums live in a small local buffer.
+  // A task is one image row (n, h). Planar inputs accumulate the five sums of the row's W
+  // pixels in separate arrays (structure of arrays), so the inner loop along the row vectorises.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Sums<acc_t>> sums(W);
+    std::vector<acc_t> buf(5 * W);
+    acc_t *aa = buf.data(), *bb = aa + W, *waa = bb + W, *wbb = waa + W, *wab = wbb + W;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, h = row % H;
       const scalar_t* ra = a + n * sa.n + h * sa.h;
       const scalar_t* rb = b + n * sb.n + h * sb.h;
-      for (auto& s : sums) zero(s);
+      const int64_t pix0 = (n * H + h) * W;
+      auto store = [&](int64_t x, const Sums<acc_t>& s) {
+        const PixelStats<acc_t> p = finalize(s);
+        map[pix0 + x] = p.dist;
+        stats[0 * plane + pix0 + x] = p.i0;
+        stats[1 * plane + pix0 + x] = p.i1;
+        stats[2 * plane + pix0 + x] = p.s0;
+        stats[3 * plane + pix0 + x] = p.s1;
+      };
       if (sa.channels_inner() && sb.channels_inner()) {  // channels_last: channels contiguous
         for (int64_t x = 0; x < W; ++x) {
           const scalar_t* pa = ra + x * sa.w;
@@ -40,26 +51,25 @@ void forward_rows(const scalar_t* a, const scalar_t* b, const Strides4& sa, cons
           Sums<acc_t> s;
           zero(s);
           for (int64_t c = 0; c < C; ++c) accumulate(s, acc_t(pa[c]), acc_t(pb[c]), w[c]);
-          sums[x] = s;
+          store(x, s);
         }
-      } else {  // channel planes: the inner loop runs along the row
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* pa = ra + c * sa.c;
-          const scalar_t* pb = rb + c * sb.c;
-          const acc_t wc = w[c];
-          for (int64_t x = 0; x < W; ++x)
-            accumulate(sums[x], acc_t(pa[x * sa.w]), acc_t(pb[x * sb.w]), wc);
+        continue;
+      }
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* pa = ra + c * sa.c;
+        const scalar_t* pb = rb + c * sb.c;
+        const acc_t wc = w[c];
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t va = acc_t(pa[x * sa.w]), vb = acc_t(pb[x * sb.w]);
+          aa[x] += va * va;
+          bb[x] += vb * vb;
+          waa[x] += wc * va * va;
+          wbb[x] += wc * vb * vb;
+          wab[x] += wc * va * vb;
         }
       }
-      const int64_t pix0 = (n * H + h) * W;
-      for (int64_t x = 0; x < W; ++x) {
-        const PixelStats<acc_t> p = finalize(sums[x]);
-        map[pix0 + x] = p.dist;
-        stats[0 * plane + pix0 + x] = p.i0;
-        stats[1 * plane + pix0 + x] = p.i1;
-        stats[2 * plane + pix0 + x] = p.s0;
-        stats[3 * plane + pix0 + x] = p.s1;
-      }
+      for (int64_t x = 0; x < W; ++x) store(x, Sums<acc_t>{aa[x], bb[x], waa[x], wbb[x], wab[x]});
     }
   });
 }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one GPU check, for an H100/H200 machine (Python 3.12 and torch already installed there).
+#   bash benchmarks/gpu_check.sh OUT_DIR        (make gpu-check GPU_OUT=OUT_DIR)
+# Builds the extension for sm_90 only against the installed torch, runs the `cuda` and `triton`
+# tests on the GPU (Triton compiled, not interpreted), runs the GPU benchmarks, writes logs and
+# CSV/markdown into OUT_DIR and prints a short summary table last. Budget: under 6 minutes.
+# Optional wheels in .whl/ (diffusers, elatentlpips, lpips, ...) are installed to a private
+# folder first, for machines that lack them and cannot download.
+set -uo pipefail
+OUT=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 D2G_POISON=1 HF_HUB_OFFLINE=1
+declare -A STATUS TIMES
+step() {  # step NAME TIMEOUT_S COMMAND... : run, log, record status and duration
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$OUT/summary.log"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  STATUS[$name]=$rc; TIMES[$name]=$((SECONDS - t0))
+  tail -n 5 "$OUT/$name.log" | sed "s/^/  [$name] /"
+}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/d2g_site .whl/*.whl \
+    > "$OUT/wheels.log" 2>&1 && export PYTHONPATH=/tmp/d2g_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+export D2G_CUDA_ARCHS=9.0 MAX_JOBS=${MAX_JOBS:-16}
+step build 300 $PY -m pip install -v --no-build-isolation --no-deps -e .
+step build_info 60 $PY -c "import d2g_fast; d2g_fast.build_info()"
+step tests 240 $PY -m pytest -q -m "cuda or triton" -p no:cacheprovider --junitxml="$OUT/tests.xml" tests
+# Each benchmark file in its own process and time box, so one slow file cannot eat the budget.
+for f in benchmarks/bench_*.py; do
+  name=$(basename "$f" .py)
+  step "$name" "${BENCH_TIMEOUT:-90}" $PY benchmarks/run.py --device cuda --only "$name" --min-time 0.1 --out "$OUT"
+done
+
+echo
+echo "===================== d2g_fast GPU check summary ====================="
+cat "$OUT/gpu.txt"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
+printf "%-28s %6s %8s\n" step rc seconds
+for k in "${!STATUS[@]}"; do printf "%-28s %6s %8s\n" "$k" "${STATUS[$k]}" "${TIMES[$k]}"; done | sort
+echo "--- key benchmark rows (median ms, x ref) ---"
+cat "$OUT"/bench-gpu-*.md 2>/dev/null | grep -E "^\| " | grep -v -E "^\| op|^\|---" | \
+  awk -F'|' '$5 ~ /fwd\+bwd/ {printf "%-22s %-30s %-14s %10s ms  x%s\n", $2, $3, $4, $6, $10}' | head -n 60

@@ -1,0 +1,95 @@
+"""Timing harness shared by every benchmark file.
+
+A benchmark file ``benchmarks/bench_<name>.py`` exposes ``cases(device, quick) -> list[Case]``.
+Each case builds its inputs lazily (``make``) and returns zero-argument callables per mode:
+"fwd", "bwd" (re-runs only the backward, e.g. ``out.backward(g, retain_graph=True)`` or
+``torch.autograd.grad(..., retain_graph=True)``) and "fwd+bwd". The runner (run.py) times them.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class SkipCase(Exception):
+    """Raised by ``Case.make`` when a provider cannot run here (package missing, no GPU...)."""
+
+
+@dataclass
+class Case:
+    op: str
+    config: str
+    provider: str
+    make: Callable[[], dict]
+    bytes: float | None = None   # bytes an ideal forward must move (for GB/s and the roofline)
+    flops: float | None = None   # floating-point operations of one forward
+    bwd_bytes: float | None = None
+    bwd_flops: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_callable(fn: Callable[[], object], device: str, *, min_time_s: float = 0.3,
+                  min_reps: int = 5, max_reps: int = 200, warmup: int = 2) -> dict:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU), plus spread and
+    peak memory above the starting allocation."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start_all < min_time_s):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    result = {
+        "median_ms": statistics.median(times),
+        "min_ms": times[0],
+        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "reps": len(times),
+        "peak_mem_mb": None,
+    }
+    if cuda:
+        result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return result
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Measured device copy bandwidth (bytes read + written per second): the practical floor
+    against which memory-bound kernels are compared."""
+    n = (256 if device.startswith("cuda") else 32) * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    r = time_callable(lambda: dst.copy_(src), device, min_time_s=0.2)
+    return 2 * n * 4 / (r["median_ms"] * 1e-3) / 1e9
+
+
+def matmul_tflops(device: str, dtype=torch.bfloat16) -> float:
+    """Measured dense matrix throughput: the practical compute peak for conv-bound work."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    r = time_callable(lambda: a @ b, device, min_time_s=0.3)
+    return 2 * n**3 / (r["median_ms"] * 1e-3) / 1e12
