@@ -6,6 +6,8 @@
 # CSV/markdown into OUT_DIR and prints a short summary table last. Budget: under 6 minutes.
 # Optional wheels in .whl/ (diffusers, elatentlpips, lpips, ...) are installed to a private
 # folder first, for machines that lack them and cannot download.
+# Narrow a run with GPU_TESTS (pytest paths, default "tests") and GPU_BENCH (a substring of the
+# benchmark file names, default all).
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -35,9 +37,9 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 export D2G_CUDA_ARCHS=9.0 MAX_JOBS=${MAX_JOBS:-16}
 step build 300 $PY -m pip install -v --no-build-isolation --no-deps -e .
 step build_info 60 $PY -c "import d2g_fast; d2g_fast.build_info()"
-step tests 240 $PY -m pytest -q -m "cuda or triton" -p no:cacheprovider --junitxml="$OUT/tests.xml" tests
+step tests 240 $PY -m pytest -q -m "cuda or triton" -p no:cacheprovider --junitxml="$OUT/tests.xml" ${GPU_TESTS:-tests}
 # Each benchmark file in its own process and time box, so one slow file cannot eat the budget.
-for f in benchmarks/bench_*.py; do
+for f in benchmarks/bench_*${GPU_BENCH:-}*.py; do
   name=$(basename "$f" .py)
   step "$name" "${BENCH_TIMEOUT:-90}" $PY benchmarks/run.py --device cuda --only "$name" --min-time 0.1 --out "$OUT"
 done
