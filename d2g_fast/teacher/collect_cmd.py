@@ -1,0 +1,79 @@
+"""``d2g collect``: teacher ODE pairs into a resumable, checksummed store folder."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "collect teacher ODE pairs (noise, prompt, latent) into a store folder"
+DESCRIPTION = HELP + (". Rerun the same command to resume; start it with torchrun "
+                      "--nproc-per-node N to split the shards between N processes.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="local diffusers folder of the teacher")
+    p.add_argument("--prompts", default="bundled",
+                   help="prompt file: .txt (one per line), .json / .jsonl (COCO captions layout "
+                        "included), or 'bundled' for the small bundled list")
+    p.add_argument("--num-pairs", type=int, required=True)
+    p.add_argument("--out", required=True, help="store folder (created; resumed when it exists)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=8.0,
+                   help="classifier-free guidance scale (<= 1: no guidance)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--scheduler", default="ddim",
+                   help="ddim, euler, dpm++, unipc, pndm, ... or a diffusers class name")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto",
+                   help="float32, float16, bfloat16; auto: float16 on GPUs, float32 on CPUs")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ...; auto: cuda if present")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels (default: the UNet's sample size x VAE factor)")
+    p.add_argument("--store-embeddings", action="store_true",
+                   help="also store the prompt embeddings (and SDXL pooled embeddings)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="keep the UNet in contiguous layout on GPUs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device (--device): {device!r} requested but no CUDA GPU is visible")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from d2g_fast.data import store as st
+    from d2g_fast.data.prompts import load_prompts
+    from d2g_fast.teacher.adapter import Teacher, parse_dtype
+    from d2g_fast.teacher.collect import collect, init_distributed
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    parse_dtype(dtype)
+    prompts = load_prompts(args.prompts)
+    st.ensure_writable(args.out)  # fail before loading a large teacher
+    dist, device = init_distributed(device)
+    try:
+        teacher = Teacher.from_pretrained(args.teacher, dtype=dtype, device=device,
+                                          resolution=args.resolution)
+        teacher.optimize(channels_last=torch.device(device).type == "cuda"
+                         and not args.no_channels_last, compile=args.compile)
+        collect(teacher, prompts, args.out, args.num_pairs, steps=args.steps,
+                guidance=args.guidance, scheduler=args.scheduler,
+                negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+                shard_size=args.shard_size, seed=args.seed,
+                store_embeddings=args.store_embeddings, prompt_source=args.prompts,
+                dist=dist, progress=not args.no_progress)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
