@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "common/checks.h"
 #include "paired_augment/paired_augment.h"
 #include "paired_augment/paired_augment_math.h"
@@ -44,7 +46,8 @@ struct Ref4 {
 
 template <typename T>
 Ref4<T> ref_of(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  // data_ptr is instantiated for the non-const element types only
+  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 template <typename acc_t>
