@@ -142,9 +142,12 @@ def _reference_backward(features, weights, bias, target, head_weights, eps, grad
                         grad_scores):
     inputs = list(features) + list(weights) + [bias]
     with torch.enable_grad():
-        # Inputs that do not require grad (e.g. frozen heads) are differentiated via a detached,
-        # grad-requiring alias; their gradient is then returned unconnected.
-        leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in inputs]
+        # Differentiate with respect to fresh aliases, not the inputs themselves: features can
+        # depend on one another (a skip tap is the concatenation of another tap), and a gradient
+        # taken w.r.t. the inputs would also count the paths from one input into another.
+        # Inputs that do not require grad (e.g. frozen heads) get a detached alias.
+        leaves = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
+                  for t in inputs]
         k = len(features)
         loss, scores = multiscale_heads_ref(leaves[:k], leaves[k:2 * k], leaves[2 * k], target,
                                             head_weights, eps)
