@@ -1,0 +1,83 @@
+"""Fused multi-scale discriminator heads at SD1.5 shapes (a 64x64 latent), every provider.
+
+The 13 heads of DiffusionDiscriminator on the SD1.5 UNet: per up block (8, 16, 32, 64 px) the
+features before the skip connection, at it (the concatenation) and after it, plus the UNet
+output. Bytes: the forward reads every feature map once per pass (2 passes) and writes 3 floats
+per pixel; the backward reads the features twice and writes their gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Case, SkipCase
+
+# (C, H, W) of the 13 taps of the SD1.5 discriminator for a 64x64 latent
+# (names: up{i}.before, up{i}.skip, up{i}.after for i = 0..3, then final).
+SD15_HEADS = [
+    (1280, 8, 8), (2560, 8, 8), (1280, 8, 8),
+    (1280, 16, 16), (2560, 16, 16), (1280, 16, 16),
+    (1280, 32, 32), (1920, 32, 32), (640, 32, 32),
+    (640, 64, 64), (960, 64, 64), (320, 64, 64),
+    (4, 64, 64),
+]
+
+
+def _make(provider, N, shapes, dtype, device):
+    def make():
+        from d2g_fast import _dispatch
+        from d2g_fast.ops import multiscale_heads
+        if provider in ("cpu", "cuda"):
+            try:
+                _dispatch.resolve_impl("multiscale_heads", provider, torch.device(device))
+            except RuntimeError as exc:
+                raise SkipCase(str(exc))
+        g = torch.Generator(device="cpu").manual_seed(0)
+        feats = [torch.randn(N, c, h, w, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+                 for c, h, w in shapes]
+        ws = [(torch.randn(c, generator=g) / c ** 0.5).to(device).requires_grad_(True) for c, _, _ in shapes]
+        bias = torch.zeros(len(shapes), device=device, requires_grad=True)
+        target = torch.cat([torch.ones(N // 2), -torch.ones(N - N // 2)]).to(device)
+        hw = [1.0 / len(shapes)] * len(shapes)
+        leaves = feats + ws + [bias]
+
+        def run():
+            loss, scores = multiscale_heads(feats, ws, bias, target, hw, impl=provider)
+            return loss
+
+        def fwd():
+            with torch.no_grad():
+                return run()
+
+        state = {"out": run()}
+
+        def bwd():
+            return torch.autograd.grad(state["out"], leaves, retain_graph=True)
+
+        def fwd_bwd():
+            return torch.autograd.grad(run(), leaves)
+
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return make
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    out = []
+    if device.startswith("cuda"):
+        providers = ["ref", "cuda"]
+        variants = [(16, torch.float32), (16, torch.bfloat16)]
+    else:
+        providers = ["ref", "cpu"]
+        variants = [(2, torch.float32)] if quick else [(2, torch.float32), (4, torch.float32),
+                                                        (4, torch.bfloat16)]
+    for N, dtype in variants:
+        elt = torch.empty((), dtype=dtype).element_size()
+        feat = sum(N * c * h * w for c, h, w in SD15_HEADS)
+        pix = sum(N * h * w for _, h, w in SD15_HEADS)
+        config = f"SD1.5 13 heads N={N} {str(dtype).replace('torch.', '')}"
+        for provider in providers:
+            out.append(Case(
+                op="multiscale_heads", config=config, provider=provider,
+                make=_make(provider, N, SD15_HEADS, dtype, device),
+                bytes=2 * feat * elt + 3 * 4 * pix, bwd_bytes=3 * feat * elt + 3 * 4 * pix,
+                flops=12 * feat, note="ref = d2g_fast/ref (LayerNorm, SiLU, einsum, softplus)"))
+    return out
