@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 import warnings
 
-_STATE: dict = {"loaded": False, "error": None, "module": None, "warned": False}
+import torch  # noqa: F401  (loads libc10/libtorch, which d2g_fast._C links against)
+
+# Plain Python values only: the dispatch rule reads them inside torch.compile'd code, where
+# calls into a pybind11 module would break the graph.
+_STATE: dict = {"loaded": False, "error": None, "cuda": False, "archs": "", "warned": False}
 
 
 def _load() -> None:
@@ -23,7 +27,8 @@ def _load() -> None:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         return
     _STATE["loaded"] = True
-    _STATE["module"] = _C
+    _STATE["cuda"] = bool(_C.compiled_with_cuda())
+    _STATE["archs"] = str(_C.cuda_archs())
 
 
 _load()
@@ -40,11 +45,11 @@ def ext_error() -> str | None:
 
 
 def cuda_kernels_compiled() -> bool:
-    return _STATE["loaded"] and bool(_STATE["module"].compiled_with_cuda())
+    return _STATE["cuda"]
 
 
 def cuda_archs() -> str:
-    return _STATE["module"].cuda_archs() if _STATE["loaded"] else ""
+    return _STATE["archs"]
 
 
 def warn_missing_once(op: str) -> None:

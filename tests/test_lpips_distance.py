@@ -3,13 +3,16 @@ import pytest
 import torch
 
 from d2g_asserts import assert_close
-from d2g_fast import _ext
+from d2g_fast import _dispatch, _ext
 from d2g_fast.ops import lpips_distance
 from d2g_fast.ref.lpips_distance import lpips_distance as reference
 
 needs_ext = pytest.mark.skipif(not _ext.ext_loaded(), reason=f"extension missing: {_ext.ext_error()}")
 
-CPU_IMPLS = [pytest.param("cpu", marks=needs_ext), pytest.param("triton", marks=pytest.mark.triton)]
+# Triton on CPU tensors runs only under the interpreter (set by conftest on GPU-less machines).
+triton_on_cpu = [pytest.mark.triton, pytest.mark.skipif(
+    not _dispatch.triton_interpreted(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")]
+CPU_IMPLS = [pytest.param("cpu", marks=needs_ext), pytest.param("triton", marks=triton_on_cpu)]
 
 
 def make_inputs(shape, dtype=torch.float32, device="cpu", layout="contiguous", close=False):
@@ -111,6 +114,7 @@ def test_gradcheck_cpu_kernel_float64(spatial):
 
 
 @pytest.mark.triton
+@pytest.mark.skipif(not _dispatch.triton_interpreted(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 def test_gradcheck_triton_float64():
     f0, f1, w = make_inputs((2, 5, 3, 4), dtype=torch.float64)
     f0.requires_grad_(True)

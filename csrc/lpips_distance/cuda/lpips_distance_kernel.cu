@@ -1,6 +1,6 @@
 // CUDA kernels of the LatentLPIPS layer distance.
-// Forward: one read of both feature maps. With channel planes (NCHW) a thread owns a pixel and
-// neighbouring threads read neighbouring pixels (coalesced); with channels innermost
+// Forward: one read of both feature maps. With channel planes (NCHW) a thread column owns a
+// pixel and neighbouring threads read neighbouring pixels (coalesced); with channels innermost
 // (channels_last) a warp owns a pixel and its lanes read neighbouring channels, then reduce
 // with shuffles. Backward: one elementwise pass per input gradient, in the output's memory
 // order. Launches: forward 1 kernel + 1 mean (none with spatial=True); backward 1 per gradient.
@@ -38,22 +38,34 @@ __device__ __forceinline__ void store_pixel(const Sums<acc_t>& s, int64_t p, int
   stats[3 * plane + p] = r.s1;
 }
 
+// Planar layout: blockDim = (pixels, channel groups). Threads along x read neighbouring pixels
+// (coalesced); the y groups split the channel loop (more loads in flight for deep layers with
+// few pixels) and are merged through shared memory.
 template <typename scalar_t, typename acc_t>
-__global__ void forward_thread_per_pixel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                         Strides4 sa, Strides4 sb, const acc_t* __restrict__ w,
-                                         acc_t* __restrict__ map, acc_t* __restrict__ stats, int64_t N,
-                                         int64_t C, int64_t H, int64_t W) {
+__global__ void forward_planar(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Strides4 sa,
+                               Strides4 sb, const acc_t* __restrict__ w, acc_t* __restrict__ map,
+                               acc_t* __restrict__ stats, int64_t N, int64_t C, int64_t H, int64_t W) {
+  __shared__ Sums<acc_t> partial[kThreads];
   const int64_t plane = N * H * W;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= plane) return;
-  const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
-  const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
-  const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
+  const bool active = p < plane;
   Sums<acc_t> s;
   zero(s);
-  for (int64_t c = 0; c < C; ++c)
-    accumulate(s, static_cast<acc_t>(pa[c * sa.c]), static_cast<acc_t>(pb[c * sb.c]), w[c]);
-  store_pixel(s, p, plane, map, stats);
+  if (active) {
+    const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
+    const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
+    const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
+#pragma unroll 4
+    for (int64_t c = threadIdx.y; c < C; c += blockDim.y)
+      accumulate(s, static_cast<acc_t>(pa[c * sa.c]), static_cast<acc_t>(pb[c * sb.c]), w[c]);
+  }
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+  partial[slot] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (unsigned g = 1; g < blockDim.y; ++g) merge(s, partial[g * blockDim.x + threadIdx.x]);
+    store_pixel(s, p, plane, map, stats);
+  }
 }
 
 template <typename acc_t>
@@ -86,37 +98,45 @@ __global__ void forward_warp_per_pixel(const scalar_t* __restrict__ a, const sca
   if (lane == 0) store_pixel(s, p, plane, map, stats);
 }
 
-// One thread per element of the gradient, enumerated in the output's memory order so that
-// writes are coalesced: channels innermost for channels_last outputs, else columns innermost.
-template <typename scalar_t, typename acc_t, bool kChannelsInner>
-__global__ void backward_elementwise(const scalar_t* __restrict__ self_, const scalar_t* __restrict__ other,
-                                     Strides4 ss, Strides4 so, scalar_t* __restrict__ out, Strides4 sout,
-                                     const acc_t* __restrict__ w, const acc_t* __restrict__ pixel_grad,
-                                     const acc_t* __restrict__ i_self, const acc_t* __restrict__ i_other,
-                                     const acc_t* __restrict__ s_self, int64_t N, int64_t C, int64_t H,
-                                     int64_t W) {
-  const int64_t total = N * C * H * W;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, x;
-    if (kChannelsInner) {
-      c = i % C;
-      x = (i / C) % W;
-      h = (i / (C * W)) % H;
-      n = i / (C * W * H);
-    } else {
-      x = i % W;
-      h = (i / W) % H;
-      c = (i / (W * H)) % C;
-      n = i / (W * H * C);
-    }
-    const int64_t p = (n * H + h) * W + x;
-    const acc_t g = grad_input<acc_t>(pixel_grad[p], w[c],
-                                      static_cast<acc_t>(self_[n * ss.n + c * ss.c + h * ss.h + x * ss.w]),
-                                      static_cast<acc_t>(other[n * so.n + c * so.c + h * so.h + x * so.w]),
-                                      i_self[p], i_other[p], s_self[p]);
-    out[n * sout.n + c * sout.c + h * sout.h + x * sout.w] = static_cast<scalar_t>(g);
-  }
+// Backward, planar output: grid.x walks (n, c) planes, grid.y blocks of pixels within a plane,
+// so each thread does 32-bit index arithmetic only and writes along the row (coalesced).
+template <typename scalar_t, typename acc_t>
+__global__ void backward_planar(const scalar_t* __restrict__ self_, const scalar_t* __restrict__ other,
+                                Strides4 ss, Strides4 so, scalar_t* __restrict__ out, Strides4 sout,
+                                const acc_t* __restrict__ w, const acc_t* __restrict__ pixel_grad,
+                                const acc_t* __restrict__ i_self, const acc_t* __restrict__ i_other,
+                                const acc_t* __restrict__ s_self, int64_t C, int H, int W) {
+  const int hw = blockIdx.y * blockDim.x + threadIdx.x;
+  if (hw >= H * W) return;
+  const int64_t n = blockIdx.x / C, c = blockIdx.x % C;
+  const int h = hw / W, x = hw % W;
+  const int64_t p = n * H * W + hw;
+  const acc_t g = grad_input<acc_t>(pixel_grad[p], w[c],
+                                    static_cast<acc_t>(self_[n * ss.n + c * ss.c + h * ss.h + x * ss.w]),
+                                    static_cast<acc_t>(other[n * so.n + c * so.c + h * so.h + x * so.w]),
+                                    i_self[p], i_other[p], s_self[p]);
+  out[n * sout.n + c * sout.c + h * sout.h + x * sout.w] = static_cast<scalar_t>(g);
+}
+
+// Backward, channels-innermost output: a warp per pixel, lanes along the channels.
+template <typename scalar_t, typename acc_t>
+__global__ void backward_channels_inner(const scalar_t* __restrict__ self_, const scalar_t* __restrict__ other,
+                                        Strides4 ss, Strides4 so, scalar_t* __restrict__ out, Strides4 sout,
+                                        const acc_t* __restrict__ w, const acc_t* __restrict__ pixel_grad,
+                                        const acc_t* __restrict__ i_self, const acc_t* __restrict__ i_other,
+                                        const acc_t* __restrict__ s_self, int64_t N, int64_t C, int64_t H,
+                                        int64_t W) {
+  const int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  if (p >= N * H * W) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
+  const scalar_t* ps = self_ + n * ss.n + h * ss.h + x * ss.w;
+  const scalar_t* po = other + n * so.n + h * so.h + x * so.w;
+  scalar_t* pd = out + n * sout.n + h * sout.h + x * sout.w;
+  const acc_t g = pixel_grad[p], ia = i_self[p], ib = i_other[p], sa = s_self[p];
+  for (int64_t c = lane; c < C; c += kWarp)
+    pd[c * sout.c] = static_cast<scalar_t>(grad_input<acc_t>(
+        g, w[c], static_cast<acc_t>(ps[c * ss.c]), static_cast<acc_t>(po[c * so.c]), ia, ib, sa));
 }
 
 unsigned int blocks_for(int64_t work, int threads) {
@@ -137,12 +157,14 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_cuda(const at::Tensor& f0, con
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (channels_inner) {
+    if (channels_inner) {  // a warp per pixel
       forward_warp_per_pixel<scalar_t, acc_t><<<blocks_for(pixels * kWarp, kThreads), kThreads, 0, stream>>>(
           f0.const_data_ptr<scalar_t>(), f1.const_data_ptr<scalar_t>(), sa, sb, w.const_data_ptr<acc_t>(),
           map.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(), N, C, H, W);
-    } else {
-      forward_thread_per_pixel<scalar_t, acc_t><<<blocks_for(pixels, kThreads), kThreads, 0, stream>>>(
+    } else {  // deep layers get more channel groups per pixel
+      const unsigned groups = C >= 256 ? 8 : (C >= 32 ? 4 : 1);
+      const dim3 block(kThreads / groups, groups);
+      forward_planar<scalar_t, acc_t><<<blocks_for(pixels, block.x), block, 0, stream>>>(
           f0.const_data_ptr<scalar_t>(), f1.const_data_ptr<scalar_t>(), sa, sb, w.const_data_ptr<acc_t>(),
           map.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(), N, C, H, W);
     }
@@ -166,20 +188,28 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cuda(
   auto g0 = alloc_grad(f0, need_f0);
   auto g1 = alloc_grad(f1, need_f1);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t total = N * C * H * W;
+  TORCH_CHECK(H * W < (int64_t(1) << 31) && N * C < (int64_t(1) << 31) && (H * W + kThreads - 1) / kThreads < 65536,
+              "d2g_fast::lpips_distance_backward: feature maps of ", H, "x", W, " with N*C = ", N * C,
+              " exceed the CUDA kernel's grid limits");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_distance_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* st = stats.const_data_ptr<acc_t>();
     const acc_t* pg = pixel_grad.const_data_ptr<acc_t>();
     auto launch = [&](const at::Tensor& self_, const at::Tensor& other, at::Tensor& out, const acc_t* i_self,
                       const acc_t* i_other, const acc_t* s_self) {
-      const auto so = strides_of(out);
-      const auto kernel = so.c == 1 && C > 1 ? backward_elementwise<scalar_t, acc_t, true>
-                                             : backward_elementwise<scalar_t, acc_t, false>;
-      kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(
-          self_.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), strides_of(self_),
-          strides_of(other), out.mutable_data_ptr<scalar_t>(), so, w.const_data_ptr<acc_t>(), pg, i_self,
-          i_other, s_self, N, C, H, W);
+      const auto sd = strides_of(out);
+      if (sd.c == 1 && C > 1) {
+        backward_channels_inner<scalar_t, acc_t><<<blocks_for(plane * kWarp, kThreads), kThreads, 0, stream>>>(
+            self_.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), strides_of(self_),
+            strides_of(other), out.mutable_data_ptr<scalar_t>(), sd, w.const_data_ptr<acc_t>(), pg, i_self,
+            i_other, s_self, N, C, H, W);
+      } else {
+        const dim3 grid(static_cast<unsigned>(N * C), blocks_for(H * W, kThreads));
+        backward_planar<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+            self_.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), strides_of(self_),
+            strides_of(other), out.mutable_data_ptr<scalar_t>(), sd, w.const_data_ptr<acc_t>(), pg, i_self,
+            i_other, s_self, C, static_cast<int>(H), static_cast<int>(W));
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (need_f0) launch(f0, f1, g0, st, st + plane, st + 2 * plane);
