@@ -20,13 +20,28 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+class _Unavailable:
+    def __init__(self, name, module_path, exc):
+        self.name, self.module_path, self.exc = name, module_path, exc
+
+    def run(self, args) -> int:
+        print(f"d2g {self.name}: unavailable, importing {self.module_path} failed: "
+              f"{type(self.exc).__name__}: {self.exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d2g", description="Distil diffusion models into one-step conditional GANs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_path in SUBCOMMANDS.items():
-        module = importlib.import_module(module_path)
+        try:
+            module = importlib.import_module(module_path)
+        except Exception as exc:  # one broken subcommand must not take the others down
+            p = sub.add_parser(name, help=f"(unavailable: {type(exc).__name__})")
+            p.set_defaults(_module=_Unavailable(name, module_path, exc))
+            continue
         p = sub.add_parser(name, help=getattr(module, "HELP", None),
                            description=getattr(module, "DESCRIPTION", getattr(module, "HELP", None)),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -101,6 +101,7 @@ def test_collect_stored_latent_equals_diffusers_pipeline(kind, sd_folder, sdxl_f
     assert ref.abs().max() > 0.1 and err <= 1e-5, f"{kind}: max |stored - pipeline| = {err:.3g}"
 
 
+@pytest.mark.slow
 def test_collect_kill_and_resume_equals_uninterrupted_run(sd_folder, tmp_path):
     args = ["--teacher", sd_folder, "--num-pairs", "16", "--shard-size", "2",
             "--batch-size", "1", "--steps", "10", "--guidance", "5", "--seed", "3",
@@ -138,6 +139,7 @@ def test_collect_kill_and_resume_equals_uninterrupted_run(sd_folder, tmp_path):
     _assert_same_store(killed, full)
 
 
+@pytest.mark.slow
 def test_collect_torchrun_two_processes_equals_one(sd_folder, tmp_path):
     args = ["--teacher", sd_folder, "--num-pairs", "9", "--shard-size", "2", "--batch-size", "2",
             "--steps", "3", "--seed", "5", "--store-embeddings", "--no-progress"]
@@ -218,6 +220,17 @@ def test_collect_bad_input(sd_folder, tmp_path, capsys):
     assert "--teacher" in capsys.readouterr().err
 
 
+def test_collect_cli_registry_survives_a_broken_subcommand(monkeypatch, capsys):
+    from d2g_fast import cli
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "broken", "d2g_fast.no_such_module_for_test")
+    assert cli.main(["broken"]) == 1
+    assert "no_such_module_for_test" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--help"])
+    assert "--recompute" in capsys.readouterr().out
+
+
 def test_collect_unwritable_output_folder(sd_folder, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders; the not-a-folder case is tested above")
@@ -251,3 +264,40 @@ def test_collect_refuses_nan_latents(sd_folder, tmp_path):
                 progress=False, log=lambda *_: None)
     assert not [n for n in os.listdir(out) if n.startswith("shard-")]
     assert not json.load(open(os.path.join(out, "manifest.json")))["complete"]
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.float16, 3e-2),
+                                       (torch.bfloat16, 1e-1)])
+def test_collect_cuda_teacher_matches_pipeline(sd_folder, dtype, tol):
+    """On the GPU, with the fast options (channels_last, fused QKV), against the diffusers
+    pipeline in the same dtype. Tolerance relative to the latent scale: half precision and
+    kernel choices differ between the two memory layouts."""
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, local_files_only=True,
+                                                   torch_dtype=dtype).to("cuda")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = Teacher.from_pretrained(sd_folder, dtype=dtype, device="cuda")
+    teacher.optimize(channels_last=True, fuse_qkv=True)
+    prompts = load_prompts(None)[:4]
+    noise = torch.randn(4, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+    ref = pipe(prompts, latents=noise.to("cuda", dtype), num_inference_steps=8,
+               guidance_scale=6.0, output_type="latent").images.float()
+    ours = teacher.sample(noise, prompts, steps=8, guidance=6.0)
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= tol * max(1.0, scale), f"{dtype}: max err {err:.3g}, latent scale {scale:.3g}"
+
+
+@pytest.mark.cuda
+def test_collect_cuda_command_and_verify(sd_folder, tmp_path, capsys):
+    out = str(tmp_path / "pairs")
+    assert d2g_main(["collect", "--teacher", sd_folder, "--num-pairs", "6", "--shard-size", "4",
+                     "--batch-size", "3", "--steps", "6", "--device", "cuda", "--dtype",
+                     "float16", "--no-progress", "--out", out]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["complete"] and manifest["config"]["dtype"] == "float16"
+    assert manifest["cost"]["devices"] == [torch.cuda.get_device_name()]
+    assert d2g_main(["verify", out, "--recompute", "3", "--device", "cuda"]) == 0
+    assert "intact" in capsys.readouterr().out

@@ -208,7 +208,11 @@ class Teacher:
         """Speed options: channels_last UNet, fused QKV projections, ``torch.compile`` of the
         UNet forward. PyTorch's SDPA attention is diffusers' default processor already."""
         if fuse_qkv and hasattr(self.unet, "fuse_qkv_projections"):
-            self.unet.fuse_qkv_projections()
+            self.identity()  # of the weights as loaded: fusing adds fused copies to the state
+            try:
+                self.unet.fuse_qkv_projections()
+            except ValueError as exc:  # e.g. added KV projections
+                warnings.warn(f"fuse_qkv: not applied ({exc})", RuntimeWarning, stacklevel=2)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self._channels_last = True
@@ -385,7 +389,12 @@ class Teacher:
             extra["generator"] = generator
         memory_format = torch.channels_last if self._channels_last else torch.contiguous_format
         latents = noise.to(self.device, torch.float32) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        # DDIM indexes its CPU tables with the timestep and branches on it: given the device
+        # tensor that costs a host-device synchronisation per step; a Python int does not, and
+        # gives the same numbers.
+        host_steps = [int(t) for t in scheduler.timesteps.cpu()] \
+            if type(scheduler).__name__ == "DDIMScheduler" else list(scheduler.timesteps)
+        for t, t_step in zip(scheduler.timesteps, host_steps):
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
             model_in = model_in.to(self.dtype).contiguous(memory_format=memory_format)
@@ -395,7 +404,7 @@ class Teacher:
             if guided:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance * (text - uncond)
-            latents = scheduler.step(out, t, latents, **extra, return_dict=False)[0]
+            latents = scheduler.step(out, t_step, latents, **extra, return_dict=False)[0]
         if check_finite:
             bad = ~torch.isfinite(latents).flatten(1).all(dim=1)
             if bool(bad.any()):

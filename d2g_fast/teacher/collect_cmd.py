@@ -13,27 +13,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="bundled",
                    help="prompt file: .txt (one per line), .json / .jsonl (COCO captions layout "
                         "included), or 'bundled' for the small bundled list")
-    p.add_argument("--num-pairs", type=int, required=True)
+    p.add_argument("--num-pairs", type=int, required=True,
+                   help="pairs to collect (may grow between runs on the same --out)")
     p.add_argument("--out", required=True, help="store folder (created; resumed when it exists)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--guidance", type=float, default=8.0,
                    help="classifier-free guidance scale (<= 1: no guidance)")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (default: the empty prompt; zeros for SDXL)")
     p.add_argument("--scheduler", default="ddim",
                    help="ddim, euler, dpm++, unipc, pndm, ... or a diffusers class name")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per UNet batch")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="pair i's noise and prompt depend only on (seed, i)")
     p.add_argument("--dtype", default="auto",
                    help="float32, float16, bfloat16; auto: float16 on GPUs, float32 on CPUs")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ...; auto: cuda if present")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels (default: the UNet's sample size x VAE factor)")
+                   help="image side in pixels (None: the UNet's sample size x VAE factor)")
     p.add_argument("--store-embeddings", action="store_true",
                    help="also store the prompt embeddings (and SDXL pooled embeddings)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--no-channels-last", action="store_true",
                    help="keep the UNet in contiguous layout on GPUs")
+    p.add_argument("--no-fuse-qkv", action="store_true",
+                   help="keep separate Q/K/V projections on GPUs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -65,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         teacher = Teacher.from_pretrained(args.teacher, dtype=dtype, device=device,
                                           resolution=args.resolution)
-        teacher.optimize(channels_last=torch.device(device).type == "cuda"
-                         and not args.no_channels_last, compile=args.compile)
+        gpu = torch.device(device).type == "cuda"
+        teacher.optimize(channels_last=gpu and not args.no_channels_last,
+                         fuse_qkv=gpu and not args.no_fuse_qkv, compile=args.compile)
         collect(teacher, prompts, args.out, args.num_pairs, steps=args.steps,
                 guidance=args.guidance, scheduler=args.scheduler,
                 negative_prompt=args.negative_prompt, batch_size=args.batch_size,

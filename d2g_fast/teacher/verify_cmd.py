@@ -12,12 +12,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", type=int, default=0, metavar="K",
                    help="re-run the teacher on K random pairs and compare")
     p.add_argument("--teacher", default=None,
-                   help="teacher folder for --recompute (default: the one in the manifest)")
-    p.add_argument("--device", default="auto")
+                   help="teacher folder for --recompute (None: the one in the manifest)")
+    p.add_argument("--device", default="auto", help="device for --recompute")
     p.add_argument("--seed", type=int, default=0, help="which K pairs to recompute")
     p.add_argument("--atol", type=float, default=None,
-                   help="latent tolerance (relative to max(1, |latent|max)); default 1e-3 for "
-                        "float32 stores, 5e-2 for half precision")
+                   help="latent tolerance, relative to max(1, max |latent|) (None: 1e-3 for "
+                        "float32 stores, 5e-2 for half precision)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -186,3 +186,49 @@ def save_tiny_sdxl_pipeline(path: str, seed: int = 0) -> str:
     """Write a tiny SDXL-shaped pipeline as a local diffusers folder (safetensors weights)."""
     tiny_sdxl_pipeline(seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size architectures with random weights (for speed and memory measurements only)
+
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+    freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32)
+"""The UNet config of Stable Diffusion 1.5 (860 M parameters, 64x64x4 latents at 512 px)."""
+
+SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                        hidden_act="quick_gelu", projection_dim=768)
+"""The CLIP ViT-L/14 text encoder config of Stable Diffusion 1.5."""
+
+
+def sd15_shaped_components(device="cpu", dtype=torch.float32, seed: int = 0) -> dict:
+    """SD1.5-architecture components with random weights, built directly on ``device``: the
+    full UNet and CLIP text encoder, the SD1.5 DDIM scheduler, a small VAE with the SD scale
+    factor 8 (its weights are never used for latents) and the tiny tokenizer (ids fit the full
+    vocabulary). Keyword arguments of ``StableDiffusionPipeline``. For timing, not quality."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype).eval()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **SD15_TEXT_CONFIG, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+        text_encoder = text_encoder.to(dtype).eval()
+        vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512).to(dtype).eval()
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=_ddim(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)

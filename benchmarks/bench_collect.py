@@ -1,0 +1,142 @@
+"""Teacher ODE-pair collection: pairs/s of our collector against diffusers' pipeline.
+
+One timed call = one batch of B pairs sampled at S steps with classifier-free guidance, from the
+pairs' noise to the final latents on the host:
+  provider "official":      diffusers StableDiffusionPipeline(..., output_type="latent")
+  provider "ours":          d2g_fast Teacher (the collector's path: per-pair noise, prompt
+                            encoding, one batched CFG UNet call per step, latents to the host),
+                            channels_last + fused QKV on GPUs
+  provider "ours-compiled": the same with torch.compile of the UNet (GPU, opt-in: set
+                            D2G_BENCH_COMPILE=1; compiling the full UNet takes about a minute)
+Same device, dtype, batch, steps and guidance for every provider. GPU: the SD1.5 UNet and CLIP
+text encoder architectures with random weights (no download), fp16, 64x64 latents, 50 steps.
+Quick/CPU: the tiny SD model. pairs/s = B / median time; device-days per million pairs =
+1e6 / (pairs/s) / 86400. Run this file directly for that table:
+
+    python benchmarks/bench_collect.py --device cuda [--batch 4 8] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import Case, SkipCase  # noqa: E402
+
+GUIDANCE = 8.0
+
+
+def _components(device: str, quick: bool, dtype):
+    from d2g_fast.testing import tiny
+    if quick:
+        comps = tiny.tiny_sd_components()
+        for name in ("unet", "text_encoder", "vae"):
+            comps[name].to(device=device, dtype=dtype)
+        return comps
+    return tiny.sd15_shaped_components(device=device, dtype=dtype)
+
+
+def _make(provider: str, device: str, quick: bool, batch: int, steps: int, dtype):
+    def make():
+        from d2g_fast.data.prompts import load_prompts
+        from d2g_fast.data.seeding import batch_noise
+        from d2g_fast.teacher import Teacher
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SkipCase("no GPU")
+        if provider == "ours-compiled" and (not device.startswith("cuda")
+                                            or os.environ.get("D2G_BENCH_COMPILE") != "1"):
+            raise SkipCase("opt-in on GPUs: D2G_BENCH_COMPILE=1")
+        comps = _components(device, quick, dtype)
+        prompts = load_prompts(None)[:batch]
+        if provider == "official":
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(**comps)
+            pipe.set_progress_bar_config(disable=True)
+            shape = (comps["unet"].config.in_channels, comps["unet"].config.sample_size,
+                     comps["unet"].config.sample_size)
+
+            def run():
+                noise = batch_noise(0, range(batch), shape).to(device, dtype)
+                return pipe(prompts, latents=noise, num_inference_steps=steps,
+                            guidance_scale=GUIDANCE, output_type="latent").images.cpu()
+            return {"fwd": run}
+
+        teacher = Teacher(comps["unet"], comps["text_encoder"], comps["tokenizer"],
+                          comps["scheduler"], vae_config=comps["vae"].config)
+        gpu = device.startswith("cuda")
+        teacher.optimize(channels_last=gpu, fuse_qkv=gpu, compile=provider == "ours-compiled")
+        if provider == "ours-compiled":
+            teacher.sample(batch_noise(0, range(batch), teacher.latent_shape), prompts,
+                           steps=2, guidance=GUIDANCE)  # compile outside the timing
+
+        def run():
+            noise = batch_noise(0, range(batch), teacher.latent_shape)
+            return teacher.sample(noise, prompts, steps=steps, guidance=GUIDANCE,
+                                  scheduler="ddim").cpu()
+        return {"fwd": run}
+    return make
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    gpu = device.startswith("cuda")
+    dtype = torch.float16 if gpu else torch.float32
+    if gpu and not quick:
+        batch, steps, model = 4, 50, "SD1.5 UNet 4x64x64 fp16"
+    else:
+        batch, steps, model = 4, 50 if gpu else 20, "tiny-SD 4x8x8 fp32" if not gpu \
+            else "tiny-SD 4x8x8 fp16"
+    config = f"{model} B={batch} {steps}steps cfg{GUIDANCE:g}"
+    note = (f"pairs/s = {batch}e3/median_ms; device-days per 1M pairs = "
+            f"median_ms/{batch}/86.4")
+    return [Case(op="collect_pairs", config=config, provider=p, note=note,
+                 make=_make(p, device, quick, batch, steps, dtype))
+            for p in ("official", "ours", "ours-compiled")]
+
+
+def main(argv=None) -> int:
+    from benchmarks.harness import time_callable
+
+    p = argparse.ArgumentParser(description="pairs/s and device-days per million pairs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny model")
+    p.add_argument("--batch", type=int, nargs="*", default=[4])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--compile", action="store_true", help="also time ours-compiled")
+    args = p.parse_args(argv)
+    if args.compile:
+        os.environ["D2G_BENCH_COMPILE"] = "1"
+    gpu = args.device.startswith("cuda")
+    dtype = torch.float16 if gpu else torch.float32
+    quick = args.quick or not gpu
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    print(f"# {name} | torch {torch.__version__} | {'tiny-SD' if quick else 'SD1.5 UNet'} "
+          f"{str(dtype).replace('torch.', '')} | {args.steps} steps, guidance {GUIDANCE:g}")
+    print("| provider | batch | s/batch | pairs/s | device-days / 1M pairs | vs official |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch:
+        base = None
+        for provider in ("official", "ours", "ours-compiled"):
+            try:
+                fn = _make(provider, args.device, quick, batch, args.steps, dtype)()["fwd"]
+            except SkipCase:
+                continue
+            ms = time_callable(fn, args.device, min_time_s=1.0, min_reps=3, warmup=1)["median_ms"]
+            rate = batch / (ms * 1e-3)
+            base = base or rate
+            print(f"| {provider} | {batch} | {ms / 1e3:.3f} | {rate:.3g} | "
+                  f"{1e6 / rate / 86400:.3g} | {rate / base:.2f}x |", flush=True)
+            del fn
+            if gpu:
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
