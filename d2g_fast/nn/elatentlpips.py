@@ -1,0 +1,477 @@
+"""E-LatentLPIPS: a drop-in, faster replacement of ``elatentlpips.ELatentLPIPS``.
+
+Same constructor arguments, forward signature, output shapes and state-dict layout as the
+official package (``elatentlpips`` 0.2), so its checkpoints load strictly and its numbers are
+reproduced (see tests/test_elatentlpips_parity.py). Differences, all deliberate:
+
+- Nothing is downloaded. ``pretrained=True`` reads local files: ``heads_path`` / ``trunk_path``
+  or the folder named by ``D2G_ELATENTLPIPS_DIR``; checkpoints are read with
+  ``torch.load(..., weights_only=True)`` (never a full unpickle) or from safetensors.
+- Negative weights in the linear heads are clamped to zero at load (with a warning giving the
+  count), or rejected with ``negative_weights="error"``. Why: the heads weight squared feature
+  differences, so a negative weight lets the "distance" go below zero, and a generator trained
+  against it is rewarded for making some feature differences LARGER. The classic LPIPS clamps
+  its heads for this reason; the official E-LatentLPIPS does not, and there is an open user
+  report of negative loss values with it. Randomly initialised heads are drawn non-negative.
+- The random trunk (``pnet_rand=True``) takes the encoder's latent channels (the official
+  package builds a 3-channel trunk by mistake in that mode).
+- A fast path in eval mode: BatchNorm folded into the convs, channels_last, optional bf16
+  compute (``precision="bf16"``), branches that need no gradient (usually the target) run
+  without autograd, and the five layer distances go through the fused
+  ``d2g_fast.ops.lpips_distance`` op. ``impl="ref"`` runs the plain reference path instead.
+- Inputs are checked (type, dtype, shape, channel count, NaN/Inf) with errors naming the
+  argument. The NaN/Inf check needs a device sync; ``check_inputs=False`` turns it off, and
+  it is skipped under ``torch.compile`` tracing and CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from d2g_fast.nn.latent_vgg import TAP_CHANNELS, LatentVGG16BN, trunk_state_dict_from_classifier
+
+# Latent channels and the (shift, scale) of ``normalize=True`` per encoder: the VAE's own
+# latent scaling, x_model = (x_raw - shift) * scale.
+ENCODER_CHANNELS = {"sd15": 4, "sd21": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+ENCODER_NORMALIZATION = {
+    "sd15": (0.0, 0.18215),
+    "sd21": (0.0, 0.18215),
+    "sdxl": (0.0, 0.13025),
+    "sd3": (0.0609, 1.5305),
+    "flux": (0.1159, 0.3611),
+}
+AUGMENT_PRESETS = ("b", "g", "c", "o", "co", "bg", "bgc", "bgco")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NEGATIVE_WEIGHT_POLICIES = ("clamp", "error")
+IMPLS = ("auto", "ref", "cpu", "cuda", "triton")
+NUM_LAYERS = len(TAP_CHANNELS)
+# Inputs smaller than this lose the last tap to the two max-pools.
+MIN_SPATIAL = 4
+EPS = 1e-8
+
+CHECKPOINT_DIR_ENV = "D2G_ELATENTLPIPS_DIR"
+CHECKPOINT_SOURCE = ("the authors of E-LatentLPIPS publish them at "
+                     "https://huggingface.co/Mingguksky/elatentlpips (folder elatentlpips_ckpt/)")
+SAFETENSORS_FORMAT = "d2g_fast.elatentlpips"
+SAFETENSORS_VERSION = "1"
+
+
+def trunk_filename(encoder: str, net: str = "vgg16") -> str:
+    """File name of the official ImageNet-trained latent trunk for ``encoder``."""
+    return f"{encoder}_latent_{net}.pth.tar"
+
+
+def heads_filename(encoder: str, net: str = "vgg16") -> str:
+    """File name of the official tuned module (trunk + calibrated heads) for ``encoder``."""
+    return f"{encoder}_latest_{net}_tuned.pth"
+
+
+class LinearHead(nn.Module):
+    """The calibrated "lin" layer of one tap: optional dropout, then a 1x1 conv to one channel
+    without bias. Child names match the official layout (``model.0`` dropout, ``model.1`` conv;
+    ``model.0`` conv without dropout)."""
+
+    def __init__(self, channels: int, use_dropout: bool = True):
+        super().__init__()
+        conv = nn.Conv2d(channels, 1, kernel_size=1, bias=False)
+        # Non-negative random init (a distance needs non-negative channel weights), with the
+        # magnitude of PyTorch's default conv init.
+        with torch.no_grad():
+            conv.weight.uniform_(0.0, channels ** -0.5)
+        self.model = nn.Sequential(nn.Dropout(), conv) if use_dropout else nn.Sequential(conv)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self.model[-1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def forward(self, diff: torch.Tensor) -> torch.Tensor:
+        return self.model(diff)
+
+
+def _load_torch_file(path: Path) -> dict:
+    # weights_only=True: a checkpoint is data, never code to run.
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
+
+
+class ELatentLPIPS(nn.Module):
+    """Latent perceptual distance with augmentation ensembling (E-LatentLPIPS).
+
+    Constructor arguments up to ``augment`` have the official meaning and defaults:
+    ``pretrained`` loads the calibrated heads (the official tuned file holds the trunk too),
+    ``pnet_rand=False`` loads the ImageNet-trained trunk (used when no tuned file is loaded),
+    ``pnet_tune`` makes the trunk trainable, ``use_dropout`` puts dropout before the heads
+    (active in train mode only), ``eval_mode`` calls ``.eval()``, ``encoder`` picks the latent
+    space and ``augment`` the augmentation preset (None for plain LatentLPIPS).
+
+    Extra keyword arguments: ``trunk_path`` / ``heads_path`` (local checkpoint files, official
+    ``.pth``/``.pth.tar`` or our ``.safetensors``), ``precision`` ("fp32" or "bf16" compute in
+    the fast path), ``channels_last`` (memory format of the fast path), ``negative_weights``
+    ("clamp" or "error"), ``impl`` ("auto" fast path, "ref" reference path, or a backend of
+    the distance op), ``check_inputs``.
+    """
+
+    def __init__(self, pretrained: bool = True, net: str = "vgg16", elatentlpips: bool = True,
+                 spatial: bool = False, pnet_rand: bool = False, pnet_tune: bool = False,
+                 use_dropout: bool = True, eval_mode: bool = True, verbose: bool = True,
+                 encoder: str = "sd3", augment: str | None = "bg", *,
+                 trunk_path: str | os.PathLike | None = None,
+                 heads_path: str | os.PathLike | None = None,
+                 precision: str = "fp32", channels_last: bool = True,
+                 negative_weights: str = "clamp", impl: str = "auto", check_inputs: bool = True):
+        super().__init__()
+        if net not in ("vgg", "vgg16"):
+            raise NotImplementedError(f"ELatentLPIPS: net={net!r} is not available; only 'vgg16'")
+        if encoder not in ENCODER_CHANNELS:
+            raise ValueError(f"ELatentLPIPS: encoder must be one of {tuple(ENCODER_CHANNELS)}, "
+                             f"got {encoder!r}")
+        if augment is not None and augment not in AUGMENT_PRESETS:
+            raise ValueError(f"ELatentLPIPS: augment must be None or one of {AUGMENT_PRESETS}, "
+                             f"got {augment!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"ELatentLPIPS: precision must be one of {tuple(PRECISIONS)}, "
+                             f"got {precision!r}")
+        if negative_weights not in NEGATIVE_WEIGHT_POLICIES:
+            raise ValueError(f"ELatentLPIPS: negative_weights must be one of "
+                             f"{NEGATIVE_WEIGHT_POLICIES}, got {negative_weights!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"ELatentLPIPS: impl must be one of {IMPLS}, got {impl!r}")
+
+        self.pnet_type = "vgg16"
+        self.pnet_tune = pnet_tune
+        self.pnet_rand = pnet_rand
+        self.spatial = spatial
+        self.elatentlpips = elatentlpips
+        self.encoder = encoder
+        self.augment_preset = augment
+        self.use_dropout = use_dropout
+        self.chns = list(TAP_CHANNELS)
+        self.L = NUM_LAYERS
+        self.latent_channels = ENCODER_CHANNELS[encoder]
+        self.precision = precision
+        self.channels_last = channels_last
+        self.negative_weights = negative_weights
+        self.impl = impl
+        self.check_inputs = check_inputs
+        self.verbose = verbose
+        if verbose:
+            print(f"Setting up [{'ELatentLPIPS' if elatentlpips else 'baseline'}] perceptual "
+                  f"loss: trunk [{net}], spatial [{'on' if spatial else 'off'}], encoder "
+                  f"[{encoder}], augment [{augment}], precision [{precision}]")
+
+        self.net = LatentVGG16BN(self.latent_channels, requires_grad=True)
+        if elatentlpips:
+            for k, c in enumerate(self.chns):
+                self.add_module(f"lin{k}", LinearHead(c, use_dropout=use_dropout))
+            # The official module also registers the heads as a ModuleList: the same modules
+            # under a second name, so its state dict holds both ``lin<k>.*`` and ``lins.<k>.*``.
+            self.lins = nn.ModuleList([getattr(self, f"lin{k}") for k in range(self.L)])
+        else:
+            self.lins = None
+        self.register_load_state_dict_post_hook(ELatentLPIPS._after_load_hook)
+
+        if pretrained and elatentlpips:
+            self.load_checkpoint(heads_path or self._checkpoint_path(
+                heads_filename(encoder), "heads_path", "tuned module (trunk + calibrated heads)"))
+        elif not pnet_rand:
+            self.load_trunk_checkpoint(trunk_path or self._checkpoint_path(
+                trunk_filename(encoder), "trunk_path", "ImageNet-trained latent trunk"))
+        self.net.requires_grad_(pnet_tune)
+
+        self.augment = None
+        if augment is not None:
+            from d2g_fast.nn.augment import PairedAugment  # noqa: PLC0415 (optional piece)
+            self.augment = PairedAugment(augment)
+        if eval_mode:
+            self.eval()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_path(self, filename: str, argument: str, what: str) -> Path:
+        folder = os.environ.get(CHECKPOINT_DIR_ENV, "").strip()
+        if not folder:
+            raise FileNotFoundError(
+                f"ELatentLPIPS(encoder={self.encoder!r}): the {what} file {filename!r} is needed "
+                f"and no location was given: pass {argument}=<path> or set {CHECKPOINT_DIR_ENV} "
+                f"to a folder holding it ({CHECKPOINT_SOURCE}; d2g_fast never downloads). For "
+                f"random weights use pretrained=False, pnet_rand=True.")
+        base = Path(folder) / filename
+        safetensors_twin = base.with_suffix(".safetensors") if base.suffix == ".pth" else None
+        if safetensors_twin is not None and safetensors_twin.is_file():
+            return safetensors_twin
+        return base
+
+    def _check_file(self, path: Path, what: str) -> Path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ELatentLPIPS(encoder={self.encoder!r}): {what} file not found: {str(path)!r}. "
+                f"Expected {heads_filename(self.encoder)!r} (tuned module) or "
+                f"{trunk_filename(self.encoder)!r} (trunk); {CHECKPOINT_SOURCE}. "
+                f"d2g_fast never downloads.")
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a whole-module checkpoint: the official ``*_tuned.pth`` or our safetensors."""
+        path = self._check_file(Path(path), "checkpoint")
+        if path.suffix == ".safetensors":
+            self.load_safetensors(path)
+            return
+        sd = _load_torch_file(path)
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        self.load_official_state_dict(sd)
+        if self.verbose:
+            print(f"Loaded E-LatentLPIPS trunk and heads from {path}")
+
+    def load_trunk_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load the official ImageNet-classifier checkpoint (``*_latent_vgg16.pth.tar``) into
+        the trunk, strictly (the classifier head in it is dropped)."""
+        path = self._check_file(Path(path), "trunk checkpoint")
+        ckpt = _load_torch_file(path)
+        sd = ckpt["state_dict"] if isinstance(ckpt, Mapping) and "state_dict" in ckpt else ckpt
+        self.net.load_state_dict(trunk_state_dict_from_classifier(sd), strict=True)
+        if self.verbose:
+            acc = ckpt.get("best_acc1") if isinstance(ckpt, Mapping) else None
+            print(f"Loaded latent VGG16-BN trunk from {path}"
+                  + (f" | top-1 acc.: {float(acc):.2f}" if acc is not None else ""))
+
+    def _canonical_heads(self, sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        """Rename head keys to this module's dropout layout and fill both ``lin<k>`` and
+        ``lins.<k>`` names (either may be missing in a file)."""
+        conv_index = "1" if self.use_dropout else "0"
+        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        heads: dict[int, torch.Tensor] = {}
+        for key, value in sd.items():
+            parts = key.split(".")
+            if parts[0].startswith("lin") and parts[0][3:].isdigit() and parts[-1] == "weight":
+                heads.setdefault(int(parts[0][3:]), value)
+            elif parts[0] == "lins" and len(parts) > 1 and parts[1].isdigit() and parts[-1] == "weight":
+                heads.setdefault(int(parts[1]), value)
+            elif key.startswith("augment."):
+                continue  # augmentation state (filter taps, probability) is not learned
+            else:
+                out[key] = value
+        if self.lins is not None:
+            for k, value in sorted(heads.items()):
+                out[f"lin{k}.model.{conv_index}.weight"] = value
+                out[f"lins.{k}.model.{conv_index}.weight"] = value
+        elif heads:
+            raise KeyError("ELatentLPIPS(elatentlpips=False) has no linear heads, but the state "
+                           f"dict holds head weights for layers {sorted(heads)}")
+        return out
+
+    def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load an official ``ELatentLPIPS.state_dict()`` (any dropout layout, with or without
+        ``module.`` prefixes and ``augment.*`` buffers)."""
+        sd = self._canonical_heads(_strip_module_prefix(state_dict))
+        return self.load_state_dict(sd, strict=strict)
+
+    def official_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """This module's weights in the official layout (without augmentation buffers)."""
+        return OrderedDict((k, v) for k, v in self.state_dict().items() if not k.startswith("augment."))
+
+    def save_safetensors(self, path: str | os.PathLike) -> None:
+        """Save trunk and heads as safetensors (shared ``lins.*`` duplicates left out)."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.official_state_dict().items()
+                   if not k.startswith("lins.")}
+        save_file(tensors, str(path), metadata={
+            "format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "encoder": self.encoder,
+            "latent_channels": str(self.latent_channels), "net": self.pnet_type,
+            "elatentlpips": str(int(bool(self.elatentlpips)))})
+
+    def load_safetensors(self, path: str | os.PathLike, strict: bool = True):
+        """Load a file written by :meth:`save_safetensors`."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        path = self._check_file(Path(path), "safetensors")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != SAFETENSORS_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a d2g_fast E-LatentLPIPS safetensors file "
+                             f"(metadata format={meta.get('format')!r})")
+        if meta.get("encoder") not in (None, self.encoder) and \
+                ENCODER_CHANNELS.get(meta.get("encoder")) != self.latent_channels:
+            raise ValueError(f"{str(path)!r} holds an E-LatentLPIPS for encoder "
+                             f"{meta.get('encoder')!r}, this module is for {self.encoder!r}")
+        return self.load_official_state_dict(sd, strict=strict)
+
+    @classmethod
+    def from_safetensors(cls, path: str | os.PathLike, **kwargs) -> "ELatentLPIPS":
+        """Build a module from our safetensors file (encoder taken from its metadata)."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        kwargs.setdefault("encoder", meta.get("encoder", "sd15"))
+        kwargs.setdefault("verbose", False)
+        kwargs.setdefault("elatentlpips", meta.get("elatentlpips", "1") == "1")
+        model = cls(pretrained=False, pnet_rand=True, **kwargs)
+        model.load_safetensors(path)
+        return model
+
+    @staticmethod
+    def _after_load_hook(module: "ELatentLPIPS", incompatible_keys) -> None:
+        module.enforce_nonnegative_heads(source="load_state_dict")
+
+    def enforce_nonnegative_heads(self, source: str = "") -> int:
+        """Clamp negative head weights to zero (or raise, with ``negative_weights="error"``).
+        Returns how many weights were negative."""
+        if self.lins is None:
+            return 0
+        counts = [int((lin.weight < 0).sum()) for lin in self.lins]
+        total = sum(counts)
+        if total == 0:
+            return 0
+        where = ", ".join(f"lin{k}: {n}" for k, n in enumerate(counts) if n)
+        if self.negative_weights == "error":
+            raise ValueError(
+                f"ELatentLPIPS: {total} negative linear-head weights ({where}) after {source}. "
+                "Negative weights let the distance go below zero; use negative_weights='clamp' "
+                "to clamp them to zero.")
+        with torch.no_grad():
+            for lin in self.lins:
+                lin.weight.clamp_(min=0.0)
+        warnings.warn(f"ELatentLPIPS: clamped {total} negative linear-head weights to zero "
+                      f"({where}) after {source}; negative weights let the distance go below "
+                      "zero (negative_weights='error' rejects them instead)", stacklevel=3)
+        return total
+
+    # ------------------------------------------------------------------ forward
+    def _validate(self, in0, in1) -> None:
+        for name, x in (("in0", in0), ("in1", in1)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"ELatentLPIPS: {name} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"ELatentLPIPS: {name} must be a floating-point tensor, got {x.dtype}")
+            if x.dim() != 4:
+                raise ValueError(f"ELatentLPIPS: {name} must be a 4-D latent batch (N, C, H, W), "
+                                 f"got shape {tuple(x.shape)}")
+            if x.shape[1] != self.latent_channels:
+                raise ValueError(f"ELatentLPIPS: {name} has {x.shape[1]} channels but encoder "
+                                 f"{self.encoder!r} latents have {self.latent_channels}")
+            if x.shape[0] == 0 or x.shape[2] < MIN_SPATIAL or x.shape[3] < MIN_SPATIAL:
+                raise ValueError(f"ELatentLPIPS: {name} must have N >= 1 and H, W >= {MIN_SPATIAL}, "
+                                 f"got shape {tuple(x.shape)}")
+        if in0.shape != in1.shape:
+            raise ValueError(f"ELatentLPIPS: in0 and in1 must have the same shape, got "
+                             f"{tuple(in0.shape)} and {tuple(in1.shape)}")
+        if in0.device != in1.device:
+            raise ValueError(f"ELatentLPIPS: in0 and in1 must be on the same device, got "
+                             f"{in0.device} and {in1.device}")
+        if self.check_inputs and not torch.compiler.is_compiling() and not (
+                in0.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # One sync for both inputs (the loss would be NaN anyway; this names the culprit).
+            finite = torch.stack([torch.isfinite(in0).all(), torch.isfinite(in1).all()]).tolist()
+            for name, ok in zip(("in0", "in1"), finite):
+                if not ok:
+                    raise ValueError(f"ELatentLPIPS: {name} contains NaN or Inf values")
+
+    def _head_weights(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        if self.lins is not None:
+            return [lin.weight.view(-1) for lin in self.lins]
+        return [torch.ones(c, dtype=dtype, device=device) for c in self.chns]
+
+    def _features(self, x: torch.Tensor, fast: bool, compute_dtype: torch.dtype):
+        # A branch that needs no gradient (usually the target) runs without autograd: no
+        # graph, no saved activations.
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.net.parameters()))
+        with torch.set_grad_enabled(needs_grad):
+            if fast:
+                return self.net.fast_features(x, dtype=compute_dtype, channels_last=self.channels_last)
+            return self.net(x)
+
+    def _reference_distance(self, f0: torch.Tensor, f1: torch.Tensor, k: int) -> torch.Tensor:
+        """Per-layer map (N, 1, h, w) written out op by op (dropout included)."""
+        n0 = f0 / torch.sqrt(f0.square().sum(dim=1, keepdim=True) + EPS)
+        n1 = f1 / torch.sqrt(f1.square().sum(dim=1, keepdim=True) + EPS)
+        diff = (n0 - n1).square()
+        if self.lins is None:
+            return diff.sum(dim=1, keepdim=True)
+        return self.lins[k](diff)
+
+    def forward(self, in0: torch.Tensor, in1: torch.Tensor, retPerLayer: bool = False,
+                normalize: bool = False, ensembling: bool = True, add_l1_loss: bool = True,
+                *, debug_percentile: float | None = None):
+        """Distance between latent batches ``in0`` and ``in1`` (N, C, H, W).
+
+        Returns (N, 1, 1, 1), or (N, 1, H, W) maps with ``spatial=True``; with ``retPerLayer``
+        the pair (total, list of the five per-layer terms). ``normalize=True`` applies the
+        encoder's latent scaling to raw VAE latents; ``add_l1_loss`` adds the per-sample mean
+        |in0 - in1| (taken before augmentation); ``ensembling`` applies the augmentation
+        (``debug_percentile`` fixes its random draws, for testing).
+        """
+        self._validate(in0, in1)
+        if normalize:
+            shift, scale = ENCODER_NORMALIZATION[self.encoder]
+            in0 = (in0 - shift) * scale if shift else in0 * scale
+            in1 = (in1 - shift) * scale if shift else in1 * scale
+
+        l1 = None
+        if add_l1_loss:
+            l1 = (in0 - in1).abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+
+        if ensembling:
+            if self.augment is None:
+                raise ValueError("ELatentLPIPS: ensembling=True needs an augmentation; construct "
+                                 "with augment=<preset> or call with ensembling=False")
+            if debug_percentile is None:
+                in0, in1 = self.augment(in0, in1)
+            else:
+                in0, in1 = self.augment(in0, in1, debug_percentile=debug_percentile)
+
+        out_hw = in0.shape[2:]
+        dropout_active = self.training and self.use_dropout and self.lins is not None
+        trunk_fast = self.impl != "ref" and not self.net.training
+        distance_fast = self.impl != "ref" and not dropout_active
+        if in0.dtype == torch.float64 and self.precision == "fp32":
+            compute_dtype = torch.float64
+        else:
+            compute_dtype = PRECISIONS[self.precision]
+
+        feats0 = self._features(in0, trunk_fast, compute_dtype)
+        feats1 = self._features(in1, trunk_fast, compute_dtype)
+
+        res = []
+        if distance_fast:
+            from d2g_fast.ops import lpips_distance  # noqa: PLC0415
+            weights = self._head_weights(feats0[0].dtype, feats0[0].device)
+            for k in range(self.L):
+                w = weights[k].to(feats0[k].dtype) if feats0[k].dtype == torch.float64 else weights[k]
+                d = lpips_distance(feats0[k], feats1[k], w, spatial=self.spatial, impl=self.impl)
+                res.append(d if self.spatial else d.view(-1, 1, 1, 1))
+        else:
+            for k in range(self.L):
+                m = self._reference_distance(feats0[k], feats1[k], k)
+                res.append(m if self.spatial else m.mean(dim=(2, 3), keepdim=True))
+        if self.spatial:
+            res = [F.interpolate(r, size=out_hw, mode="bilinear", align_corners=False) for r in res]
+
+        val = res[0]
+        for r in res[1:]:
+            val = val + r
+        if l1 is not None:
+            val = val + l1.to(val.dtype)
+        return (val, res) if retPerLayer else val
+
+    def extra_repr(self) -> str:
+        return (f"encoder={self.encoder!r}, augment={self.augment_preset!r}, "
+                f"elatentlpips={self.elatentlpips}, spatial={self.spatial}, "
+                f"precision={self.precision!r}, channels_last={self.channels_last}, impl={self.impl!r}")

@@ -1,0 +1,224 @@
+"""The latent VGG16-BN trunk of (E-)LatentLPIPS, with a fast inference path.
+
+Architecture (paper notes, section 2): torchvision's ``vgg16_bn`` ``features`` with the first
+conv taking the VAE's latent channels and the first three max-pools replaced by identity.
+Features are tapped after ``features`` indices 7, 14, 24, 34 and 44, i.e. after relu1_2,
+relu2_2, relu3_3, relu4_3 + pool4 and relu5_3 + pool5 (64, 128, 256, 512, 512 channels).
+
+State-dict layout: ``slice1`` .. ``slice5`` are ``nn.Sequential`` whose children are named by
+their index in ``features`` (``slice1.0.weight``, ``slice2.8.running_mean``, ...), so the
+module loads strictly from the ``net.*`` entries of the official tuned checkpoint, and
+:func:`trunk_state_dict_from_classifier` maps the official ImageNet-classifier checkpoint
+(``[module.]model.features.<i>.*``) onto it.
+
+Fast path (:meth:`LatentVGG16BN.fast_features`), used in eval mode:
+  - every BatchNorm is folded into the conv before it (one conv + bias + ReLU per stage);
+  - the folded weights are cached per (device, dtype, memory format) and rebuilt when any
+    parameter or buffer changes in place (tracked through tensor version counters);
+  - optional channels_last memory format and bfloat16 compute (fp32 stays the default).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# torchvision's VGG16 configuration "D": numbers are conv widths, "M" a 2x2 max-pool.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# ``features`` indices where the five slices end (exclusive), i.e. the feature taps.
+SLICE_ENDS = (7, 14, 24, 34, 44)
+TAP_CHANNELS = (64, 128, 256, 512, 512)
+# The first three max-pools are identities in the latent trunk (latents are already 8x smaller
+# than pixels); pools 4 and 5 stay.
+NUM_REMOVED_POOLS = 3
+NUM_FEATURES = 44
+
+
+def build_latent_vgg16_bn_layers(in_channels: int) -> list[nn.Module]:
+    """The 44 ``features`` layers of the latent VGG16-BN, in torchvision's order."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    pools_seen = 0
+    for item in VGG16_CFG:
+        if item == "M":
+            pools_seen += 1
+            layers.append(nn.Identity() if pools_seen <= NUM_REMOVED_POOLS
+                          else nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            conv = nn.Conv2d(channels, item, kernel_size=3, padding=1)
+            # torchvision's VGG initialisation, so random trunks behave like torchvision ones.
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+            channels = item
+    assert len(layers) == NUM_FEATURES
+    return layers
+
+
+def _tensor_versions(tensors) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class LatentVGG16BN(nn.Module):
+    """Latent VGG16-BN trunk returning the five LPIPS feature taps.
+
+    ``forward`` runs the layers as they are (BatchNorm in train or eval mode, autograd through
+    everything); :meth:`fast_features` is the folded inference path.
+    """
+
+    def __init__(self, in_channels: int = 4, requires_grad: bool = False):
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"LatentVGG16BN: in_channels must be a positive int, got {in_channels!r}")
+        self.in_channels = in_channels
+        layers = build_latent_vgg16_bn_layers(in_channels)
+        start = 0
+        for k, end in enumerate(SLICE_ENDS, start=1):
+            block = nn.Sequential(OrderedDict((str(i), layers[i]) for i in range(start, end)))
+            self.add_module(f"slice{k}", block)
+            start = end
+        self.requires_grad_(requires_grad)
+        self._fold_cache: dict = {}
+
+    @property
+    def slices(self) -> tuple[nn.Sequential, ...]:
+        return (self.slice1, self.slice2, self.slice3, self.slice4, self.slice5)
+
+    def layers(self) -> list[nn.Module]:
+        """The 44 layers in ``features`` order."""
+        return [m for s in self.slices for m in s]
+
+    # ------------------------------------------------------------------ reference path
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        taps = []
+        h = x
+        for block in self.slices:
+            h = block(h)
+            taps.append(h)
+        return tuple(taps)
+
+    # ------------------------------------------------------------------ fast path
+    def _conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        layers = self.layers()
+        return [(layers[i], layers[i + 1]) for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+
+    def _fold(self, dtype: torch.dtype, channels_last: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Folded (weight, bias) per conv: conv(x, w) * s + (b - mean) * s + beta with
+        s = gamma / sqrt(var + eps). Computed in float64 and rounded once to ``dtype``."""
+        folded = []
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for conv, bn in self._conv_bn_pairs():
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            w = conv.weight.double() * scale.view(-1, 1, 1, 1)
+            b = (conv.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+            folded.append((w.to(dtype).contiguous(memory_format=memory_format), b.to(dtype)))
+        return folded
+
+    def folded_weights(self, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        """Folded weights for the fast path; cached unless the trunk is being tuned."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # pnet_tune: fold inside the autograd graph so gradients reach conv and BN params.
+            return self._fold(dtype, channels_last)
+        params = list(self.parameters()) + list(self.buffers())
+        key = (params[0].device, dtype, channels_last)
+        if torch.compiler.is_compiling():
+            # Version counters are invisible to the compiler: use the cache as it stands (call
+            # invalidate_fold_cache() after changing trunk weights of a compiled model).
+            hit = self._fold_cache.get(key)
+            return hit[1] if hit is not None else self._fold(dtype, channels_last)
+        versions = _tensor_versions(params)
+        hit = self._fold_cache.get(key)
+        if hit is None or hit[0] != versions:
+            with torch.no_grad():
+                hit = (versions, self._fold(dtype, channels_last))
+            self._fold_cache[key] = hit
+        return hit[1]
+
+    def invalidate_fold_cache(self) -> None:
+        self._fold_cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() make new parameter tensors: start the cache afresh.
+        self._fold_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def fast_features(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                      channels_last: bool = False) -> tuple[torch.Tensor, ...]:
+        """The five taps with BatchNorm folded (eval-mode semantics), computed in ``dtype``.
+
+        Tap tensors are in ``dtype`` and, with ``channels_last``, in channels_last layout.
+        """
+        if self.training:
+            raise RuntimeError("LatentVGG16BN.fast_features folds BatchNorm with its running "
+                               "statistics and needs eval mode; call .eval() or use forward()")
+        weights = iter(self.folded_weights(dtype, channels_last))
+        h = x.to(dtype)
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        taps = []
+        for block in self.slices:
+            for layer in block:
+                if isinstance(layer, nn.Conv2d):
+                    w, b = next(weights)
+                    # In place is safe: the conv backward does not need its output.
+                    h = F.relu(F.conv2d(h, w, b, padding=1), inplace=True)
+                elif isinstance(layer, nn.MaxPool2d):
+                    h = F.max_pool2d(h, kernel_size=2, stride=2)
+                # BatchNorm is folded, ReLU fused above, Identity skipped.
+            taps.append(h)
+        return tuple(taps)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}"
+
+
+def _strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def trunk_state_dict_from_classifier(state_dict: Mapping[str, torch.Tensor],
+                                     num_features: int = NUM_FEATURES) -> "OrderedDict[str, torch.Tensor]":
+    """Map the official classifier checkpoint's ``state_dict`` onto :class:`LatentVGG16BN` keys.
+
+    Accepts keys ``[module.]model.features.<i>.<name>`` (``module.`` from DataParallel) and
+    drops ``model.classifier.*`` (the ImageNet head is not part of the perceptual trunk).
+    Any other key is an error, so a wrong file fails loudly instead of half-loading.
+    """
+    boundaries = (0,) + SLICE_ENDS
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    unexpected = []
+    for key, value in state_dict.items():
+        k = _strip_prefix(key, "module.")
+        k = _strip_prefix(k, "model.")
+        if k.startswith("classifier."):
+            continue
+        if not k.startswith("features."):
+            unexpected.append(key)
+            continue
+        index_str, _, name = k[len("features."):].partition(".")
+        if not index_str.isdigit() or int(index_str) >= num_features:
+            unexpected.append(key)
+            continue
+        index = int(index_str)
+        slice_id = next(s for s in range(1, 6) if boundaries[s - 1] <= index < boundaries[s])
+        out[f"slice{slice_id}.{index}.{name}"] = value
+    if unexpected:
+        raise KeyError(f"trunk checkpoint: unexpected keys {unexpected[:8]}"
+                       f"{' ...' if len(unexpected) > 8 else ''}; expected "
+                       "'[module.]model.features.<i>.*' and 'model.classifier.*'")
+    return out
+
+
+def trunk_state_dict_to_classifier(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Inverse of :func:`trunk_state_dict_from_classifier` for the features part
+    (``slice<k>.<i>.<name>`` -> ``model.features.<i>.<name>``)."""
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in state_dict.items():
+        head, _, rest = key.partition(".")
+        if not head.startswith("slice"):
+            raise KeyError(f"trunk state dict: unexpected key {key!r}")
+        out[f"model.features.{rest}"] = value
+    return out
