@@ -1,0 +1,89 @@
+"""Paired latent augmentation: ours (every provider) vs the official E-LatentLPIPS AdaAugment.
+
+Every provider includes drawing the per-sample parameters (that is what a training step pays):
+ours = ``PairedAugment(preset)(x, y)`` (CPU-side sampling + the op), official =
+``AdaAugment(**ada_augpipe[preset])(x, y)``. Both tensors require grad; "bwd" re-runs the
+backward of ``(x_aug * gx).sum() + (y_aug * gy).sum()``.
+
+Bytes (an ideal fused pass): forward reads x and y and writes x_aug and y_aug (4 N C H W
+elements); the backward reads two output gradients and writes two input gradients (same).
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Case, SkipCase
+
+
+def _official_module(preset: str, device: str):
+    try:
+        from elatentlpips.ada_aug import AdaAugment
+        from elatentlpips.elatentlpips import ada_augpipe
+    except Exception as exc:  # not installed, or pkg_resources missing
+        raise SkipCase(f"elatentlpips not importable: {type(exc).__name__}: {exc}")
+    aug = AdaAugment(**ada_augpipe[preset]).to(device)
+    aug.p = torch.tensor(1.0, device=device)
+    return aug
+
+
+def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, device: str):
+    def make():
+        if provider == "official":
+            aug = _official_module(preset, device)
+            fn = lambda a, b: aug(a, b)  # noqa: E731
+        else:
+            from d2g_fast import _dispatch
+            from d2g_fast.nn import PairedAugment
+            try:
+                _dispatch.resolve_impl("paired_augment", provider, torch.device(device))
+            except RuntimeError as exc:
+                raise SkipCase(str(exc))
+            if provider == "triton" and not hasattr(torch.ops.d2g_fast, "paired_augment_triton"):
+                raise SkipCase("no Triton paired_augment kernel registered")
+            mod = PairedAugment(preset, impl=provider)
+            gen = torch.Generator().manual_seed(0)
+            fn = lambda a, b: mod(a, b, generator=gen)  # noqa: E731
+        x = torch.randn(N, C, H, W, device=device, dtype=dtype, requires_grad=True)
+        y = torch.randn(N, C, H, W, device=device, dtype=dtype, requires_grad=True)
+        gx, gy = torch.randn_like(x), torch.randn_like(y)
+        state = {}
+
+        def loss():
+            ax, ay = fn(x, y)
+            return (ax * gx).sum() + (ay * gy).sum()
+
+        def fwd():
+            with torch.no_grad():
+                return fn(x, y)
+
+        def fwd_bwd():
+            return torch.autograd.grad(loss(), (x, y))
+
+        state["loss"] = loss()
+
+        def bwd():
+            return torch.autograd.grad(state["loss"], (x, y), retain_graph=True)
+
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return make
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    cuda = device.startswith("cuda")
+    providers = ["official", "ref", "cuda", "triton"] if cuda else ["official", "ref", "cpu"]
+    batches = (4, 16) if (cuda or not quick) else (4,)
+    presets = ("bg", "bgco") if not quick else ("bg",)
+    C, H, W = 4, 64, 64
+    out = []
+    for preset in presets:
+        for N in batches:
+            dtype = torch.float32
+            elt = torch.empty((), dtype=dtype).element_size()
+            moved = 4 * N * C * H * W * elt
+            for provider in providers:
+                out.append(Case(
+                    op="paired_augment", config=f"{preset} N={N} {C}x{H}x{W} fp32", provider=provider,
+                    make=_make(provider, preset, N, C, H, W, dtype, device),
+                    bytes=moved, bwd_bytes=moved,
+                    note="includes per-sample parameter sampling"))
+    return out
