@@ -273,14 +273,26 @@ class Teacher:
     def count_truncated(self, prompts: list[str]) -> int:
         """How many prompts are longer than the tokenizer limit (they are truncated, as the
         diffusers pipelines do)."""
+        from transformers.utils import logging as hf_logging
+
         over = torch.zeros(len(prompts), dtype=torch.bool)
+        # Tokenizing without truncation makes transformers warn about "indexing errors"; we
+        # only count here, and truncate when encoding.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self._count_over(prompts, over)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return int(over.sum())
+
+    def _count_over(self, prompts: list[str], over: torch.Tensor) -> None:
         for tok, _ in self._text_pairs():
             for start in range(0, len(prompts), 4096):
                 chunk = prompts[start:start + 4096]
                 ids = tok(chunk, padding=False, truncation=False)["input_ids"]
                 over[start:start + len(chunk)] |= torch.tensor(
                     [len(x) > tok.model_max_length for x in ids])
-        return int(over.sum())
 
     def _encode_sd(self, texts: list[str], max_length: int | None = None):
         tok, enc = self.tokenizer, self.text_encoder

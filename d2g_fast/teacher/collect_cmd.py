@@ -42,6 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def quiet_model_loading() -> None:
+    """Hide the per-file loading bars and advice of diffusers/transformers on the console."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     import torch
 
@@ -62,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast.teacher.adapter import Teacher, parse_dtype
     from d2g_fast.teacher.collect import collect, init_distributed
 
+    quiet_model_loading()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     parse_dtype(dtype)
     prompts = load_prompts(args.prompts)

@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     import random
 
     from d2g_fast.data.store import read_manifest, verify_store
-    from d2g_fast.teacher.collect_cmd import resolve_device_dtype
+    from d2g_fast.teacher.collect_cmd import quiet_model_loading, resolve_device_dtype
+
+    quiet_model_loading()
 
     problems = verify_store(args.root)
     for problem in problems:
