@@ -6,6 +6,7 @@ pairs' noise to the final latents on the host:
   provider "ours":          d2g_fast Teacher (the collector's path: per-pair noise, prompt
                             encoding, one batched CFG UNet call per step, latents to the host),
                             channels_last + fused QKV on GPUs
+  provider "ours-graphs":   the same with the UNet forward replayed as a CUDA graph (GPU)
   provider "ours-compiled": the same with torch.compile of the UNet (GPU, opt-in: set
                             D2G_BENCH_COMPILE=1; compiling the full UNet takes about a minute)
 Same device, dtype, batch, steps and guidance for every provider. GPU: the SD1.5 UNet and CLIP
@@ -49,6 +50,8 @@ def _make(provider: str, device: str, quick: bool, batch: int, steps: int, dtype
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SkipCase("no GPU")
+        if provider == "ours-graphs" and not device.startswith("cuda"):
+            raise SkipCase("CUDA graphs need a GPU")
         if provider == "ours-compiled" and (not device.startswith("cuda")
                                             or os.environ.get("D2G_BENCH_COMPILE") != "1"):
             raise SkipCase("opt-in on GPUs: D2G_BENCH_COMPILE=1")
@@ -71,7 +74,8 @@ def _make(provider: str, device: str, quick: bool, batch: int, steps: int, dtype
         teacher = Teacher(comps["unet"], comps["text_encoder"], comps["tokenizer"],
                           comps["scheduler"], vae_config=comps["vae"].config)
         gpu = device.startswith("cuda")
-        teacher.optimize(channels_last=gpu, fuse_qkv=gpu, compile=provider == "ours-compiled")
+        teacher.optimize(channels_last=gpu, fuse_qkv=gpu, compile=provider == "ours-compiled",
+                         cuda_graphs=provider == "ours-graphs")
         if provider == "ours-compiled":
             teacher.sample(batch_noise(0, range(batch), teacher.latent_shape), prompts,
                            steps=2, guidance=GUIDANCE)  # compile outside the timing
@@ -97,7 +101,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             f"median_ms/{batch}/86.4")
     return [Case(op="collect_pairs", config=config, provider=p, note=note,
                  make=_make(p, device, quick, batch, steps, dtype))
-            for p in ("official", "ours", "ours-compiled")]
+            for p in ("official", "ours", "ours-graphs", "ours-compiled")]
 
 
 def main(argv=None) -> int:
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
         base = None
-        for provider in ("official", "ours", "ours-compiled"):
+        for provider in ("official", "ours", "ours-graphs", "ours-compiled"):
             try:
                 fn = _make(provider, args.device, quick, batch, args.steps, dtype)()["fwd"]
             except SkipCase:

@@ -204,9 +204,15 @@ class Teacher:
         return self
 
     def optimize(self, *, channels_last: bool = False, compile: bool = False,
-                 compile_mode: str | None = None, fuse_qkv: bool = False) -> "Teacher":
+                 compile_mode: str | None = None, fuse_qkv: bool = False,
+                 cuda_graphs: bool = False) -> "Teacher":
         """Speed options: channels_last UNet, fused QKV projections, ``torch.compile`` of the
-        UNet forward. PyTorch's SDPA attention is diffusers' default processor already."""
+        UNet forward, or CUDA-graph replay of the UNet forward (GPU; one capture per batch
+        shape; see :mod:`d2g_fast.teacher.cuda_graph`). PyTorch's SDPA attention is diffusers'
+        default processor already."""
+        if compile and cuda_graphs:
+            raise ValueError("cuda_graphs: choose torch.compile (mode 'reduce-overhead' uses CUDA "
+                             "graphs) or cuda_graphs, not both")
         if fuse_qkv and hasattr(self.unet, "fuse_qkv_projections"):
             self.identity()  # of the weights as loaded: fusing adds fused copies to the state
             try:
@@ -218,6 +224,10 @@ class Teacher:
             self._channels_last = True
         if compile:
             self._unet_forward = torch.compile(self.unet, mode=compile_mode, fullgraph=False)
+        if cuda_graphs:
+            from d2g_fast.teacher.cuda_graph import GraphedUNet
+
+            self._unet_forward = GraphedUNet(self.unet)
         return self
 
     def make_scheduler(self, name: str | None = "ddim"):

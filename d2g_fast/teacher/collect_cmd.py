@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-embeddings", action="store_true",
                    help="also store the prompt embeddings (and SDXL pooled embeddings)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the UNet forward as a CUDA graph (GPU)")
     p.add_argument("--no-channels-last", action="store_true",
                    help="keep the UNet in contiguous layout on GPUs")
     p.add_argument("--no-fuse-qkv", action="store_true",
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                                           resolution=args.resolution)
         gpu = torch.device(device).type == "cuda"
         teacher.optimize(channels_last=gpu and not args.no_channels_last,
-                         fuse_qkv=gpu and not args.no_fuse_qkv, compile=args.compile)
+                         fuse_qkv=gpu and not args.no_fuse_qkv, compile=args.compile,
+                         cuda_graphs=gpu and args.cuda_graphs)
         collect(teacher, prompts, args.out, args.num_pairs, steps=args.steps,
                 guidance=args.guidance, scheduler=args.scheduler,
                 negative_prompt=args.negative_prompt, batch_size=args.batch_size,
