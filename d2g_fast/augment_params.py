@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Letters of the presets: b = blit (x-flip, 90-degree rotation, integer translation),
@@ -57,12 +58,21 @@ def parse_preset(preset: str) -> str:
 
 # --- 3x3 homogeneous matrices, batched over the first dimension (float32) ---------------------
 
+def _constant(value: float, n: int) -> torch.Tensor:
+    key = (float(value), n)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.full((n,), float(value))
+    return t
+
+
+_CONSTANTS: dict = {}
+
+
 def _mat(rows: list[list[torch.Tensor | float]], n: int) -> torch.Tensor:
-    out = torch.zeros(n, 3, 3, dtype=torch.float32)
-    for r, row in enumerate(rows):
-        for c, v in enumerate(row):
-            out[:, r, c] = v
-    return out
+    # one stack, like building the matrix by rows (tiny tensors: every op is pure overhead)
+    entries = [v if isinstance(v, torch.Tensor) else _constant(v, n) for row in rows for v in row]
+    return torch.stack(entries, dim=-1).view(n, 3, 3)
 
 
 def _translate(tx, ty, n):
@@ -233,14 +243,17 @@ class AugmentParams:
         upsampled padded input that the resampling grid point (jx, jy) reads, as
         ``x = a00*jx + a01*jy + a02``.  The resampling grid has 2(W+6) x 2(H+6) points; point j
         sits at the input's centred coordinate (j+1)/2 - (W+6)/2."""
+        return torch.from_numpy(self._affine_numpy())
+
+    def _affine_numpy(self) -> np.ndarray:
         n, h, w = self.batch_size, self.height, self.width
         if self.g_inv is None:
-            return torch.zeros(n, 6, dtype=torch.float64)
-        g = self.g_inv.to(torch.float64)
+            return np.zeros((n, 6))
+        g = self.g_inv.numpy().astype(np.float64)
         mx0, my0, _, _ = self.margins
         cx, cy = (w - 1) / 2, (h - 1) / 2
         ox, oy = 0.5 - (w + 2 * FILTER_PAD) / 2, 0.5 - (h + 2 * FILTER_PAD) / 2  # w at j = 0
-        a = torch.empty(n, 6, dtype=torch.float64)
+        a = np.empty((n, 6))
         for row, (c0, m0) in enumerate(((cx, mx0), (cy, my0))):
             # padded-input coordinate z + c + m, then 2x for the upsampled grid
             a[:, 3 * row + 0] = g[:, row, 0]
@@ -248,20 +261,25 @@ class AugmentParams:
             a[:, 3 * row + 2] = 2 * (g[:, row, 0] * ox + g[:, row, 1] * oy + g[:, row, 2] + c0 + m0)
         return a
 
-    def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
                ) -> torch.Tensor:
         """(N, 13) tensor for the kernels: sampling affine (6), brightness offset, contrast
         factor, saturation factor, cutout centre x, y, cutout half-size x, y."""
         n = self.batch_size
-        p = torch.zeros(n, 13, dtype=torch.float64)
-        p[:, 0:6] = self.sampling_affine()
-        p[:, 6] = 0.0 if self.brightness is None else self.brightness.double()
-        p[:, 7] = 1.0 if self.contrast is None else self.contrast.double()
-        p[:, 8] = 1.0 if self.saturation is None else self.saturation.double()
+        p = np.zeros((n, 13))
+        p[:, 0:6] = self._affine_numpy()
+        p[:, 7:9] = 1.0
+        if self.brightness is not None:
+            p[:, 6] = self.brightness.numpy()
+            p[:, 7] = self.contrast.numpy()
+            p[:, 8] = self.saturation.numpy()
         if self.cutout_center is not None:
-            p[:, 9:11] = self.cutout_center.double()
-            p[:, 11:13] = self.cutout_size.double() / 2
-        return p.to(device=device, dtype=dtype, non_blocking=True)
+            p[:, 9:11] = self.cutout_center.numpy()
+            p[:, 11:13] = self.cutout_size.numpy() / 2
+        t = torch.from_numpy(p)
+        if device != "cpu" and torch.device(device).type == "cuda":
+            t = t.pin_memory()  # a real asynchronous copy: no host synchronisation
+        return t.to(device=device, dtype=dtype, non_blocking=True)
 
     def flags(self) -> int:
         """Bit mask for the kernels: 1 = geometry, 2 = colour, 4 = cutout."""
@@ -271,16 +289,19 @@ class AugmentParams:
 def compute_margins(g_inv: torch.Tensor, height: int, width: int) -> tuple[int, int, int, int]:
     """Reflect-padding margins (x0, y0, x1, y1) that cover where the output corners land in the
     input plus the filter support, taken over the whole batch, clamped to size - 1 (the most
-    a reflection can pad).  Computed in float32 like the reference pipeline so the ceil agrees."""
+    a reflection can pad).  Float32 arithmetic like the reference pipeline, so the ceil agrees
+    even where a corner lands a rounding error away from an integer."""
     cx, cy = (width - 1) / 2, (height - 1) / 2
     corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]],
                            dtype=torch.float32)
-    where = g_inv @ corners.t()                                   # (N, 3, 4)
-    xy = where[:, :2, :].permute(1, 0, 2).flatten(1)              # (2, N * 4)
-    m = torch.cat([-xy, xy]).max(dim=1).values                   # (x0, y0, x1, y1)
+    where = (g_inv @ corners.t())[:, :2, :].tolist()              # (N, 2, 4)
+    xs = [v for sample in where for v in sample[0]]
+    ys = [v for sample in where for v in sample[1]]
+    # max is exact, so taking it in Python changes nothing (and avoids a threaded reduction)
+    m = torch.tensor([max(-v for v in xs), max(-v for v in ys), max(xs), max(ys)], dtype=torch.float32)
     pad = 2 * FILTER_PAD
     m = m + torch.tensor([pad - cx, pad - cy] * 2, dtype=torch.float32)
-    m = m.max(torch.zeros(4))
-    m = m.min(torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32))
-    mx0, my0, mx1, my1 = (int(v) for v in m.ceil().to(torch.int32))
+    m = m.clamp_min(0.0)
+    m = torch.minimum(m, torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32))
+    mx0, my0, mx1, my1 = (int(v) for v in m.ceil().tolist())
     return mx0, my0, mx1, my1
