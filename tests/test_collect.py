@@ -102,7 +102,7 @@ def test_collect_stored_latent_equals_diffusers_pipeline(kind, sd_folder, sdxl_f
 
 
 @pytest.mark.slow
-def test_collect_kill_and_resume_equals_uninterrupted_run(sd_folder, tmp_path):
+def test_collect_kill_and_resume_equals_uninterrupted_run(sd_folder, tmp_path, capsys):
     args = ["--teacher", sd_folder, "--num-pairs", "16", "--shard-size", "2",
             "--batch-size", "1", "--steps", "10", "--guidance", "5", "--seed", "3",
             "--no-progress"]
@@ -134,8 +134,10 @@ def test_collect_kill_and_resume_equals_uninterrupted_run(sd_folder, tmp_path):
     assert d2g_main(["collect", *args, "--out", full]) == 0
     _assert_same_store(killed, full)
     assert not any(".tmp-" in n for n in os.listdir(killed))
-    # Rerunning a finished collection changes nothing.
+    # Rerunning a finished collection redoes nothing and changes nothing.
+    capsys.readouterr()
     assert d2g_main(["collect", *args, "--out", full]) == 0
+    assert "8 shards, 8 done, 0 to make" in capsys.readouterr().out
     _assert_same_store(killed, full)
 
 
@@ -183,18 +185,23 @@ def test_collect_resume_refuses_other_configuration(sd_folder, tmp_path, capsys)
     out = str(tmp_path / "pairs")
     kw = dict(steps=3, guidance=4.0, batch_size=2, shard_size=2, progress=False,
               log=lambda *_: None)
-    collect(teacher, prompts, out, 4, **kw)
+    collect(teacher, prompts, out, 5, **kw)  # shards of 2, 2 and 1 pairs
     with pytest.raises(ConfigMismatchError, match=r"--out.*steps: stored 3, requested 4"):
         collect(teacher, prompts, out, 4, **{**kw, "steps": 4})
     with pytest.raises(ConfigMismatchError, match="guidance"):
         collect(teacher, prompts, out, 4, **{**kw, "guidance": 5.0})
     with pytest.raises(ConfigMismatchError, match="prompts_sha256"):
         collect(teacher, prompts[:10], out, 4, **kw)
-    # Growing the collection is allowed: the first pairs are kept as they are.
-    before = open(os.path.join(out, "shard-00000.safetensors"), "rb").read()
+    # Growing the collection is allowed: full shards are kept as they are, the partial last
+    # shard is made again with its new size.
+    before = [open(os.path.join(out, f"shard-0000{k}.safetensors"), "rb").read()
+              for k in range(3)]
     collect(teacher, prompts, out, 6, **kw)
-    assert open(os.path.join(out, "shard-00000.safetensors"), "rb").read() == before
-    assert len(PairDataset(out)) == 6
+    after = [open(os.path.join(out, f"shard-0000{k}.safetensors"), "rb").read()
+             for k in range(3)]
+    assert after[:2] == before[:2] and after[2] != before[2]
+    ds = PairDataset(out, check="sha256")
+    assert len(ds) == 6 and [ds[i]["index"] for i in range(6)] == list(range(6))
     # Through the command line: one line naming the argument, exit status 2.
     assert d2g_main(["collect", "--teacher", sd_folder, "--num-pairs", "4", "--steps", "9",
                      "--out", out, "--no-progress"]) == 2
