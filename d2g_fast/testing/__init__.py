@@ -10,4 +10,7 @@ from d2g_fast.testing.tiny import (  # noqa: F401
     tiny_sdxl_pipeline,
     save_tiny_sd_pipeline,
     save_tiny_sdxl_pipeline,
+    SD15_UNET_CONFIG,
+    SD15_TEXT_CONFIG,
+    sd15_shaped_components,
 )

@@ -14,6 +14,8 @@ Public API (all arguments optional):
     tiny_sdxl_components(seed=0) -> dict                            # kwargs of StableDiffusionXLPipeline
     tiny_sdxl_pipeline(seed=0) -> StableDiffusionXLPipeline
     save_tiny_sdxl_pipeline(path, seed=0) -> path
+    sd15_shaped_components(device="cpu", dtype=torch.float32) -> dict   # full-size, for timing
+    SD15_UNET_CONFIG, SD15_TEXT_CONFIG                                  # the SD1.5 configs
 
 Latent shapes: tiny SD (4, 8, 8) at 16x16 pixels; tiny SDXL (4, 8, 8) at 16x16 pixels.
 """
