@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_module=_Unavailable(name, module_path, exc))
             continue
         p = sub.add_parser(name, help=getattr(module, "HELP", None),
-                           description=getattr(module, "DESCRIPTION", getattr(module, "HELP", None)),
+                           description=getattr(module, "DESCRIPTION",
+                                               getattr(module, "HELP", None)),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_module=module)

@@ -10,13 +10,18 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from d2g_fast.cli import main as d2g_main
-from d2g_fast.data import PairDataset, StoreError, load_prompts
-from d2g_fast.data.store import ConfigMismatchError
-from d2g_fast.teacher import NonFiniteLatentError, Teacher, collect
-from d2g_fast.testing import save_tiny_sd_pipeline, save_tiny_sdxl_pipeline
+pytest.importorskip("diffusers")  # the GPU machine may lack it
+pytest.importorskip("transformers")
+
+from diffusers import (DDIMScheduler, StableDiffusionPipeline,  # noqa: E402
+                       StableDiffusionXLPipeline)
+
+from d2g_fast.cli import main as d2g_main  # noqa: E402
+from d2g_fast.data import PairDataset, StoreError, load_prompts  # noqa: E402
+from d2g_fast.data.store import ConfigMismatchError  # noqa: E402
+from d2g_fast.teacher import NonFiniteLatentError, Teacher, collect  # noqa: E402
+from d2g_fast.testing import save_tiny_sd_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,11 +5,14 @@ import os
 import pytest
 import torch
 
-from d2g_fast.data import (PairDataset, PromptSchedule, StoreError, batch_noise, load_prompts,
-                           pair_noise, verify_store)
-from d2g_fast.data import store as st
-from d2g_fast.teacher import Teacher, collect
-from d2g_fast.testing import tiny_sdxl_pipeline
+pytest.importorskip("diffusers")  # the GPU machine may lack it
+pytest.importorskip("transformers")
+
+from d2g_fast.data import (PairDataset, PromptSchedule, StoreError,  # noqa: E402
+                           batch_noise, load_prompts, pair_noise, verify_store)
+from d2g_fast.data import store as st  # noqa: E402
+from d2g_fast.teacher import Teacher, collect  # noqa: E402
+from d2g_fast.testing import tiny_sdxl_pipeline  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,16 @@
 """The teacher adapter reproduces the diffusers pipelines (output_type="latent")."""
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
-from d2g_fast.teacher import NonFiniteLatentError, Teacher
-from d2g_fast.teacher.schedulers import scheduler_class
-from d2g_fast.testing import (save_tiny_sd_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline)
+pytest.importorskip("diffusers")  # the GPU machine may lack it
+pytest.importorskip("transformers")
 
+from diffusers import DDIMScheduler  # noqa: E402
+
+from d2g_fast.teacher import NonFiniteLatentError, Teacher  # noqa: E402
+from d2g_fast.teacher.schedulers import scheduler_class  # noqa: E402
+from d2g_fast.testing import (save_tiny_sd_pipeline, tiny_sd_pipeline,  # noqa: E402
+                              tiny_sdxl_pipeline)
 
 
 @pytest.fixture(autouse=True)

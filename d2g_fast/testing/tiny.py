@@ -8,10 +8,10 @@ projection, pooled embeddings and "text_time" added conditioning.
 
 Public API (all arguments optional):
     tiny_clip_tokenizer(model_max_length=77) -> CLIPTokenizer
-    tiny_sd_components(seed=0, prediction_type="epsilon") -> dict   # kwargs of StableDiffusionPipeline
+    tiny_sd_components(seed=0, prediction_type="epsilon") -> dict  # StableDiffusionPipeline kwargs
     tiny_sd_pipeline(seed=0, ...) -> StableDiffusionPipeline
     save_tiny_sd_pipeline(path, seed=0, ...) -> path                # a local diffusers folder
-    tiny_sdxl_components(seed=0) -> dict                            # kwargs of StableDiffusionXLPipeline
+    tiny_sdxl_components(seed=0) -> dict                       # StableDiffusionXLPipeline kwargs
     tiny_sdxl_pipeline(seed=0) -> StableDiffusionXLPipeline
     save_tiny_sdxl_pipeline(path, seed=0) -> path
     sd15_shaped_components(device="cpu", dtype=torch.float32) -> dict   # full-size, for timing
@@ -62,7 +62,7 @@ def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
 
 def tiny_clip_tokenizer(model_max_length: int = _MAX_LEN):
     """A CLIPTokenizer over a tiny byte-level vocabulary (about 520 tokens), written to a temporary
-    folder and loaded back with ``from_pretrained`` (so it also saves and reloads like a real one)."""
+    folder and loaded back with ``from_pretrained`` (so it saves and reloads like a real one)."""
     from transformers import CLIPTokenizer
 
     vocab, merges = _tiny_vocab()
