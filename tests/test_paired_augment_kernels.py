@@ -268,12 +268,13 @@ def test_cuda_module_end_to_end():
 
 @pytest.mark.triton
 @needs_triton_op
-@pytest.mark.parametrize("preset", ["bg", "co", "bgco"])
-def test_triton_interpreted_matches_reference(preset):
+@pytest.mark.parametrize("preset,layout", [("bgco", "channels_last"), ("co", "noncontig")])
+def test_triton_interpreted_matches_reference(preset, layout):
+    """Tiny shapes: the interpreter runs every program in Python (~10 s for a geometric case)."""
     if torch.cuda.is_available():
         pytest.skip("interpreter test; the GPU test covers Triton on CUDA")
-    _compare_forward("triton", preset, (2, 3, 9, 7), torch.float32, "cpu", "contiguous")
-    _compare_backward("triton", preset, (1, 2, 7, 6), torch.float32, "cpu")
+    _compare_forward("triton", preset, (2, 3, 7, 6), torch.float32, "cpu", layout)
+    _compare_backward("triton", preset, (1, 2, 6, 5), torch.float32, "cpu")
 
 
 @pytest.mark.cuda

@@ -1,0 +1,278 @@
+"""Triton kernels of the paired latent augmentation (same math as csrc/paired_augment).
+
+Triton has no explicit shared memory, so the fused tile of the CUDA kernel becomes passes over
+a float32 buffer of the resampling grid (about 4.8x the latent):
+  forward, per tensor: grid points (each a separable 7x7 weighted sum of input pixels) ->
+  2x downsampling (+ cutout) -> [colour + cutout, one program per sample];
+  backward, per tensor: [cutout + colour transposed] -> grid-point gradients (transposed
+  downsampling, gathered) scattered through the 7x7 weights with atomic adds.
+Computes in float32 (also for float64 inputs).  Registered with torch.library.triton_op.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from d2g_fast.ref.paired_augment import resampling_filter
+from d2g_fast.triton._common import poisoned_empty_like
+
+GEOMETRY, COLOUR, CUTOUT, LINEAR = 1, 2, 4, 8
+BLOCK_POINTS = 128
+BLOCK_PIXELS = 256
+
+
+@triton.jit
+def _axis_weights(a, m0, size, padded, f_ptr):
+    """[BLOCK, 8] weights and source indices (-1 = zero) of 7 padded-input pixels per point."""
+    up = 2 * padded
+    a = tl.minimum(tl.maximum(a, -4.0), up + 4.0)
+    fl = tl.floor(a)
+    a0 = fl.to(tl.int32)
+    frac = (a - fl).to(tl.float32)
+    base = (tl.floor((fl + 1.0) * 0.5) - 3.0).to(tl.int32)
+    i = tl.arange(0, 8)[None, :]
+    p = base[:, None] + i
+    o = p - m0
+    o = tl.where(o < 0, -o, o)
+    o = tl.where(o > size - 1, 2 * (size - 1) - o, o)
+    src = tl.where((p >= 0) & (p < padded) & (i < 7), o, -1)
+    u0 = a0[:, None]
+    t0 = u0 + 5 - 2 * p
+    ok0 = (t0 >= 0) & (t0 < 12) & (u0 >= 0) & (u0 < up) & (i < 7)
+    ok1 = (t0 + 1 >= 0) & (t0 + 1 < 12) & (u0 + 1 >= 0) & (u0 + 1 < up) & (i < 7)
+    f0 = tl.load(f_ptr + t0, mask=ok0, other=0.0)
+    f1 = tl.load(f_ptr + t0 + 1, mask=ok1, other=0.0)
+    w = (1.0 - frac)[:, None] * 2.0 * f0 + frac[:, None] * 2.0 * f1
+    return w, src
+
+
+@triton.jit
+def _point_weights(params_ptr, n, idx, GW, mx0, my0, H, W, Hp, Wp, f_ptr):
+    ly = idx // GW
+    lx = idx % GW
+    P = params_ptr + n * 13
+    jx = (lx + 1).to(tl.float64)
+    jy = (ly + 1).to(tl.float64)
+    ax = tl.load(P + 0) * jx + tl.load(P + 1) * jy + tl.load(P + 2)
+    ay = tl.load(P + 3) * jx + tl.load(P + 4) * jy + tl.load(P + 5)
+    wx, sx = _axis_weights(ax, mx0, W, Wp, f_ptr)
+    wy, sy = _axis_weights(ay, my0, H, Hp, f_ptr)
+    return ly, lx, wx, sx, wy, sy
+
+
+@triton.jit
+def _column(v, r):
+    sel = tl.arange(0, 8)[None, :] == r
+    return tl.sum(tl.where(sel, v, 0), axis=1)
+
+
+@triton.jit
+def _keep(qx, qy, W, H, P):
+    u = (qx.to(tl.float32) + 0.5) / W
+    v = (qy.to(tl.float32) + 0.5) / H
+    cx = tl.load(P + 9).to(tl.float32)
+    cy = tl.load(P + 10).to(tl.float32)
+    hx = tl.load(P + 11).to(tl.float32)
+    hy = tl.load(P + 12).to(tl.float32)
+    return (tl.abs(u - cx) >= hx) | (tl.abs(v - cy) >= hy)
+
+
+@triton.jit
+def _grid_points_kernel(x_ptr, s_ptr, params_ptr, f_ptr, sxn, sxc, sxh, sxw,
+                        C, H, W, mx0, my0, Hp, Wp, GH, GW, BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < GH * GW
+    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, mx0, my0, H, W, Hp, Wp, f_ptr)
+    base = x_ptr + n * sxn
+    for c in range(C):
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(7):
+            wy_r = _column(wy, r)
+            sy_r = _column(sy, r)
+            ok = (sx >= 0) & (sy_r >= 0)[:, None] & inb[:, None]
+            v = tl.load(base + c * sxc + sy_r[:, None] * sxh + sx * sxw, mask=ok, other=0.0)
+            acc += wy_r * tl.sum(v.to(tl.float32) * wx, axis=1)
+        tl.store(s_ptr + (n * C + c) * GH * GW + idx, acc, mask=inb)
+
+
+@triton.jit
+def _downsample_kernel(s_ptr, o_ptr, params_ptr, f_ptr, son, soc, soh, sow, C, H, W, GH, GW,
+                       CUT: tl.constexpr, BLOCK: tl.constexpr):
+    nc = tl.program_id(0)
+    n = nc // C
+    c = nc % C
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < H * W
+    qy = idx // W
+    qx = idx % W
+    l16 = tl.arange(0, 16)
+    fl = tl.load(f_ptr + l16, mask=l16 < 12, other=0.0)
+    plane = s_ptr + nc * GH * GW
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(12):
+        ptrs = plane + (2 * qy + k)[:, None] * GW + (2 * qx)[:, None] + l16[None, :]
+        row = tl.load(ptrs, mask=inb[:, None] & (l16 < 12)[None, :], other=0.0)
+        acc += tl.load(f_ptr + k) * tl.sum(row * fl[None, :], axis=1)
+    if CUT:
+        acc = tl.where(_keep(qx, qy, W, H, params_ptr + n * 13), acc, 0.0)
+    tl.store(o_ptr + n * son + c * soc + qy * soh + qx * sow, acc.to(o_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _colour_kernel(i_ptr, o_ptr, params_ptr, sin, sic, sih, siw, son, soc, soh, sow, C, H, W,
+                   COL: tl.constexpr, CUT: tl.constexpr, ADJOINT: tl.constexpr, LIN: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """One program per sample: colour (or its transpose) and cutout, in place when i == o."""
+    n = tl.program_id(0)
+    P = params_ptr + n * 13
+    HW = H * W
+    mean = 0.0
+    if COL:
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, HW, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            ok = idx < HW
+            qy = idx // W
+            qx = idx % W
+            if ADJOINT and CUT:
+                ok = ok & _keep(qx, qy, W, H, P)
+            for c in range(C):
+                v = tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=ok, other=0.0)
+                total += v.to(tl.float32)
+        mean = tl.sum(total, axis=0) / (C * HW)
+    b = tl.load(P + 6).to(tl.float32)
+    if LIN:
+        b = 0.0
+    cf = tl.load(P + 7).to(tl.float32)
+    sf = tl.load(P + 8).to(tl.float32)
+    for start in range(0, HW, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        inb = idx < HW
+        qy = idx // W
+        qx = idx % W
+        keep = inb
+        if CUT:
+            keep = keep & _keep(qx, qy, W, H, P)
+        cmean = tl.zeros([BLOCK], dtype=tl.float32)
+        if COL:
+            for c in range(C):
+                cmean += tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=inb, other=0.0).to(tl.float32)
+            cmean = cmean / C
+            if ADJOINT:
+                cmean = tl.where(keep, cmean, 0.0)
+        for c in range(C):
+            v = tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=inb, other=0.0).to(tl.float32)
+            if ADJOINT:
+                v = tl.where(keep, v, 0.0)
+                if COL:
+                    v = cf * sf * v + (cf - cf * sf) * cmean + (1.0 - cf) * mean
+            else:
+                if COL:
+                    v = cf * sf * v + (cf - cf * sf) * cmean + (1.0 - cf) * mean + b
+                v = tl.where(keep, v, 0.0)
+            tl.store(o_ptr + n * son + c * soc + qy * soh + qx * sow, v.to(o_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _scatter_kernel(g_ptr, out_ptr, params_ptr, f_ptr, C, H, W, mx0, my0, Hp, Wp, GH, GW,
+                    BLOCK: tl.constexpr):
+    """Transposed geometry: grid-point gradients gathered from the (contiguous float32) output
+    gradient g, scattered into out (contiguous float32, zeroed) with atomic adds."""
+    n = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < GH * GW
+    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, mx0, my0, H, W, Hp, Wp, f_ptr)
+    l16 = tl.arange(0, 16)
+    fl = tl.load(f_ptr + l16, mask=l16 < 12, other=0.0)
+    qx2 = lx[:, None] - l16[None, :]
+    okx = (qx2 >= 0) & (qx2 % 2 == 0) & (qx2 < 2 * W) & (l16 < 12)[None, :]
+    for c in range(C):
+        plane = g_ptr + (n * C + c) * H * W
+        gs = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(12):
+            qy2 = ly - k
+            oky = (qy2 >= 0) & (qy2 % 2 == 0) & (qy2 < 2 * H) & inb
+            v = tl.load(plane + (qy2 // 2)[:, None] * W + qx2 // 2, mask=oky[:, None] & okx, other=0.0)
+            gs += tl.load(f_ptr + k) * tl.sum(v * fl[None, :], axis=1)
+        oplane = out_ptr + (n * C + c) * H * W
+        for r in tl.static_range(7):
+            wy_r = _column(wy, r)
+            sy_r = _column(sy, r)
+            ok = (sx >= 0) & (sy_r >= 0)[:, None] & inb[:, None] & (gs != 0.0)[:, None]
+            tl.atomic_add(oplane + sy_r[:, None] * W + sx, (gs * wy_r)[:, None] * wx, mask=ok)
+
+
+def _geometry_sizes(x: torch.Tensor, margins):
+    N, C, H, W = x.shape
+    mx0, my0, mx1, my1 = (int(m) for m in margins)
+    return N, C, H, W, mx0, my0, H + my0 + my1, W + mx0 + mx1, 2 * H + 10, 2 * W + 10
+
+
+def _forward_one(x, params, margins, flags, f):
+    N, C, H, W, mx0, my0, Hp, Wp, GH, GW = _geometry_sizes(x, margins)
+    out = poisoned_empty_like(x)
+    geom, col, cut = bool(flags & GEOMETRY), bool(flags & COLOUR), bool(flags & CUTOUT)
+    src = x
+    if geom:
+        s = torch.empty((N, C, GH, GW), device=x.device, dtype=torch.float32)
+        wrap_triton(_grid_points_kernel)[(N, triton.cdiv(GH * GW, BLOCK_POINTS))](
+            x, s, params, f, *x.stride(), C, H, W, mx0, my0, Hp, Wp, GH, GW, BLOCK=BLOCK_POINTS)
+        wrap_triton(_downsample_kernel)[(N * C, triton.cdiv(H * W, BLOCK_PIXELS))](
+            s, out, params, f, *out.stride(), C, H, W, GH, GW, CUT=cut and not col, BLOCK=BLOCK_PIXELS)
+        src = out
+    if col or not geom:
+        wrap_triton(_colour_kernel)[(N,)](
+            src, out, params, *src.stride(), *out.stride(), C, H, W, COL=col, CUT=cut,
+            ADJOINT=False, LIN=bool(flags & LINEAR), BLOCK=BLOCK_PIXELS)
+    return out
+
+
+def _backward_one(g, params, margins, flags, f):
+    N, C, H, W, mx0, my0, Hp, Wp, GH, GW = _geometry_sizes(g, margins)
+    geom, col, cut = bool(flags & GEOMETRY), bool(flags & COLOUR), bool(flags & CUTOUT)
+    if not geom:
+        out = poisoned_empty_like(g)
+        wrap_triton(_colour_kernel)[(N,)](
+            g, out, params, *g.stride(), *out.stride(), C, H, W, COL=col, CUT=cut, ADJOINT=True,
+            LIN=False, BLOCK=BLOCK_PIXELS)
+        return out
+    gg = torch.empty((N, C, H, W), device=g.device, dtype=torch.float32)
+    wrap_triton(_colour_kernel)[(N,)](
+        g, gg, params, *g.stride(), *gg.stride(), C, H, W, COL=col, CUT=cut, ADJOINT=True,
+        LIN=False, BLOCK=BLOCK_PIXELS)
+    acc = torch.zeros((N, C, H, W), device=g.device, dtype=torch.float32)
+    wrap_triton(_scatter_kernel)[(N, triton.cdiv(GH * GW, BLOCK_POINTS))](
+        gg, acc, params, f, C, H, W, mx0, my0, Hp, Wp, GH, GW, BLOCK=BLOCK_POINTS)
+    return acc.to(dtype=g.dtype, memory_format=torch.preserve_format) if g.dtype != torch.float32 else acc
+
+
+_FILTERS: dict = {}
+
+
+def _filter(device) -> torch.Tensor:
+    f = _FILTERS.get(device)
+    if f is None:
+        f = _FILTERS[device] = resampling_filter(torch.float32, device)
+    return f
+
+
+@triton_op("d2g_fast::paired_augment_triton", mutates_args={})
+def paired_augment_triton(x: torch.Tensor, y: torch.Tensor | None, params: torch.Tensor,
+                          margins: list[int], flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+    f = _filter(x.device)
+    ox = _forward_one(x, params, margins, flags, f)
+    oy = _forward_one(y, params, margins, flags, f) if y is not None else x.new_empty((0,))
+    return ox, oy
+
+
+@triton_op("d2g_fast::paired_augment_backward_triton", mutates_args={})
+def paired_augment_backward_triton(grad_x: torch.Tensor, grad_y: torch.Tensor | None,
+                                   params: torch.Tensor, margins: list[int], flags: int
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    f = _filter(grad_x.device)
+    gx = _backward_one(grad_x, params, margins, flags, f)
+    gy = _backward_one(grad_y, params, margins, flags, f) if grad_y is not None else grad_x.new_empty((0,))
+    return gx, gy
