@@ -26,11 +26,25 @@ def _official_module(preset: str, device: str):
     return aug
 
 
+def _official_fn(preset: str, device: str, x: torch.Tensor, y: torch.Tensor):
+    """The official pipeline; on a GPU it JIT-builds its upfirdn2d CUDA plugin on first use.
+    If that build fails, fall back to its reference upfirdn2d (slower) and say so."""
+    aug = _official_module(preset, device)
+    try:
+        aug(x, y)
+    except Exception as exc:  # noqa: BLE001 - any plugin build failure
+        from elatentlpips.style_ops import upfirdn2d
+        upfirdn2d._init = lambda: False  # noqa: SLF001
+        print(f"bench_paired_augment: official upfirdn2d plugin unavailable ({type(exc).__name__}: "
+              f"{exc}); timing its reference upfirdn2d path instead")
+    return lambda a, b: aug(a, b)
+
+
 def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, device: str):
     def make():
         if provider == "official":
-            aug = _official_module(preset, device)
-            fn = lambda a, b: aug(a, b)  # noqa: E731
+            probe = torch.randn(N, C, H, W, device=device, dtype=dtype)
+            fn = _official_fn(preset, device, probe, probe)
         else:
             from d2g_fast import _dispatch
             from d2g_fast.nn import PairedAugment
