@@ -50,7 +50,7 @@ def latents(n=2, c=4, h=12, w=10, seed=0, dtype=torch.float32):
 def loss_and_grad(model, x, y, **kw):
     x = x.detach().clone().requires_grad_(True)
     out = model(x, y, ensembling=False, **kw)
-    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(0.5, 1.5, out.numel(), device=out.device).view_as(out)).sum().backward()
     return out.detach(), x.grad
 
 
@@ -319,6 +319,8 @@ def test_train_mode_dropout_uses_reference_heads(model4):
 
 
 def test_torch_compile_matches_eager(model4):
+    # aot_eager traces the module and the op's fake/autograd registrations; inductor on the CPU
+    # compiles for a minute here, so inductor is tested on the GPU (test_cuda_torch_compile_...).
     x, y = latents(2, 4, 8, 8, seed=13)
     eager, g_eager = loss_and_grad(model4, x, y)
     compiled = torch.compile(model4, backend="aot_eager", fullgraph=False)
@@ -381,3 +383,82 @@ def test_single_latent_reconstruction_ensembling_helps():
     initial = (start - target).square().mean().item()
     plain, ensembled = reconstruct(None), reconstruct("bg")
     assert ensembled < plain < initial, (initial, plain, ensembled)
+
+
+def test_heads_frozen_in_eval_mode_and_trainable_for_calibration():
+    frozen = make_model("sd15")
+    assert not any(p.requires_grad for p in frozen.lins.parameters())
+    assert not any(p.requires_grad for p in frozen.net.parameters())
+    calibrating = make_model("sd15", eval_mode=False)
+    assert all(p.requires_grad for p in calibrating.lins.parameters())
+    calibrating.eval()  # BN running stats, heads still trainable: gradients reach the heads
+    x, y = latents(2, 4, 8, 8)
+    calibrating(x, y, ensembling=False).sum().backward()
+    for k, lin in enumerate(calibrating.lins):
+        assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0, k
+
+
+# ---------------------------------------------------------------------------------- GPU
+def _cuda_model(**kwargs):
+    return make_model("sd15", **kwargs).cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [False, True])
+def test_cuda_fast_path_matches_reference_and_bf16(spatial):
+    model = _cuda_model(spatial=spatial)
+    x, y = latents(4, 4, 64, 64, seed=21)
+    x, y = x.cuda(), (x + 0.5 * y).cuda()
+    model.impl = "ref"
+    ref, g_ref = loss_and_grad(model, x, y)
+    model.impl = "auto"
+    fast, g_fast = loss_and_grad(model, x, y)
+    # cuDNN picks different conv algorithms; TF32 is off in the test suite's defaults.
+    assert rel_err(fast, ref) < 1e-4, f"fp32 loss max rel err {rel_err(fast, ref):.3g}"
+    assert norm_rel_err(g_fast, g_ref) < 1e-3, f"fp32 grad rel L2 err {norm_rel_err(g_fast, g_ref):.3g}"
+    model.precision = "bf16"
+    bf, _ = loss_and_grad(model, x, y)
+    err = ((bf - fast).abs() / fast.abs().clamp_min(1e-6)).max().item()
+    assert err < 2e-2, f"bf16 vs fp32 max rel err {err:.3g}"
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_matches_eager():
+    model = _cuda_model(precision="bf16")
+    x, y = (t.cuda() for t in latents(2, 4, 32, 32, seed=23))
+    eager, g_eager = loss_and_grad(model, x, y)
+    compiled = torch.compile(model)
+    got, g_got = loss_and_grad(compiled, x, y)
+    assert rel_err(got, eager) < 1e-2 and norm_rel_err(g_got, g_eager) < 2e-2
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_static_shapes():
+    model = _cuda_model(precision="bf16")
+    x0, y0 = (t.cuda() for t in latents(2, 4, 32, 32, seed=25))
+    x1, y1 = (t.cuda() for t in latents(2, 4, 32, 32, seed=26))
+    x = x0.clone().requires_grad_(True)
+    y = y0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: fold cache, cuDNN plans, allocator pools
+        for _ in range(3):
+            x.grad = None
+            model(x, y, ensembling=False).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(x, y, ensembling=False)
+        out.sum().backward()
+    with torch.no_grad():
+        x.copy_(x1)
+        y.copy_(y1)
+    graph.replay()
+    torch.cuda.synchronize()
+    x_eager = x1.clone().requires_grad_(True)
+    want = model(x_eager, y1, ensembling=False)
+    want.sum().backward()
+    g_want = x_eager.grad
+    assert rel_err(out.detach(), want) < 1e-5, f"replayed loss max rel err {rel_err(out.detach(), want):.3g}"
+    assert rel_err(x.grad, g_want) < 1e-4

@@ -122,7 +122,8 @@ class ELatentLPIPS(nn.Module):
     ``.pth``/``.pth.tar`` or our ``.safetensors``), ``precision`` ("fp32" or "bf16" compute in
     the fast path), ``channels_last`` (memory format of the fast path), ``negative_weights``
     ("clamp" or "error"), ``impl`` ("auto" fast path, "ref" reference path, or a backend of
-    the distance op), ``check_inputs``.
+    the distance op), ``check_inputs``, ``tune_heads`` (heads trainable; default: only when
+    ``eval_mode=False``, the official module always leaves them trainable).
     """
 
     def __init__(self, pretrained: bool = True, net: str = "vgg16", elatentlpips: bool = True,
@@ -132,7 +133,8 @@ class ELatentLPIPS(nn.Module):
                  trunk_path: str | os.PathLike | None = None,
                  heads_path: str | os.PathLike | None = None,
                  precision: str = "fp32", channels_last: bool = True,
-                 negative_weights: str = "clamp", impl: str = "auto", check_inputs: bool = True):
+                 negative_weights: str = "clamp", impl: str = "auto", check_inputs: bool = True,
+                 tune_heads: bool | None = None):
         super().__init__()
         if net not in ("vgg", "vgg16"):
             raise NotImplementedError(f"ELatentLPIPS: net={net!r} is not available; only 'vgg16'")
@@ -191,6 +193,10 @@ class ELatentLPIPS(nn.Module):
             self.load_trunk_checkpoint(trunk_path or self._checkpoint_path(
                 trunk_filename(encoder), "trunk_path", "ImageNet-trained latent trunk"))
         self.net.requires_grad_(pnet_tune)
+        # Frozen heads in eval mode (the loss use): no head-weight gradient pass per step and no
+        # .grad piling up on them. Calibrating the heads is training mode (eval_mode=False).
+        if self.lins is not None:
+            self.lins.requires_grad_(not eval_mode if tune_heads is None else tune_heads)
 
         self.augment = None
         if augment is not None:
