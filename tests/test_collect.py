@@ -184,6 +184,41 @@ def test_collect_verify_names_flipped_shard(sd_folder, tmp_path, capsys):
         PairDataset(out, check="sha256")
 
 
+def test_collect_verify_recompute_catches_a_wrong_latent(sd_folder, tmp_path, capsys):
+    """A shard whose checksum is right but whose latent is not what the teacher gives."""
+    from safetensors.torch import load_file, save
+
+    from d2g_fast.data import store as st
+
+    out = str(tmp_path / "pairs")
+    assert d2g_main(["collect", "--teacher", sd_folder, "--num-pairs", "4", "--shard-size", "2",
+                     "--batch-size", "2", "--steps", "3", "--no-progress", "--out", out]) == 0
+    shard = os.path.join(out, "shard-00001.safetensors")
+    tensors = load_file(shard)
+    tensors["latent"][1] += 0.5  # pair 3
+    data = save(tensors)
+    st.atomic_write_bytes(shard, data)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest["shards"][1].update(bytes=len(data), sha256=st.sha256_bytes(data))
+    st.atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    assert d2g_main(["verify", out]) == 0  # checksums alone cannot see it
+    capsys.readouterr()
+    assert d2g_main(["verify", out, "--recompute", "4"]) == 1
+    report = capsys.readouterr().out
+    assert "FAIL pair 3" in report and "ok   pair 2" in report, report
+
+
+def test_collect_stochastic_scheduler_is_reproducible(sd_folder, tmp_path):
+    teacher = Teacher.from_pretrained(sd_folder)
+    kw = dict(steps=3, guidance=4.0, scheduler="euler_a", batch_size=2, shard_size=2,
+              progress=False, log=lambda *_: None)
+    with pytest.warns(RuntimeWarning, match="fresh noise"):
+        collect(teacher, ["a cat", "a dog"], str(tmp_path / "a"), 4, **kw)
+    with pytest.warns(RuntimeWarning, match="fresh noise"):
+        collect(teacher, ["a cat", "a dog"], str(tmp_path / "b"), 4, **kw)
+    _assert_same_store(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
 def test_collect_resume_refuses_other_configuration(sd_folder, tmp_path, capsys):
     teacher = Teacher.from_pretrained(sd_folder)
     prompts = load_prompts(None)
