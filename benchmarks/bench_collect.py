@@ -2,7 +2,9 @@
 
 One timed call = one batch of B pairs sampled at S steps with classifier-free guidance, from the
 pairs' noise to the final latents on the host:
-  provider "official":      diffusers StableDiffusionPipeline(..., output_type="latent")
+  provider "ref":           diffusers StableDiffusionPipeline(..., output_type="latent"), the
+                            baseline (named "ref" so that the runner's "x ref" column is the
+                            speed-up over diffusers)
   provider "ours":          d2g_fast Teacher (the collector's path: per-pair noise, prompt
                             encoding, one batched CFG UNet call per step, latents to the host),
                             channels_last + fused QKV on GPUs
@@ -57,7 +59,7 @@ def _make(provider: str, device: str, quick: bool, batch: int, steps: int, dtype
             raise SkipCase("opt-in on GPUs: D2G_BENCH_COMPILE=1")
         comps = _components(device, quick, dtype)
         prompts = load_prompts(None)[:batch]
-        if provider == "official":
+        if provider == "ref":
             from diffusers import StableDiffusionPipeline
 
             pipe = StableDiffusionPipeline(**comps)
@@ -97,11 +99,11 @@ def cases(device: str, quick: bool) -> list[Case]:
         batch, steps, model = 4, 50 if gpu else 20, "tiny-SD 4x8x8 fp32" if not gpu \
             else "tiny-SD 4x8x8 fp16"
     config = f"{model} B={batch} {steps}steps cfg{GUIDANCE:g}"
-    note = (f"pairs/s = {batch}e3/median_ms; device-days per 1M pairs = "
-            f"median_ms/{batch}/86.4")
+    note = (f"ref = diffusers pipeline; pairs/s = {batch}e3/median_ms; device-days per 1M "
+            f"pairs = median_ms/{batch}/86.4")
     return [Case(op="collect_pairs", config=config, provider=p, note=note,
                  make=_make(p, device, quick, batch, steps, dtype))
-            for p in ("official", "ours", "ours-graphs", "ours-compiled")]
+            for p in ("ref", "ours", "ours-graphs", "ours-compiled")]
 
 
 def main(argv=None) -> int:
@@ -122,11 +124,11 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if gpu else "cpu"
     print(f"# {name} | torch {torch.__version__} | {'tiny-SD' if quick else 'SD1.5 UNet'} "
           f"{str(dtype).replace('torch.', '')} | {args.steps} steps, guidance {GUIDANCE:g}")
-    print("| provider | batch | s/batch | pairs/s | device-days / 1M pairs | vs official |")
+    print("| provider | batch | s/batch | pairs/s | device-days / 1M pairs | vs diffusers |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch:
         base = None
-        for provider in ("official", "ours", "ours-graphs", "ours-compiled"):
+        for provider in ("ref", "ours", "ours-graphs", "ours-compiled"):
             try:
                 fn = _make(provider, args.device, quick, batch, args.steps, dtype)()["fwd"]
             except SkipCase:
