@@ -56,23 +56,14 @@ def parse_preset(preset: str) -> str:
     return "".join(ch for ch in PRESET_LETTERS if ch in preset)
 
 
-# --- 3x3 homogeneous matrices, batched over the first dimension (float32) ---------------------
+# --- 3x3 homogeneous matrices, batched over the first dimension (numpy float32) -----------------
 
-def _constant(value: float, n: int) -> torch.Tensor:
-    key = (float(value), n)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        t = _CONSTANTS[key] = torch.full((n,), float(value))
-    return t
-
-
-_CONSTANTS: dict = {}
-
-
-def _mat(rows: list[list[torch.Tensor | float]], n: int) -> torch.Tensor:
-    # one stack, like building the matrix by rows (tiny tensors: every op is pure overhead)
-    entries = [v if isinstance(v, torch.Tensor) else _constant(v, n) for row in rows for v in row]
-    return torch.stack(entries, dim=-1).view(n, 3, 3)
+def _mat(rows, n: int) -> np.ndarray:
+    out = np.empty((n, 3, 3), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
+            out[:, r, c] = v
+    return out
 
 
 def _translate(tx, ty, n):
@@ -83,9 +74,9 @@ def _scale(sx, sy, n):
     return _mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], n)
 
 
-def _rotate(theta: torch.Tensor, n):
-    c, s = torch.cos(theta), torch.sin(theta)
-    return _mat([[c, torch.sin(-theta), 0], [s, c, 0], [0, 0, 1]], n)
+def _rotate(theta: np.ndarray, n):
+    c, s = np.cos(theta), np.sin(theta)
+    return _mat([[c, np.sin(-theta), 0], [s, c, 0], [0, 0, 1]], n)
 
 
 @dataclass
@@ -128,74 +119,83 @@ class AugmentParams:
             raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
         if debug_percentile is not None and not (0.0 <= float(debug_percentile) < 1.0):
             raise ValueError(f"debug_percentile must be in [0, 1), got {debug_percentile!r}")
+        if debug_percentile is not None and float(debug_percentile) == 0.0 and "g" in preset:
+            # erfinv(-1) = -inf: a zero scale (the official pipeline returns NaN there)
+            raise ValueError("debug_percentile must be in (0, 1) for presets with 'g', got 0")
         n, h, w = batch_size, height, width
         gen = generator
-        rand = lambda *shape: torch.rand(*shape, generator=gen)      # noqa: E731
-        randn = lambda *shape: torch.randn(*shape, generator=gen)    # noqa: E731
-        pct = None if debug_percentile is None else torch.tensor(float(debug_percentile))
-        prob = torch.tensor(float(p))
+        # The draws come from torch (the generator, in the pipeline's order); the tiny per-sample
+        # arithmetic runs in numpy float32, mirroring the pipeline's float32 operations: on a
+        # batch of 16 it costs a few microseconds per step instead of a torch op each.
+        rand = lambda *shape: torch.rand(*shape, generator=gen).numpy()    # noqa: E731
+        randn = lambda *shape: torch.randn(*shape, generator=gen).numpy()  # noqa: E731
+        f32 = np.float32
+        pct = None if debug_percentile is None else f32(debug_percentile)
+        prob = f32(p)
         out = cls(n, h, w)
 
-        def gate(value, identity_value, shape):
-            fire = rand(*shape) < prob
-            return torch.where(fire, value, torch.full_like(value, identity_value))
+        def gate(value, identity_value):
+            return np.where(rand(*value.shape) < prob, value, f32(identity_value)).astype(f32)
+
+        def erfinv(v):  # numpy has no erfinv; one scalar in the deterministic mode only
+            return f32(torch.erfinv(torch.tensor(v, dtype=torch.float32)).item())
 
         g_inv = None
         if "b" in preset or "g" in preset:
-            g_inv = torch.eye(3).expand(n, 3, 3).contiguous()
+            g_inv = np.broadcast_to(np.eye(3, dtype=f32), (n, 3, 3))
         if "b" in preset:
             # x-flip
-            i = gate(torch.floor(rand(n) * 2), 0.0, (n,))
+            i = gate(np.floor(rand(n) * f32(2)), 0.0)
             if pct is not None:
-                i = torch.full_like(i, float(torch.floor(pct * 2)))
-            g_inv = g_inv @ _scale(1 / (1 - 2 * i), 1.0, n)
+                i = np.full(n, np.floor(pct * f32(2)), dtype=f32)
+            g_inv = g_inv @ _scale(f32(1) / (f32(1) - f32(2) * i), 1.0, n)
             # rotation by a multiple of 90 degrees; the inverse rotates back
-            i = gate(torch.floor(rand(n) * 4), 0.0, (n,))
+            i = gate(np.floor(rand(n) * f32(4)), 0.0)
             if pct is not None:
-                i = torch.full_like(i, float(torch.floor(pct * 4)))
-            g_inv = g_inv @ _rotate(-(-math.pi / 2 * i), n)
+                i = np.full(n, np.floor(pct * f32(4)), dtype=f32)
+            g_inv = g_inv @ _rotate(-(f32(-math.pi / 2) * i), n)
             # integer translation, rounded to pixels
-            t = (rand(n, 2) * 2 - 1) * XINT_MAX
-            t = torch.where(rand(n, 1) < prob, t, torch.zeros_like(t))
+            t = (rand(n, 2) * f32(2) - f32(1)) * f32(XINT_MAX)
+            t = np.where(rand(n, 1) < prob, t, f32(0)).astype(f32)
             if pct is not None:
-                t = torch.full_like(t, float((pct * 2 - 1) * XINT_MAX))
-            g_inv = g_inv @ _translate(-torch.round(t[:, 0] * w), -torch.round(t[:, 1] * h), n)
+                t = np.full((n, 2), (pct * f32(2) - f32(1)) * f32(XINT_MAX), dtype=f32)
+            g_inv = g_inv @ _translate(-np.round(t[:, 0] * f32(w)), -np.round(t[:, 1] * f32(h)), n)
         if "g" in preset:
-            erf_pct = None if pct is None else torch.erfinv(pct * 2 - 1)
+            erf_pct = None if pct is None else erfinv(pct * f32(2) - f32(1))
             # isotropic scale 2^(0.2 N)
-            s = gate(torch.exp2(randn(n) * SCALE_STD), 1.0, (n,))
+            s = gate(np.exp2(randn(n) * f32(SCALE_STD)), 1.0)
             if pct is not None:
-                s = torch.full_like(s, float(torch.exp2(erf_pct * SCALE_STD)))
-            g_inv = g_inv @ _scale(1 / s, 1 / s, n)
+                s = np.full(n, np.exp2(erf_pct * f32(SCALE_STD)), dtype=f32)
+            g_inv = g_inv @ _scale(f32(1) / s, f32(1) / s, n)
             # rotation before and after the anisotropic scale, each with 1 - sqrt(1 - p)
-            p_rot = 1 - torch.sqrt((1 - prob).clamp(0, 1))
-            theta = (rand(n) * 2 - 1) * math.pi * ROTATE_MAX
-            theta = torch.where(rand(n) < p_rot, theta, torch.zeros_like(theta))
+            p_rot = f32(1) - np.sqrt(np.clip(f32(1) - prob, f32(0), f32(1)))
+            theta = (rand(n) * f32(2) - f32(1)) * f32(math.pi) * f32(ROTATE_MAX)
+            theta = np.where(rand(n) < p_rot, theta, f32(0)).astype(f32)
             if pct is not None:
-                theta = torch.full_like(theta, float((pct * 2 - 1) * math.pi * ROTATE_MAX))
+                theta = np.full(n, (pct * f32(2) - f32(1)) * f32(math.pi) * f32(ROTATE_MAX), dtype=f32)
             g_inv = g_inv @ _rotate(theta, n)
-            s = gate(torch.exp2(randn(n) * ANISO_STD), 1.0, (n,))
+            s = gate(np.exp2(randn(n) * f32(ANISO_STD)), 1.0)
             if pct is not None:
-                s = torch.full_like(s, float(torch.exp2(erf_pct * ANISO_STD)))
-            g_inv = g_inv @ _scale(1 / s, 1 / (1 / s), n)
-            theta = (rand(n) * 2 - 1) * math.pi * ROTATE_MAX
-            theta = torch.where(rand(n) < p_rot, theta, torch.zeros_like(theta))
+                s = np.full(n, np.exp2(erf_pct * f32(ANISO_STD)), dtype=f32)
+            g_inv = g_inv @ _scale(f32(1) / s, f32(1) / (f32(1) / s), n)
+            theta = (rand(n) * f32(2) - f32(1)) * f32(math.pi) * f32(ROTATE_MAX)
+            theta = np.where(rand(n) < p_rot, theta, f32(0)).astype(f32)
             if pct is not None:
-                theta = torch.zeros_like(theta)  # the official deterministic mode: no post-rotation
+                theta = np.zeros(n, dtype=f32)  # the official deterministic mode: no post-rotation
             g_inv = g_inv @ _rotate(theta, n)
             # fractional translation N * 0.125 of the size
-            t = randn(n, 2) * XFRAC_STD
-            t = torch.where(rand(n, 1) < prob, t, torch.zeros_like(t))
+            t = randn(n, 2) * f32(XFRAC_STD)
+            t = np.where(rand(n, 1) < prob, t, f32(0)).astype(f32)
             if pct is not None:
-                t = torch.full_like(t, float(erf_pct * XFRAC_STD))
-            g_inv = g_inv @ _translate(-(t[:, 0] * w), -(t[:, 1] * h), n)
+                t = np.full((n, 2), erf_pct * f32(XFRAC_STD), dtype=f32)
+            g_inv = g_inv @ _translate(-(t[:, 0] * f32(w)), -(t[:, 1] * f32(h)), n)
         if g_inv is not None:
-            out.g_inv = g_inv
-            out.margins = compute_margins(g_inv, h, w)
+            out.g_inv = torch.from_numpy(np.ascontiguousarray(g_inv, dtype=f32))
+            out.margins = compute_margins(out.g_inv, h, w)
 
         if "c" in preset:
             def colour_draw():
-                u = rand(n)
+                u = torch.rand(n, generator=gen)
                 return torch.full_like(u, float(pct)) if pct is not None else u
             out.brightness = colour_draw() - 0.5
             out.contrast = colour_draw() + 0.5
@@ -203,8 +203,8 @@ class AugmentParams:
             out.saturation = colour_draw() * 2 if num_channels > 1 else torch.ones(n)
         if "o" in preset:
             size = torch.full((n, 2), CUTOUT_SIZE)
-            size = torch.where(rand(n, 1) < prob, size, torch.zeros_like(size))
-            center = rand(n, 2)
+            size = torch.where(torch.rand(n, 1, generator=gen) < float(prob), size, torch.zeros_like(size))
+            center = torch.rand(n, 2, generator=gen)
             if pct is not None:
                 size = torch.full_like(size, CUTOUT_SIZE)
                 center = torch.full_like(center, float(pct))
@@ -291,17 +291,14 @@ def compute_margins(g_inv: torch.Tensor, height: int, width: int) -> tuple[int, 
     input plus the filter support, taken over the whole batch, clamped to size - 1 (the most
     a reflection can pad).  Float32 arithmetic like the reference pipeline, so the ceil agrees
     even where a corner lands a rounding error away from an integer."""
+    f32 = np.float32
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]],
-                           dtype=torch.float32)
-    where = (g_inv @ corners.t())[:, :2, :].tolist()              # (N, 2, 4)
-    xs = [v for sample in where for v in sample[0]]
-    ys = [v for sample in where for v in sample[1]]
-    # max is exact, so taking it in Python changes nothing (and avoids a threaded reduction)
-    m = torch.tensor([max(-v for v in xs), max(-v for v in ys), max(xs), max(ys)], dtype=torch.float32)
+    corners = np.array([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=f32)
+    where = np.asarray(g_inv, dtype=f32) @ corners.T                # (N, 3, 4)
+    xs, ys = where[:, 0, :], where[:, 1, :]
+    m = np.array([(-xs).max(), (-ys).max(), xs.max(), ys.max()], dtype=f32)
     pad = 2 * FILTER_PAD
-    m = m + torch.tensor([pad - cx, pad - cy] * 2, dtype=torch.float32)
-    m = m.clamp_min(0.0)
-    m = torch.minimum(m, torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32))
-    mx0, my0, mx1, my1 = (int(v) for v in m.ceil().tolist())
+    m = m + np.array([pad - cx, pad - cy] * 2, dtype=f32)
+    m = np.minimum(np.maximum(m, f32(0)), np.array([width - 1, height - 1] * 2, dtype=f32))
+    mx0, my0, mx1, my1 = (int(v) for v in np.ceil(m))
     return mx0, my0, mx1, my1
