@@ -26,11 +26,16 @@ def _one_thread_pairstore():
 @pytest.fixture(scope="module")
 def pairstore_folder(tmp_path_factory):
     """A finished store of 7 SDXL pairs in shards of 3 (3 + 3 + 1), with embeddings."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = str(tmp_path_factory.mktemp("pairstore") / "pairs")
-    teacher = Teacher.from_pipeline(tiny_sdxl_pipeline())
-    collect(teacher, load_prompts(None)[:5], out, 7, steps=2, guidance=3.0, batch_size=2,
-            shard_size=3, seed=1, store_embeddings=True, progress=False, log=lambda *_: None)
+    try:
+        out = str(tmp_path_factory.mktemp("pairstore") / "pairs")
+        teacher = Teacher.from_pipeline(tiny_sdxl_pipeline())
+        collect(teacher, load_prompts(None)[:5], out, 7, steps=2, guidance=3.0, batch_size=2,
+                shard_size=3, seed=1, store_embeddings=True, progress=False,
+                log=lambda *_: None)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
