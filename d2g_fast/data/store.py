@@ -108,13 +108,13 @@ def read_json(path: str):
 def ensure_writable(out: str) -> str:
     """Create ``out`` if needed and check that files can be created in it; errors name --out."""
     out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"out (--out): {out!r} exists and is not a folder")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise PermissionError(f"out (--out): cannot create the output folder {out!r}: "
                               f"{exc.strerror or exc}") from exc
-    if not os.path.isdir(out):
-        raise NotADirectoryError(f"out (--out): {out!r} exists and is not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-probe" + _TMP_MARK, dir=out)
         os.close(fd)
