@@ -35,13 +35,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 export D2G_CUDA_ARCHS=9.0 MAX_JOBS=${MAX_JOBS:-16}
-step build 300 $PY -m pip install -v --no-build-isolation --no-deps -e .
+step build "${BUILD_TIMEOUT:-200}" $PY -m pip install -v --no-build-isolation --no-deps -e .
 step build_info 60 $PY -c "import d2g_fast; d2g_fast.build_info()"
-step tests 240 env D2G_POISON=1 $PY -m pytest -q -m "cuda or triton" -p no:cacheprovider --junitxml="$OUT/tests.xml" ${GPU_TESTS:-tests}
-# Each benchmark file in its own process and time box, so one slow file cannot eat the budget.
+# pytest-xdist (when installed) spreads the Triton JIT compiles over the cores.
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+step tests "${TESTS_TIMEOUT:-150}" env D2G_POISON=1 $PY -m pytest -q $XDIST -m "cuda or triton" -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml" ${GPU_TESTS:-tests}
+# Each benchmark file in its own process and time box, so one slow file cannot eat the budget
+# (run.py rewrites its CSV/markdown after every case: a file cut short keeps what it measured).
 for f in benchmarks/bench_*${GPU_BENCH:-}*.py; do
   name=$(basename "$f" .py)
-  step "$name" "${BENCH_TIMEOUT:-90}" $PY benchmarks/run.py --device cuda --only "$name" --min-time 0.1 --out "$OUT"
+  step "$name" "${BENCH_TIMEOUT:-45}" $PY benchmarks/run.py --device cuda --only "$name" --min-time 0.1 --out "$OUT"
 done
 
 echo

@@ -32,6 +32,8 @@ COLUMNS = ["op", "config", "provider", "mode", "median_ms", "min_ms", "p90_ms", 
 
 
 def git_revision() -> str:
+    if os.environ.get("D2G_GIT_REV"):  # a copied tree without .git (e.g. a GPU machine)
+        return os.environ["D2G_GIT_REV"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=HERE, timeout=10).stdout.strip()
@@ -62,6 +64,45 @@ def fmt(v, digits=3):
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=False):
+    """(Re)write the CSV and markdown; called after every case so a run stopped by a time box
+    keeps what it measured."""
+    # Speed-up against the reference provider of the same op/config/mode.
+    ref_times = {(r["op"], r["config"], r["mode"]): r["median_ms"] for r in rows
+                 if r.get("provider") == "ref" and r.get("median_ms")}
+    for r in rows:
+        t = ref_times.get((r["op"], r["config"], r["mode"]))
+        if t and r.get("median_ms"):
+            r["vs_ref"] = t / r["median_ms"]
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = f"{'gpu' if args.device.startswith('cuda') else 'cpu'}-{tags['date']}-{tags['git']}"
+    if args.only:
+        stamp += "-" + "-".join(o.replace("bench_", "") for o in args.only)
+    csv_path = os.path.join(args.out, f"bench-{stamp}.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    md = [f"Device: {tags['device']}; torch {tags['torch']}; {tags['date']}; git {tags['git']}; "
+          f"measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.1f} TFLOP/s; "
+          f"command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+          "",
+          "| op | config | provider | mode | median ms | peak MB | GB/s | TFLOP/s | x ref | of floor | note |",
+          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        md.append("| " + " | ".join(fmt(r.get(k)) for k in ("op", "config", "provider", "mode", "median_ms",
+                                                            "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
+                                                            "of_floor", "note")) + " |")
+    md_path = os.path.join(args.out, f"bench-{stamp}.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    if final:
+        print("\n".join(md))
+        print(f"\nwrote {csv_path} and {md_path}")
 
 
 def main(argv=None) -> int:
@@ -131,42 +172,11 @@ def main(argv=None) -> int:
                 print(f"  {case.op:<22} {case.config:<28} {case.provider:<14} {mode:<8} "
                       f"{r['median_ms']:10.3f} ms", flush=True)
             del fns
+            write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
-    # Speed-up against the reference provider of the same op/config/mode.
-    ref_times = {(r["op"], r["config"], r["mode"]): r["median_ms"] for r in rows
-                 if r.get("provider") == "ref" and r.get("median_ms")}
-    for r in rows:
-        t = ref_times.get((r["op"], r["config"], r["mode"]))
-        if t and r.get("median_ms"):
-            r["vs_ref"] = t / r["median_ms"]
-
-    os.makedirs(args.out, exist_ok=True)
-    stamp = f"{'gpu' if device.startswith('cuda') else 'cpu'}-{tags['date']}-{tags['git']}"
-    if args.only:
-        stamp += "-" + "-".join(o.replace("bench_", "") for o in args.only)
-    csv_path = os.path.join(args.out, f"bench-{stamp}.csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-    md = [f"Device: {tags['device']}; torch {tags['torch']}; {tags['date']}; git {tags['git']}; "
-          f"measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.1f} TFLOP/s; "
-          f"command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-          "",
-          "| op | config | provider | mode | median ms | peak MB | GB/s | TFLOP/s | x ref | of floor | note |",
-          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        md.append("| " + " | ".join(fmt(r.get(k)) for k in ("op", "config", "provider", "mode", "median_ms",
-                                                            "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
-                                                            "of_floor", "note")) + " |")
-    md_path = os.path.join(args.out, f"bench-{stamp}.md")
-    with open(md_path, "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
-    print(f"\nwrote {csv_path} and {md_path}")
+    write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=True)
     return 0
 
 
