@@ -54,6 +54,6 @@ cat "$OUT/gpu.txt"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
 printf "%-28s %6s %8s\n" step rc seconds
 for k in "${!STATUS[@]}"; do printf "%-28s %6s %8s\n" "$k" "${STATUS[$k]}" "${TIMES[$k]}"; done | sort
-echo "--- key benchmark rows (median ms, x ref) ---"
+echo "--- benchmark rows, forward and forward+backward (median ms, x ref; all rows in $OUT/bench-gpu-*.md) ---"
 cat "$OUT"/bench-gpu-*.md 2>/dev/null | grep -E "^\| " | grep -v -E "^\| op|^\|---" | \
-  awk -F'|' '$5 ~ /fwd\+bwd/ {printf "%-22s %-30s %-14s %10s ms  x%s\n", $2, $3, $4, $6, $10}' | head -n 60
+  awk -F'|' '$5 !~ /^ bwd/ {printf "%-20s %-30s %-16s %-8s %10s ms  x%s\n", $2, $3, $4, $5, $6, $10}' | head -n 90

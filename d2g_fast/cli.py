@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "collect": "d2g_fast.teacher.collect_cmd",
     "verify": "d2g_fast.teacher.verify_cmd",
+    "demo": "d2g_fast.demo",
 }
 
 
