@@ -301,3 +301,14 @@ def test_cuda_gradcheck_and_gradgradcheck_float64():
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
     assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+@needs_ext
+def test_more_channels_than_the_kernels_support_fall_back_or_raise():
+    f = torch.randn(2, 7001, 1, 2)
+    w = torch.randn(7001) / 80
+    args = ([f], [w], torch.zeros(1), torch.tensor([1.0, -1.0]), [1.0])
+    loss, _ = multiscale_heads(*args)  # auto: the reference
+    assert_close(loss, heads_ref(*args)[0], atol=1e-6, name="auto with C > 7000")
+    with pytest.raises(RuntimeError, match=r"features\[0\]"):
+        multiscale_heads(*args, impl="cpu")

@@ -1,6 +1,7 @@
 #include "multiscale_heads/multiscale_heads.h"
 
 #include "common/checks.h"
+#include "multiscale_heads/multiscale_heads_math.h"
 
 namespace d2g {
 namespace msheads {
@@ -34,6 +35,9 @@ Prepared prepare(const char* op, at::TensorList features, at::TensorList weights
                 " but 'target' has ", p.N);
     TORCH_CHECK(f.size(1) > 0 && f.size(2) > 0 && f.size(3) > 0, op, ": 'features[", k,
                 "]' must have C, H, W > 0, got ", f.sizes());
+    TORCH_CHECK(f.size(1) <= kMaxChannelsCpu, op, ": 'features[", k, "]' has ", f.size(1),
+                " channels; the kernels support at most ", kMaxChannelsCpu,
+                " (their SiLU exp is exact only for |LayerNorm output| < 84); use impl='ref'");
     TORCH_CHECK(w.dim() == 1 && w.size(0) == f.size(1), op, ": 'weights[", k,
                 "]' must have shape (C,) = (", f.size(1), ",), got ", w.sizes());
     check_same_device(features[0], f, op, "features[0]", "features[k]");

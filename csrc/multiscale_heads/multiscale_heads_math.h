@@ -25,13 +25,18 @@ namespace msheads {
 // exp for the per-channel SiLU, the hot spot of every kernel. On the CPU, std::exp blocks
 // auto-vectorisation, so float uses a branch-free Cody-Waite range reduction and a degree-6
 // Taylor polynomial (relative error ~2e-7, far below the 1e-5 test tolerance) that the compiler
-// vectorises; float64 keeps std::exp (gradcheck needs full precision).
-D2G_HOST_DEVICE float exp_acc(float x) {
+// vectorises. It has NO range clamp (a clamp is control flow that stops the vectoriser): it is
+// only called on LayerNorm outputs, which are bounded by sqrt(C - 1) in magnitude, so the
+// kernels require C <= kMaxChannelsCpu (|x| < 84 < 87, where float exp is still normal).
+// float64 keeps std::exp (gradcheck needs full precision); CUDA uses expf.
+constexpr int64_t kMaxChannelsCpu = 7000;
+
+D2G_HOST_DEVICE float exp_normalised(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -47,22 +52,29 @@ D2G_HOST_DEVICE float exp_acc(float x) {
 #endif
 }
 
-D2G_HOST_DEVICE double exp_acc(double x) { return exp(x); }
+D2G_HOST_DEVICE double exp_normalised(double x) { return exp(x); }
 
+// Sigmoid of a LayerNorm output (bounded, see above).
+template <typename acc_t>
+D2G_HOST_DEVICE acc_t sigmoid_normalised(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp_normalised(-x));
+}
+
+// Sigmoid of any value (the logits): std::exp, which saturates correctly.
 template <typename acc_t>
 D2G_HOST_DEVICE acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + exp_acc(-x));
+  return acc_t(1) / (acc_t(1) + exp(-x));
 }
 
 template <typename acc_t>
 D2G_HOST_DEVICE acc_t silu(acc_t x) {
-  return x * sigmoid(x);
+  return x * sigmoid_normalised(x);
 }
 
 // d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)
 template <typename acc_t>
 D2G_HOST_DEVICE acc_t silu_grad(acc_t x) {
-  const acc_t s = sigmoid(x);
+  const acc_t s = sigmoid_normalised(x);
   return s * (acc_t(1) + x * (acc_t(1) - s));
 }
 

@@ -29,6 +29,7 @@ from d2g_fast import _dispatch, _ext
 from d2g_fast.ref.multiscale_heads import multiscale_heads as multiscale_heads_ref
 
 OP = "multiscale_heads"
+MAX_CHANNELS_KERNEL = 7000  # kMaxChannelsCpu in csrc/multiscale_heads/multiscale_heads_math.h
 _CUDA_ORDER = ("cuda", "ref")
 
 
@@ -89,6 +90,8 @@ def multiscale_heads(features: Sequence[torch.Tensor], weights: Sequence[torch.T
     """Returns (loss: scalar, scores: (K, N)), float32 (float64 for float64 features)."""
     _check_args(features, weights, bias, target, head_weights, eps)
     head_weights = [float(w) for w in head_weights]
+    if impl == "auto" and max(f.shape[1] for f in features) > MAX_CHANNELS_KERNEL:
+        impl = "ref"  # the kernels' fast SiLU exp is exact only up to this many channels
     backend = _dispatch.resolve_impl(OP, impl, features[0].device, cuda_order=_CUDA_ORDER)
     if backend == "ref":
         return multiscale_heads_ref(features, weights, bias, target, head_weights, float(eps))

@@ -67,6 +67,7 @@ void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* row = f + c * HW + p0;
       const acc_t wc = w[c];
+#pragma omp simd
       for (int64_t i = 0; i < np; ++i) logit[i] += wc * silu((acc_t(row[i]) - mean[i]) * rstd[i]);
     }
     for (int64_t i = 0; i < np; ++i) {
@@ -102,6 +103,7 @@ void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* row = f + c * HW + p0;
       const acc_t wc = w[c];
+#pragma omp simd
       for (int64_t i = 0; i < np; ++i) {
         const acc_t xhat = (acc_t(row[i]) - mean[i]) * rstd[i];
         const acc_t d = g[i] * wc * silu_grad(xhat);
@@ -118,9 +120,10 @@ void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_
       scalar_t* out = df + c * HW + p0;
       const acc_t wc = w[c];
       acc_t dw_acc = 0;
+#pragma omp simd reduction(+ : dw_acc)
       for (int64_t i = 0; i < np; ++i) {
         const acc_t xhat = (acc_t(row[i]) - mean[i]) * rstd[i];
-        const acc_t s = sigmoid(xhat);
+        const acc_t s = sigmoid_normalised(xhat);
         const acc_t d = g[i] * wc * (s * (acc_t(1) + xhat * (acc_t(1) - s)));
         out[i] = static_cast<scalar_t>(feature_grad(d, xhat, rstd[i], sum_d[i], sum_dx[i]));
         dw_acc += g[i] * xhat * s;

@@ -168,7 +168,7 @@ backward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ ta
     acc_t contrib = 0;
     if (active) {
       const acc_t xhat = (static_cast<acc_t>(f[c * HW]) - mean) * rstd;
-      const acc_t s = sigmoid(xhat);
+      const acc_t s = sigmoid_normalised(xhat);
       const acc_t d = g * wk[c] * (s * (acc_t(1) + xhat * (acc_t(1) - s)));
       df[c * HW] = static_cast<scalar_t>(feature_grad(d, xhat, rstd, sum_d, sum_dx));
       contrib = g * xhat * s;
