@@ -79,7 +79,7 @@ def test_output_shapes(model4):
     ("sd15", {}, {}),
     ("sd15", {"normalize": True, "add_l1_loss": False}, {}),
     ("sdxl", {"normalize": True}, {"spatial": True}),
-    ("sd3", {"normalize": True, "add_l1_loss": False}, {}),
+    ("sd3", {"normalize": True, "add_l1_loss": False}, {"channels_last": True}),
     ("flux", {}, {"elatentlpips": False}),
 ])
 def test_fast_path_matches_reference_path(encoder, kw, model_kw):

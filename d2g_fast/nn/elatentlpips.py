@@ -120,7 +120,7 @@ class ELatentLPIPS(nn.Module):
 
     Extra keyword arguments: ``trunk_path`` / ``heads_path`` (local checkpoint files, official
     ``.pth``/``.pth.tar`` or our ``.safetensors``), ``precision`` ("fp32" or "bf16" compute in
-    the fast path), ``channels_last`` (memory format of the fast path), ``negative_weights``
+    the fast path), ``channels_last`` (memory format of the fast path; default: with bf16), ``negative_weights``
     ("clamp" or "error"), ``impl`` ("auto" fast path, "ref" reference path, or a backend of
     the distance op), ``check_inputs``, ``tune_heads`` (heads trainable; default: only when
     ``eval_mode=False``, the official module always leaves them trainable).
@@ -132,7 +132,7 @@ class ELatentLPIPS(nn.Module):
                  encoder: str = "sd3", augment: str | None = "bg", *,
                  trunk_path: str | os.PathLike | None = None,
                  heads_path: str | os.PathLike | None = None,
-                 precision: str = "fp32", channels_last: bool = True,
+                 precision: str = "fp32", channels_last: bool | None = None,
                  negative_weights: str = "clamp", impl: str = "auto", check_inputs: bool = True,
                  tune_heads: bool | None = None):
         super().__init__()
@@ -165,6 +165,9 @@ class ELatentLPIPS(nn.Module):
         self.L = NUM_LAYERS
         self.latent_channels = ENCODER_CHANNELS[encoder]
         self.precision = precision
+        # channels_last pays off with bf16 (oneDNN / cuDNN tensor-core kernels); fp32 keeps the
+        # official layout by default (on the CPU fp32 channels_last measured no faster).
+        # None: decided per call from the precision.
         self.channels_last = channels_last
         self.negative_weights = negative_weights
         self.impl = impl
@@ -401,7 +404,9 @@ class ELatentLPIPS(nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.net.parameters()))
         with torch.set_grad_enabled(needs_grad):
             if fast:
-                return self.net.fast_features(x, dtype=compute_dtype, channels_last=self.channels_last)
+                channels_last = (compute_dtype == torch.bfloat16 if self.channels_last is None
+                                 else bool(self.channels_last))
+                return self.net.fast_features(x, dtype=compute_dtype, channels_last=channels_last)
             return self.net(x)
 
     def _reference_distance(self, f0: torch.Tensor, f1: torch.Tensor, k: int) -> torch.Tensor:
