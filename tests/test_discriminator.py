@@ -209,3 +209,10 @@ def test_bad_inputs_and_configs():
         DiffusionDiscriminator.from_unet(unet, mixed_precision="fp8")
     with pytest.raises(ValueError, match="head_weights"):
         DiffusionDiscriminator(unet, DiscriminatorConfig(head_weights=[1.0]))
+
+
+def test_new_branches_follow_the_backbone_device():
+    with torch.device("meta"):
+        unet = tiny_unet()
+    D = DiffusionDiscriminator.from_unet(unet)
+    assert all(p.device.type == "meta" for p in D.parameters())

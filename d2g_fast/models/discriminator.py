@@ -101,6 +101,12 @@ class DiffusionDiscriminator(nn.Module):
         self.head_names = names
         self.heads = MultiScaleHeads(channels, self.config.head_weights, self.config.head_eps,
                                      self.config.heads_impl)
+        # The new branches live where the backbone lives (they stay float32: the UNet runs
+        # under autocast, the heads accumulate in float32).
+        device = next(unet.parameters()).device
+        for module in (self.noise_conv, self.input_convs, self.heads):
+            if module is not None:
+                module.to(device)
 
     @classmethod
     def from_unet(cls, unet: nn.Module, config: DiscriminatorConfig | None = None,
