@@ -26,7 +26,7 @@ def _make(provider, N, shapes, dtype, device):
     def make():
         from d2g_fast import _dispatch
         from d2g_fast.ops import multiscale_heads
-        if provider in ("cpu", "cuda"):
+        if provider in ("cpu", "cuda", "triton"):
             try:
                 _dispatch.resolve_impl("multiscale_heads", provider, torch.device(device))
             except RuntimeError as exc:
@@ -63,7 +63,7 @@ def _make(provider, N, shapes, dtype, device):
 def cases(device: str, quick: bool) -> list[Case]:
     out = []
     if device.startswith("cuda"):
-        providers = ["ref", "cuda"]
+        providers = ["ref", "cuda", "triton"]
         variants = [(16, torch.float32), (16, torch.bfloat16)]
     else:
         providers = ["ref", "cpu"]

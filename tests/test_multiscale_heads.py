@@ -248,10 +248,25 @@ def test_cpp_boundary_checks_name_the_argument():
                                                      target, hw[:2], 1e-5, stats)
 
 
-def test_triton_impl_is_refused_clearly():
-    feats, ws, bias, target, hw = make_inputs(n=2, shapes=[(5, 3, 2)])
-    with pytest.raises(RuntimeError, match="triton"):
-        multiscale_heads(feats, ws, bias, target, hw[:1], impl="triton")
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_triton_matches_reference_fp32(layout):
+    # On a machine without a GPU this runs under the Triton interpreter (conftest).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_against_reference("triton", torch.float32, layout, device=device)
+
+
+@pytest.mark.triton
+def test_triton_gradcheck_float64():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    feats, ws, bias, target, hw = make_inputs(n=2, shapes=[(5, 3, 2), (3, 2, 3)], dtype=torch.float64,
+                                              device=device)
+    leaves = [t.requires_grad_(True) for t in feats + ws + [bias]]
+
+    def fn(*xs):
+        return multiscale_heads(list(xs[:2]), list(xs[2:4]), xs[4], target, hw[:2], impl="triton")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -274,13 +289,22 @@ def test_cuda_low_precision_features(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_large_heads_sd15_like():
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_triton_on_gpu_other_dtypes(dtype):
+    atol, gatol = (1e-12, 1e-12) if dtype == torch.float64 else (1e-5, 2e-2)
+    _check_against_reference("triton", dtype, "contiguous", device="cuda", atol=atol, grad_atol=gatol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_gpu_large_heads_sd15_like(impl):
     # Many pixels and channels: several blocks per sample, partial-sum buffers of many warps.
     shapes = [(1280, 8, 8), (2560, 8, 8), (640, 32, 32), (960, 64, 64), (4, 64, 64)]
     feats, ws, bias, target, hw = make_inputs(n=2, shapes=shapes, device="cuda")
     for t in feats + ws + [bias]:
         t.requires_grad_(True)
-    loss, scores = multiscale_heads(feats, ws, bias, target, hw, impl="cuda")
+    loss, scores = multiscale_heads(feats, ws, bias, target, hw, impl=impl)
     rloss, rscores = heads_ref(feats, ws, bias, target, hw)
     assert_close(loss, rloss, atol=1e-5, rtol=1e-5, name="loss")
     assert_close(scores, rscores, atol=1e-5, rtol=1e-5, name="scores")

@@ -16,8 +16,9 @@ of the gradient (``create_graph=True``, as in ``d2g_fast.losses.r1_penalty``), t
 switches automatically to the reference math, recomputed from the saved inputs, so the second
 derivative is exact; plain training steps keep the fused backward. Tested with gradgradcheck.
 
-Backends: "ref" (d2g_fast/ref), "cpu" and "cuda" (C++ op torch.ops.d2g_fast.multiscale_heads).
-There is no Triton backend for this op (the CUDA kernel fuses all heads in one launch).
+Backends: "ref" (d2g_fast/ref), "cpu" and "cuda" (C++ op torch.ops.d2g_fast.multiscale_heads,
+all heads in one launch), "triton" (torch.ops.d2g_fast.multiscale_heads_triton, one launch per
+head). "auto" on a GPU takes cuda, then triton, then ref.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from d2g_fast.ref.multiscale_heads import multiscale_heads as multiscale_heads_r
 
 OP = "multiscale_heads"
 MAX_CHANNELS_KERNEL = 7000  # kMaxChannelsCpu in csrc/multiscale_heads/multiscale_heads_math.h
-_CUDA_ORDER = ("cuda", "ref")
+_CUDA_ORDER = ("cuda", "triton", "ref")
 
 
 def _check_args(features, weights, bias, target, head_weights, eps):
@@ -95,10 +96,9 @@ def multiscale_heads(features: Sequence[torch.Tensor], weights: Sequence[torch.T
     backend = _dispatch.resolve_impl(OP, impl, features[0].device, cuda_order=_CUDA_ORDER)
     if backend == "ref":
         return multiscale_heads_ref(features, weights, bias, target, head_weights, float(eps))
-    if backend == "triton":
-        raise RuntimeError(f"{OP}: impl='triton' is not implemented for this op; use 'cuda', "
-                           f"'cpu' or 'ref'")
-    loss, scores, _stats = torch.ops.d2g_fast.multiscale_heads(
+    op = (torch.ops.d2g_fast.multiscale_heads_triton if backend == "triton"
+          else torch.ops.d2g_fast.multiscale_heads)
+    loss, scores, _stats = op(
         list(features), list(weights), bias, target, head_weights, float(eps))
     return loss, scores
 
@@ -117,28 +117,28 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*features, *weights, bias, target, *output[2])
 
 
-def _backward(ctx, grad_loss, grad_scores, _grad_stats):
-    k = ctx.k
-    saved = ctx.saved_tensors
-    features, weights = list(saved[:k]), list(saved[k:2 * k])
-    bias, target, stats = saved[2 * k], saved[2 * k + 1], list(saved[2 * k + 2:])
-    need_f = ctx.needs_input_grad[0]
-    need_w = ctx.needs_input_grad[1]
-    need_b = ctx.needs_input_grad[2]
-    if grad_loss is None:
-        grad_loss = torch.zeros((), dtype=stats[0].dtype, device=stats[0].device)
-    if grad_scores is None:
-        grad_scores = torch.zeros((k, target.shape[0]), dtype=stats[0].dtype,
-                                  device=stats[0].device)
-    if torch.is_grad_enabled():
-        # A graph of this gradient is being built (double backward, e.g. R1): differentiate the
-        # reference, which autograd can differentiate again.
-        return _reference_backward(features, weights, bias, target, ctx.head_weights, ctx.eps,
-                                   grad_loss, grad_scores)
-    gf, gw, gb = torch.ops.d2g_fast.multiscale_heads_backward(
-        grad_loss, grad_scores, features, weights, target, ctx.head_weights, ctx.eps, stats)
-    return (list(gf) if need_f else None, list(gw) if need_w else None,
-            gb.to(ctx.bias_dtype) if need_b else None, None, None, None)
+def _make_backward(backward_op):
+    def backward(ctx, grad_loss, grad_scores, _grad_stats):
+        k = ctx.k
+        saved = ctx.saved_tensors
+        features, weights = list(saved[:k]), list(saved[k:2 * k])
+        bias, target, stats = saved[2 * k], saved[2 * k + 1], list(saved[2 * k + 2:])
+        need_f, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=stats[0].dtype, device=stats[0].device)
+        if grad_scores is None:
+            grad_scores = torch.zeros((k, target.shape[0]), dtype=stats[0].dtype,
+                                      device=stats[0].device)
+        if torch.is_grad_enabled():
+            # A graph of this gradient is being built (double backward, e.g. R1): differentiate
+            # the reference, which autograd can differentiate again.
+            return _reference_backward(features, weights, bias, target, ctx.head_weights,
+                                       ctx.eps, grad_loss, grad_scores)
+        gf, gw, gb = backward_op(grad_loss, grad_scores, features, weights, target,
+                                 ctx.head_weights, ctx.eps, stats)
+        return (list(gf) if need_f else None, list(gw) if need_w else None,
+                gb.to(ctx.bias_dtype) if need_b else None, None, None, None)
+    return backward
 
 
 def _reference_backward(features, weights, bias, target, head_weights, eps, grad_loss,
@@ -181,5 +181,15 @@ def _fake_backward(grad_loss, grad_scores, features, weights, target, head_weigh
 if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "multiscale_heads"):
     torch.library.register_fake("d2g_fast::multiscale_heads")(_fake_forward)
     torch.library.register_fake("d2g_fast::multiscale_heads_backward")(_fake_backward)
-    torch.library.register_autograd("d2g_fast::multiscale_heads", _backward,
-                                    setup_context=_setup_context)
+    torch.library.register_autograd(
+        "d2g_fast::multiscale_heads",
+        _make_backward(lambda *a: torch.ops.d2g_fast.multiscale_heads_backward(*a)),
+        setup_context=_setup_context)
+
+if _dispatch.triton_status()[0]:
+    from d2g_fast.triton import multiscale_heads as _triton_impl  # noqa: F401  (registers the ops)
+
+    torch.library.register_autograd(
+        "d2g_fast::multiscale_heads_triton",
+        _make_backward(lambda *a: torch.ops.d2g_fast.multiscale_heads_backward_triton(*a)),
+        setup_context=_setup_context)
