@@ -216,3 +216,24 @@ def test_new_branches_follow_the_backbone_device():
         unet = tiny_unet()
     D = DiffusionDiscriminator.from_unet(unet)
     assert all(p.device.type == "meta" for p in D.parameters())
+
+
+@pytest.mark.cuda
+def test_discriminator_step_on_gpu_bf16_with_r1():
+    from d2g_fast.losses import DiscriminatorLoss
+    unet = tiny_unet().cuda()
+    x, z, c = (t.cuda() for t in inputs(n=4))
+    fake = torch.randn_like(x)
+    outs = {}
+    for impl in ("cuda", "ref"):
+        torch.manual_seed(2)
+        D = DiffusionDiscriminator.from_unet(unet, heads_impl=impl)  # bf16 autocast on CUDA
+        assert D.features(x, z, c)[0].dtype == torch.bfloat16
+        out = DiscriminatorLoss(r1_gamma=1.0, r1_interval=1, mix_fraction=0.5)(
+            D, x, fake, z, c, step=0, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        outs[impl] = (out.gan_loss.detach(), out.r1_penalty.detach(),
+                      torch.cat([p.grad.flatten() for p in D.heads.parameters()]))
+    assert_close(outs["cuda"][0], outs["ref"][0], atol=1e-3, rtol=1e-3, name="GAN loss cuda vs ref heads")
+    assert_close(outs["cuda"][1], outs["ref"][1], atol=1e-3, rtol=1e-2, name="R1 cuda vs ref heads")
+    assert_close(outs["cuda"][2], outs["ref"][2], atol=1e-3, rtol=1e-2, name="head grads")
