@@ -244,6 +244,9 @@ class DiffusionDiscriminator(nn.Module):
         """Non-saturating loss for ``target`` (+1 real, -1 fake; a float or an (N,) tensor)
         and the raw scores. The heads run outside autocast, accumulating in float32."""
         feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
+        if len({f.dtype for f in feats}) > 1:
+            # Autocast can leave taps in different dtypes; the fused op wants one.
+            feats = [f.float() for f in feats]
         n = latent.shape[0]
         if not torch.is_tensor(target):
             target = torch.full((n,), float(target), device=latent.device)
