@@ -15,6 +15,13 @@
 
 #include "common/macros.h"
 
+// Loop unrolling hint for nvcc (host compilers would warn about an unknown pragma).
+#if defined(__CUDACC__)
+#define D2G_AUG_UNROLL _Pragma("unroll")
+#else
+#define D2G_AUG_UNROLL
+#endif
+
 namespace d2g {
 namespace augment {
 
@@ -59,17 +66,17 @@ D2G_HOST_DEVICE void axis_weights(double a, int m0, int size, int padded, const 
   const int a0 = static_cast<int>(fl);
   const acc_t frac = static_cast<acc_t>(a - fl);
   const int base = ((a0 + 1) >> 1) - 3;  // floor((a0 + 1) / 2) - 3 (arithmetic shift floors)
-#pragma unroll
+D2G_AUG_UNROLL
   for (int i = 0; i < kSpan; ++i) {
     out.w[i] = acc_t(0);
     out.src[i] = source_index(base + i, m0, padded, size);
   }
-#pragma unroll
+D2G_AUG_UNROLL
   for (int side = 0; side < 2; ++side) {
     const int u = a0 + side;
     if (u < 0 || u >= up) continue;  // grid_sample's zero padding
     const acc_t wb = side == 0 ? acc_t(1) - frac : frac;
-#pragma unroll
+D2G_AUG_UNROLL
     for (int i = 0; i < kSpan; ++i) {
       const int t = u + 5 - 2 * (base + i);
       if (t >= 0 && t < kTaps) out.w[i] += wb * acc_t(2) * f[t];

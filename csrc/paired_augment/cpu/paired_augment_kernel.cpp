@@ -1,8 +1,8 @@
 // CPU kernels of the paired latent augmentation.
 // Forward, per sample (tasks run in parallel over the batch): the separable 7x7 weights of
-// every grid point are computed once and shared by both tensors and all channels; each channel
-// plane is then sampled on the grid (49 taps per point) and downsampled separably; colour and
-// cutout are applied while writing. Backward is the transposed operator, plane by plane, with
+// every grid point are computed once and used at once for both tensors and all channels (49
+// taps per point and plane); each plane is then downsampled separably; colour and cutout are
+// applied while writing. Backward is the transposed operator, plane by plane, with
 // the scatter into the input gradient done by the task that owns the sample (deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -38,99 +38,132 @@ Geometry geometry_of(const at::Tensor& x, at::IntArrayRef margins, int64_t flags
   return g;
 }
 
+// Sampling weights of grid point (lx, ly) (local indices) of sample parameters P.
 template <typename acc_t>
-struct GridWeights {
-  int GH = 0, GW = 0;
-  std::vector<AxisWeights<acc_t>> wx, wy;  // per grid point (row-major, local indices)
+inline void point_weights(const double* P, const Geometry& g, const acc_t* f, int lx, int ly,
+                          AxisWeights<acc_t>& wx, AxisWeights<acc_t>& wy) {
+  const Coord a = sample_coord(P, lx + 1, ly + 1);
+  axis_weights(a.x, g.mx0, g.W, g.Wp, f, wx);
+  axis_weights(a.y, g.my0, g.H, g.Hp, f, wy);
+}
+
+// A channel plane of an input: base pointer and row / column strides.
+template <typename scalar_t>
+struct PlaneIn {
+  const scalar_t* ptr;
+  int64_t sh, sw;
 };
 
-template <typename acc_t>
-void build_grid(const double* affine, const Geometry& g, const acc_t* f, GridWeights<acc_t>& out) {
-  out.GH = grid_points(g.H);
-  out.GW = grid_points(g.W);
-  out.wx.resize(static_cast<size_t>(out.GH) * out.GW);
-  out.wy.resize(static_cast<size_t>(out.GH) * out.GW);
-  for (int ly = 0; ly < out.GH; ++ly)
-    for (int lx = 0; lx < out.GW; ++lx) {
-      const Coord a = sample_coord(affine, lx + 1, ly + 1);
-      const size_t i = static_cast<size_t>(ly) * out.GW + lx;
-      axis_weights(a.x, g.mx0, g.W, g.Wp, f, out.wx[i]);
-      axis_weights(a.y, g.my0, g.H, g.Hp, f, out.wy[i]);
-    }
-}
-
-// geometric transform of one channel plane: in (strided) -> out (H x W, contiguous acc_t)
-template <typename scalar_t, typename acc_t>
-void geometry_plane(const scalar_t* in, int64_t sh, int64_t sw, const GridWeights<acc_t>& grid,
-                    const acc_t* f, int H, int W, std::vector<acc_t>& S, std::vector<acc_t>& tmp,
-                    acc_t* out) {
-  const int GH = grid.GH, GW = grid.GW;
+// Geometric transform of every plane of one sample. The planes (both tensors, all channels) are
+// first interleaved pixel-major (packed[pixel][p]), so that each of the 49 taps of a grid point
+// is one contiguous, vectorisable multiply-add over all planes; the weights of a grid point are
+// computed once for all of them. S[point][p] is then downsampled separably (innermost loop over
+// planes again) into out[p] (H x W, contiguous acc_t).
+// NP > 0 fixes the number of planes at compile time (the common 4 and 8), so the plane loops
+// become straight SIMD code; NP = 0 handles any count.
+template <int NP, typename scalar_t, typename acc_t>
+void geometry_sample(const double* P, const Geometry& g, const acc_t* f,
+                     const std::vector<PlaneIn<scalar_t>>& planes, std::vector<acc_t>& packed,
+                     std::vector<acc_t>& S, std::vector<acc_t>& tmp, acc_t* out) {
+  const int GH = grid_points(g.H), GW = grid_points(g.W), H = g.H, W = g.W;
+  const int np = NP > 0 ? NP : static_cast<int>(planes.size());
+  for (int p = 0; p < np; ++p) {
+    const PlaneIn<scalar_t>& pl = planes[p];
+    for (int y = 0; y < H; ++y)
+      for (int x = 0; x < W; ++x)
+        packed[(static_cast<size_t>(y) * W + x) * np + p] = static_cast<acc_t>(pl.ptr[y * pl.sh + x * pl.sw]);
+  }
+  AxisWeights<acc_t> wx, wy;
   for (int ly = 0; ly < GH; ++ly)
     for (int lx = 0; lx < GW; ++lx) {
-      const size_t i = static_cast<size_t>(ly) * GW + lx;
-      const AxisWeights<acc_t>& wx = grid.wx[i];
-      const AxisWeights<acc_t>& wy = grid.wy[i];
-      acc_t sum = 0;
+      point_weights(P, g, f, lx, ly, wx, wy);
+      acc_t* s = S.data() + (static_cast<size_t>(ly) * GW + lx) * np;
+      for (int p = 0; p < np; ++p) s[p] = 0;
       for (int r = 0; r < kSpan; ++r) {
         if (wy.src[r] < 0 || wy.w[r] == acc_t(0)) continue;
-        const scalar_t* row = in + wy.src[r] * sh;
-        acc_t rs = 0;
-        for (int k = 0; k < kSpan; ++k)
-          if (wx.src[k] >= 0) rs += wx.w[k] * static_cast<acc_t>(row[wx.src[k] * sw]);
-        sum += wy.w[r] * rs;
+        const acc_t* row = packed.data() + static_cast<size_t>(wy.src[r]) * W * np;
+        for (int k = 0; k < kSpan; ++k) {
+          if (wx.src[k] < 0 || wx.w[k] == acc_t(0)) continue;
+          const acc_t w = wy.w[r] * wx.w[k];
+          const acc_t* v = row + static_cast<size_t>(wx.src[k]) * np;
+          for (int p = 0; p < np; ++p) s[p] += w * v[p];
+        }
       }
-      S[i] = sum;
     }
-  // downsample along x: tmp[ly][qx] = sum_k f[k] S[ly][2 qx + k]
+  // downsample along x: tmp[ly][qx][p] = sum_k f[k] S[ly][2 qx + k][p]
   for (int ly = 0; ly < GH; ++ly)
     for (int qx = 0; qx < W; ++qx) {
-      acc_t sum = 0;
-      const acc_t* s = S.data() + static_cast<size_t>(ly) * GW + 2 * qx;
-      for (int k = 0; k < kTaps; ++k) sum += f[k] * s[k];
-      tmp[static_cast<size_t>(ly) * W + qx] = sum;
+      acc_t* t = tmp.data() + (static_cast<size_t>(ly) * W + qx) * np;
+      for (int p = 0; p < np; ++p) t[p] = 0;
+      for (int k = 0; k < kTaps; ++k) {
+        const acc_t* sr = S.data() + (static_cast<size_t>(ly) * GW + 2 * qx + k) * np;
+        for (int p = 0; p < np; ++p) t[p] += f[k] * sr[p];
+      }
     }
-  // and along y
+  // and along y, into planar out
+  const size_t HW = static_cast<size_t>(H) * W;
+  std::vector<acc_t> acc(np);
   for (int qy = 0; qy < H; ++qy)
     for (int qx = 0; qx < W; ++qx) {
-      acc_t sum = 0;
-      for (int k = 0; k < kTaps; ++k) sum += f[k] * tmp[static_cast<size_t>(2 * qy + k) * W + qx];
-      out[static_cast<size_t>(qy) * W + qx] = sum;
+      for (int p = 0; p < np; ++p) acc[p] = 0;
+      for (int k = 0; k < kTaps; ++k) {
+        const acc_t* t = tmp.data() + (static_cast<size_t>(2 * qy + k) * W + qx) * np;
+        for (int p = 0; p < np; ++p) acc[p] += f[k] * t[p];
+      }
+      for (int p = 0; p < np; ++p) out[p * HW + static_cast<size_t>(qy) * W + qx] = acc[p];
     }
 }
 
-// transposed geometric transform of one plane: gout (H x W) -> gin (H x W, accumulated)
-template <typename acc_t>
-void geometry_plane_adjoint(const acc_t* gout, const GridWeights<acc_t>& grid, const acc_t* f,
-                            int H, int W, std::vector<acc_t>& S, std::vector<acc_t>& tmp,
-                            acc_t* gin) {
-  const int GH = grid.GH, GW = grid.GW;
+// Transposed geometric transform of every plane of one sample: gout[p] (H x W) -> gin[p]
+// (H x W): transposed downsampling into grid-point gradients S[point][p], then one pass over
+// the grid points scattering through their weights into packed[pixel][p] (all planes at once).
+template <int NP, typename acc_t>
+void geometry_adjoint(const double* P, const Geometry& g, const acc_t* f, int np_runtime,
+                      const acc_t* gout, std::vector<acc_t>& packed, std::vector<acc_t>& S,
+                      std::vector<acc_t>& tmp, acc_t* gin) {
+  const int np = NP > 0 ? NP : np_runtime;
+  const int GH = grid_points(g.H), GW = grid_points(g.W), H = g.H, W = g.W;
+  const size_t G = static_cast<size_t>(GH) * GW, HW = static_cast<size_t>(H) * W;
+  std::fill(S.begin(), S.begin() + G * np, acc_t(0));
   std::fill(tmp.begin(), tmp.end(), acc_t(0));
+  std::fill(packed.begin(), packed.begin() + HW * np, acc_t(0));
+  // transposed y downsampling: tmp[2 qy + k][qx][p] += f[k] gout[p][qy][qx]
   for (int qy = 0; qy < H; ++qy)
-    for (int k = 0; k < kTaps; ++k) {
-      acc_t* t = tmp.data() + static_cast<size_t>(2 * qy + k) * W;
-      const acc_t* g = gout + static_cast<size_t>(qy) * W;
-      for (int qx = 0; qx < W; ++qx) t[qx] += f[k] * g[qx];
-    }
-  std::fill(S.begin(), S.end(), acc_t(0));
+    for (int qx = 0; qx < W; ++qx)
+      for (int k = 0; k < kTaps; ++k) {
+        acc_t* t = tmp.data() + (static_cast<size_t>(2 * qy + k) * W + qx) * np;
+        for (int p = 0; p < np; ++p) t[p] += f[k] * gout[p * HW + static_cast<size_t>(qy) * W + qx];
+      }
+  // transposed x downsampling: S[ly][2 qx + k][p] += f[k] tmp[ly][qx][p]
   for (int ly = 0; ly < GH; ++ly)
     for (int qx = 0; qx < W; ++qx) {
-      const acc_t v = tmp[static_cast<size_t>(ly) * W + qx];
-      acc_t* s = S.data() + static_cast<size_t>(ly) * GW + 2 * qx;
-      for (int k = 0; k < kTaps; ++k) s[k] += f[k] * v;
+      const acc_t* t = tmp.data() + (static_cast<size_t>(ly) * W + qx) * np;
+      for (int k = 0; k < kTaps; ++k) {
+        acc_t* sr = S.data() + (static_cast<size_t>(ly) * GW + 2 * qx + k) * np;
+        for (int p = 0; p < np; ++p) sr[p] += f[k] * t[p];
+      }
     }
-  for (size_t i = 0; i < S.size(); ++i) {
-    const acc_t v = S[i];
-    if (v == acc_t(0)) continue;
-    const AxisWeights<acc_t>& wx = grid.wx[i];
-    const AxisWeights<acc_t>& wy = grid.wy[i];
-    for (int r = 0; r < kSpan; ++r) {
-      if (wy.src[r] < 0 || wy.w[r] == acc_t(0)) continue;
-      const acc_t vr = v * wy.w[r];
-      acc_t* row = gin + static_cast<size_t>(wy.src[r]) * W;
-      for (int k = 0; k < kSpan; ++k)
-        if (wx.src[k] >= 0) row[wx.src[k]] += vr * wx.w[k];
+  AxisWeights<acc_t> wx, wy;
+  for (int ly = 0; ly < GH; ++ly)
+    for (int lx = 0; lx < GW; ++lx) {
+      const acc_t* s = S.data() + (static_cast<size_t>(ly) * GW + lx) * np;
+      bool any = false;
+      for (int p = 0; p < np; ++p) any |= s[p] != acc_t(0);
+      if (!any) continue;
+      point_weights(P, g, f, lx, ly, wx, wy);
+      for (int r = 0; r < kSpan; ++r) {
+        if (wy.src[r] < 0 || wy.w[r] == acc_t(0)) continue;
+        acc_t* row = packed.data() + static_cast<size_t>(wy.src[r]) * W * np;
+        for (int k = 0; k < kSpan; ++k) {
+          if (wx.src[k] < 0 || wx.w[k] == acc_t(0)) continue;
+          const acc_t w = wy.w[r] * wx.w[k];
+          acc_t* v = row + static_cast<size_t>(wx.src[k]) * np;
+          for (int p = 0; p < np; ++p) v[p] += w * s[p];
+        }
+      }
     }
-  }
+  for (int p = 0; p < np; ++p)
+    for (size_t i = 0; i < HW; ++i) gin[p * HW + i] = packed[i * np + p];
 }
 
 // per-pixel channel mean and overall mean of a (C, H, W) buffer
@@ -156,84 +189,114 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
   const bool geom = g.flags & kGeometry, colour = g.flags & kColour, cutout = g.flags & kCutout;
   const int H = g.H, W = g.W, C = g.C, HW = H * W;
 
+  const size_t T = ins.size(), HWs = static_cast<size_t>(HW);
   at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-    GridWeights<acc_t> grid;
-    std::vector<acc_t> S, tmp, buf(static_cast<size_t>(C) * HW), gbuf, cmean(HW);
+    // per task: buf = the (T, C, H, W) values being transformed, gbuf = geometric result
+    std::vector<acc_t> S, tmp, packed, buf(T * C * HWs), gbuf, cmean(HW);
     std::vector<uint8_t> keep(HW, 1);
+    std::vector<PlaneIn<scalar_t>> planes(T * C);
     if (geom) {
-      S.resize(static_cast<size_t>(grid_points(H)) * grid_points(W));
-      tmp.resize(static_cast<size_t>(grid_points(H)) * W);
-      gbuf.resize(static_cast<size_t>(C) * HW);
+      S.resize(T * C * static_cast<size_t>(grid_points(H)) * grid_points(W));
+      tmp.resize(T * C * static_cast<size_t>(grid_points(H)) * W);
+      packed.resize(T * C * HWs);
+      gbuf.resize(T * C * HWs);
     }
     for (int64_t n = begin; n < end; ++n) {
       const double* P = params + n * kParams;
-      if (geom) build_grid(P, g, f, grid);
       if (cutout)
         for (int y = 0; y < H; ++y)
           for (int x = 0; x < W; ++x)
             keep[y * W + x] = cutout_keep(x, y, W, H, static_cast<float>(P[9]), static_cast<float>(P[10]),
                                           static_cast<float>(P[11]), static_cast<float>(P[12]));
-      const acc_t b = (g.flags & kLinear) ? acc_t(0) : static_cast<acc_t>(P[6]), c = static_cast<acc_t>(P[7]), s = static_cast<acc_t>(P[8]);
-      for (size_t t = 0; t < ins.size(); ++t) {
-        const at::Tensor& in = ins[t];
-        const at::Tensor& out = outs[t];
-        const scalar_t* ip = in.data_ptr<scalar_t>() + n * in.stride(0);
-        scalar_t* op = out.data_ptr<scalar_t>() + n * out.stride(0);
-        const int64_t isc = in.stride(1), ish = in.stride(2), isw = in.stride(3);
-        const int64_t osc = out.stride(1), osh = out.stride(2), osw = out.stride(3);
-        if (!adjoint) {
-          // buf = geometric output (or the input)
-          for (int ch = 0; ch < C; ++ch) {
-            acc_t* dst = buf.data() + static_cast<size_t>(ch) * HW;
-            if (geom) {
-              geometry_plane(ip + ch * isc, ish, isw, grid, f, H, W, S, tmp, dst);
-            } else {
+      const acc_t b = (g.flags & kLinear) ? acc_t(0) : static_cast<acc_t>(P[6]);
+      const acc_t c = static_cast<acc_t>(P[7]), s = static_cast<acc_t>(P[8]);
+      if (!adjoint) {
+        // buf = geometric output (or the input), all planes
+        if (geom) {
+          for (size_t t = 0; t < T; ++t)
+            for (int ch = 0; ch < C; ++ch)
+              planes[t * C + ch] = {ins[t].data_ptr<scalar_t>() + n * ins[t].stride(0) + ch * ins[t].stride(1),
+                                    ins[t].stride(2), ins[t].stride(3)};
+          if (planes.size() == 8) {
+            geometry_sample<8>(P, g, f, planes, packed, S, tmp, buf.data());
+          } else if (planes.size() == 4) {
+            geometry_sample<4>(P, g, f, planes, packed, S, tmp, buf.data());
+          } else {
+            geometry_sample<0>(P, g, f, planes, packed, S, tmp, buf.data());
+          }
+        } else {
+          for (size_t t = 0; t < T; ++t) {
+            const at::Tensor& in = ins[t];
+            const scalar_t* ip = in.data_ptr<scalar_t>() + n * in.stride(0);
+            for (int ch = 0; ch < C; ++ch)
               for (int y = 0; y < H; ++y)
                 for (int x = 0; x < W; ++x)
-                  dst[y * W + x] = static_cast<acc_t>(ip[ch * isc + y * ish + x * isw]);
-            }
+                  buf[(t * C + ch) * HWs + y * W + x] =
+                      static_cast<acc_t>(ip[ch * in.stride(1) + y * in.stride(2) + x * in.stride(3)]);
           }
-          const acc_t m = colour ? means(buf.data(), C, HW, cmean) : acc_t(0);
+        }
+        for (size_t t = 0; t < T; ++t) {
+          const at::Tensor& out = outs[t];
+          scalar_t* op = out.data_ptr<scalar_t>() + n * out.stride(0);
+          const int64_t osc = out.stride(1), osh = out.stride(2), osw = out.stride(3);
+          const acc_t* v0 = buf.data() + t * C * HWs;
+          const acc_t m = colour ? means(v0, C, HW, cmean) : acc_t(0);
           for (int ch = 0; ch < C; ++ch)
             for (int y = 0; y < H; ++y)
               for (int x = 0; x < W; ++x) {
                 const int p = y * W + x;
-                acc_t v = buf[static_cast<size_t>(ch) * HW + p];
+                acc_t v = v0[static_cast<size_t>(ch) * HW + p];
                 if (colour) v = colour_apply(v, cmean[p], m, b, c, s);
                 if (cutout && !keep[p]) v = acc_t(0);
                 op[ch * osc + y * osh + x * osw] = static_cast<scalar_t>(v);
               }
-        } else {
-          // buf = gradient of the geometric output: cutout, then colour transposed
+        }
+      } else {
+        // buf = gradient of the geometric output: cutout, then colour transposed
+        for (size_t t = 0; t < T; ++t) {
+          const at::Tensor& in = ins[t];
+          const scalar_t* ip = in.data_ptr<scalar_t>() + n * in.stride(0);
+          const int64_t isc = in.stride(1), ish = in.stride(2), isw = in.stride(3);
+          acc_t* v0 = buf.data() + t * C * HWs;
           for (int ch = 0; ch < C; ++ch)
             for (int y = 0; y < H; ++y)
               for (int x = 0; x < W; ++x) {
                 const int p = y * W + x;
                 acc_t v = static_cast<acc_t>(ip[ch * isc + y * ish + x * isw]);
                 if (cutout && !keep[p]) v = acc_t(0);
-                buf[static_cast<size_t>(ch) * HW + p] = v;
+                v0[static_cast<size_t>(ch) * HW + p] = v;
               }
           if (colour) {
-            const acc_t m = means(buf.data(), C, HW, cmean);
+            const acc_t m = means(v0, C, HW, cmean);
             for (int ch = 0; ch < C; ++ch)
               for (int p = 0; p < HW; ++p) {
-                acc_t& v = buf[static_cast<size_t>(ch) * HW + p];
+                acc_t& v = v0[static_cast<size_t>(ch) * HW + p];
                 v = colour_adjoint(v, cmean[p], m, c, s);
               }
           }
-          const acc_t* src = buf.data();
-          if (geom) {
-            std::fill(gbuf.begin(), gbuf.end(), acc_t(0));
-            for (int ch = 0; ch < C; ++ch)
-              geometry_plane_adjoint(buf.data() + static_cast<size_t>(ch) * HW, grid, f, H, W, S,
-                                     tmp, gbuf.data() + static_cast<size_t>(ch) * HW);
-            src = gbuf.data();
+        }
+        const acc_t* src = buf.data();
+        if (geom) {
+          const int np = static_cast<int>(T * C);
+          if (np == 8) {
+            geometry_adjoint<8>(P, g, f, np, buf.data(), packed, S, tmp, gbuf.data());
+          } else if (np == 4) {
+            geometry_adjoint<4>(P, g, f, np, buf.data(), packed, S, tmp, gbuf.data());
+          } else {
+            geometry_adjoint<0>(P, g, f, np, buf.data(), packed, S, tmp, gbuf.data());
           }
+          src = gbuf.data();
+        }
+        for (size_t t = 0; t < T; ++t) {
+          const at::Tensor& out = outs[t];
+          scalar_t* op = out.data_ptr<scalar_t>() + n * out.stride(0);
+          const int64_t osc = out.stride(1), osh = out.stride(2), osw = out.stride(3);
+          const acc_t* v0 = src + t * C * HWs;
           for (int ch = 0; ch < C; ++ch)
             for (int y = 0; y < H; ++y)
               for (int x = 0; x < W; ++x)
                 op[ch * osc + y * osh + x * osw] =
-                    static_cast<scalar_t>(src[static_cast<size_t>(ch) * HW + y * W + x]);
+                    static_cast<scalar_t>(v0[static_cast<size_t>(ch) * HW + y * W + x]);
         }
       }
     }
