@@ -98,6 +98,7 @@ forward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ tar
   if (active) {
     const acc_t shift = static_cast<acc_t>(f[0]);
     acc_t s1 = 0, s2 = 0;
+#pragma unroll 4
     for (int64_t c = 0; c < C; ++c) {
       const acc_t d = static_cast<acc_t>(f[c * HW]) - shift;
       s1 += d;
@@ -106,6 +107,7 @@ forward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ tar
     acc_t mean, rstd;
     moments(s1, s2, shift, C, eps, mean, rstd);
     logit = t.bias[w.k];
+#pragma unroll 4
     for (int64_t c = 0; c < C; ++c)
       logit += wk[c] * silu((static_cast<acc_t>(f[c * HW]) - mean) * rstd);
     const int64_t plane = static_cast<int64_t>(t.N) * HW;
@@ -149,6 +151,7 @@ backward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ ta
   }
   acc_t sum_d = 0, sum_dx = 0;
   if (active) {
+#pragma unroll 4
     for (int64_t c = 0; c < C; ++c) {
       const acc_t xhat = (static_cast<acc_t>(f[c * HW]) - mean) * rstd;
       const acc_t d = g * wk[c] * silu_grad(xhat);
@@ -164,6 +167,7 @@ backward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ ta
       (static_cast<int64_t>(w.n) * t.tiles[w.k] + w.tile) * kWarps + threadIdx.x / kWarp;
   acc_t* dw_row = t.dw_part[w.k] + warp_row * C;
   // Every thread of the warp stays in the loop (inactive ones add 0): the shuffles need them.
+#pragma unroll 4
   for (int64_t c = 0; c < C; ++c) {
     acc_t contrib = 0;
     if (active) {
