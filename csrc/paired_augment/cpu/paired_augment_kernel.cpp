@@ -39,12 +39,23 @@ Geometry geometry_of(const at::Tensor& x, at::IntArrayRef margins, int64_t flags
 }
 
 // Sampling weights of grid point (lx, ly) (local indices) of sample parameters P.
+// Zero-region taps get weight 0 and source index 0, so the tap loops need no branches.
 template <typename acc_t>
 inline void point_weights(const double* P, const Geometry& g, const acc_t* f, int lx, int ly,
                           AxisWeights<acc_t>& wx, AxisWeights<acc_t>& wy) {
   const Coord a = sample_coord(P, lx + 1, ly + 1);
   axis_weights(a.x, g.mx0, g.W, g.Wp, f, wx);
   axis_weights(a.y, g.my0, g.H, g.Hp, f, wy);
+  for (int i = 0; i < kSpan; ++i) {
+    if (wx.src[i] < 0) {
+      wx.src[i] = 0;
+      wx.w[i] = acc_t(0);
+    }
+    if (wy.src[i] < 0) {
+      wy.src[i] = 0;
+      wy.w[i] = acc_t(0);
+    }
+  }
 }
 
 // A channel plane of an input: base pointer and row / column strides.
@@ -80,10 +91,8 @@ void geometry_sample(const double* P, const Geometry& g, const acc_t* f,
       acc_t* s = S.data() + (static_cast<size_t>(ly) * GW + lx) * np;
       for (int p = 0; p < np; ++p) s[p] = 0;
       for (int r = 0; r < kSpan; ++r) {
-        if (wy.src[r] < 0 || wy.w[r] == acc_t(0)) continue;
         const acc_t* row = packed.data() + static_cast<size_t>(wy.src[r]) * W * np;
         for (int k = 0; k < kSpan; ++k) {
-          if (wx.src[k] < 0 || wx.w[k] == acc_t(0)) continue;
           const acc_t w = wy.w[r] * wx.w[k];
           const acc_t* v = row + static_cast<size_t>(wx.src[k]) * np;
           for (int p = 0; p < np; ++p) s[p] += w * v[p];
@@ -152,10 +161,8 @@ void geometry_adjoint(const double* P, const Geometry& g, const acc_t* f, int np
       if (!any) continue;
       point_weights(P, g, f, lx, ly, wx, wy);
       for (int r = 0; r < kSpan; ++r) {
-        if (wy.src[r] < 0 || wy.w[r] == acc_t(0)) continue;
         acc_t* row = packed.data() + static_cast<size_t>(wy.src[r]) * W * np;
         for (int k = 0; k < kSpan; ++k) {
-          if (wx.src[k] < 0 || wx.w[k] == acc_t(0)) continue;
           const acc_t w = wy.w[r] * wx.w[k];
           acc_t* v = row + static_cast<size_t>(wx.src[k]) * np;
           for (int p = 0; p < np; ++p) v[p] += w * s[p];
