@@ -68,5 +68,11 @@ at::Tensor alloc_grad(const at::Tensor& like, bool needed) {
   return poisoned(at::empty_like(like, at::MemoryFormat::Preserve));
 }
 
+at::Tensor pixel_gradient(const at::Tensor& grad, at::ScalarType acc, int64_t N, int64_t H, int64_t W,
+                          bool spatial) {
+  const auto g = grad.to(acc);
+  return (spatial ? g.reshape({N, H, W}) : (g / double(H * W)).view({N, 1, 1}).expand({N, H, W})).contiguous();
+}
+
 }  // namespace lpips
 }  // namespace d2g

@@ -17,6 +17,10 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& f0, const at:
 std::tuple<at::Tensor, at::Tensor> alloc_forward_outputs(const at::Tensor& f0, at::ScalarType acc);
 at::Tensor finish_distance(const at::Tensor& map, bool spatial);
 at::Tensor alloc_grad(const at::Tensor& like, bool needed);
+// The upstream gradient per pixel, contiguous (N, H, W) in the accumulation dtype: the
+// spatial map itself, or grad[n] / (H W) (the derivative of the spatial mean).
+at::Tensor pixel_gradient(const at::Tensor& grad, at::ScalarType acc, int64_t N, int64_t H, int64_t W,
+                          bool spatial);
 
 }  // namespace lpips
 }  // namespace d2g

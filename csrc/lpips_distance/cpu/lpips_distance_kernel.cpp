@@ -134,10 +134,7 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cpu(
   const auto acc = stats.scalar_type();
   const int64_t N = f0.size(0), C = f0.size(1), H = f0.size(2), W = f0.size(3);
   const auto w = weight.to(acc).contiguous();
-  // d(mean_hw d)/d d_pixel = 1/HW: fold the mean into a per-pixel upstream gradient.
-  const auto pixel_grad =
-      (spatial ? grad.to(acc).reshape({N, H, W}) : (grad.to(acc) / double(H * W)).view({N, 1, 1}).expand({N, H, W}))
-          .contiguous();
+  const auto pixel_grad = pixel_gradient(grad, acc, N, H, W, spatial);
   auto g0 = alloc_grad(f0, need_f0);
   auto g1 = alloc_grad(f1, need_f1);
   const int64_t plane = N * H * W;

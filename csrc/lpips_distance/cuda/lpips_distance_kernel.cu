@@ -182,9 +182,7 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cuda(
   const int64_t N = f0.size(0), C = f0.size(1), H = f0.size(2), W = f0.size(3);
   const int64_t plane = N * H * W;
   const auto w = weight.to(acc).contiguous();
-  const auto pixel_grad =
-      (spatial ? grad.to(acc).reshape({N, H, W}) : (grad.to(acc) / double(H * W)).view({N, 1, 1}).expand({N, H, W}))
-          .contiguous();
+  const auto pixel_grad = pixel_gradient(grad, acc, N, H, W, spatial);
   auto g0 = alloc_grad(f0, need_f0);
   auto g1 = alloc_grad(f1, need_f1);
   auto stream = c10::cuda::getCurrentCUDAStream();
