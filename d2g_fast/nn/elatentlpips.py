@@ -407,7 +407,8 @@ class ELatentLPIPS(nn.Module):
                 channels_last = (compute_dtype == torch.bfloat16 if self.channels_last is None
                                  else bool(self.channels_last))
                 return self.net.fast_features(x, dtype=compute_dtype, channels_last=channels_last)
-            return self.net(x)
+            # Reference / train-mode trunk: the layers as they are, in the parameters' dtype.
+            return self.net(x.to(self.net.slice1[0].weight.dtype))
 
     def _reference_distance(self, f0: torch.Tensor, f1: torch.Tensor, k: int) -> torch.Tensor:
         """Per-layer map (N, 1, h, w) written out op by op (dropout included)."""
