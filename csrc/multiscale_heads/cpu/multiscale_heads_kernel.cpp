@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/checks.h"
@@ -21,6 +23,22 @@ namespace msheads {
 namespace {
 
 constexpr int64_t kTile = 64;
+
+// Stores of the feature gradient. c10's float -> bfloat16 conversion branches on NaN, which
+// stops the vectoriser; this branch-free round-to-nearest-even gives the same result for every
+// finite value (and keeps quiet NaNs NaN).
+template <typename scalar_t, typename acc_t>
+inline scalar_t to_output(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+
+template <>
+inline c10::BFloat16 to_output<c10::BFloat16, float>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
 
 struct Task {
   int64_t k, n;
@@ -125,7 +143,7 @@ void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_
         const acc_t xhat = (acc_t(row[i]) - mean[i]) * rstd[i];
         const acc_t s = sigmoid_normalised(xhat);
         const acc_t d = g[i] * wc * (s * (acc_t(1) + xhat * (acc_t(1) - s)));
-        out[i] = static_cast<scalar_t>(feature_grad(d, xhat, rstd[i], sum_d[i], sum_dx[i]));
+        out[i] = to_output<scalar_t, acc_t>(feature_grad(d, xhat, rstd[i], sum_d[i], sum_dx[i]));
         dw_acc += g[i] * xhat * s;
       }
       dw[c] += dw_acc;
