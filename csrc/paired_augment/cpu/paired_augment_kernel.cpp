@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "paired_augment/paired_augment.h"
@@ -65,6 +67,118 @@ struct PlaneIn {
   int64_t sh, sw;
 };
 
+// ---- explicit-upsampling variant (float32 and half types) -------------------------------------
+// For float accumulation the kernel materialises the 2x upsampled padded image U of the sample
+// (all planes interleaved) with separable, contiguous passes and samples it bilinearly (4 taps
+// per grid point instead of 49). Same operator, different association of the sums; float64
+// keeps the 7x7 path, so the CPU tests also exercise the per-point math the CUDA kernel uses.
+
+
+template <int NP, typename acc_t>
+void upsample_padded(const Geometry& g, const acc_t* f, int np_runtime, const acc_t* packed,
+                     std::vector<acc_t>& R, std::vector<acc_t>& U) {
+  const int np = NP > 0 ? NP : np_runtime;
+  const int Hp = g.Hp, Wp = g.Wp, UW = 2 * Wp, UH = 2 * Hp;
+  R.assign(static_cast<size_t>(Hp) * UW * np, acc_t(0));
+  for (int i = 0; i < Hp; ++i) {
+    const int sy = source_index(i, g.my0, g.Hp, g.H);
+    acc_t* r = R.data() + static_cast<size_t>(i) * UW * np;
+    for (int j = 0; j < Wp; ++j) {
+      const int sx = source_index(j, g.mx0, g.Wp, g.W);
+      const acc_t* v = packed + (static_cast<size_t>(sy) * g.W + sx) * np;
+      for (int t = 0; t < kTaps; ++t) {
+        const int b = 2 * j + t - 5;
+        if (b < 0 || b >= UW) continue;
+        const acc_t w = acc_t(2) * f[t];
+        acc_t* rb = r + static_cast<size_t>(b) * np;
+        for (int p = 0; p < np; ++p) rb[p] += w * v[p];
+      }
+    }
+  }
+  U.assign(static_cast<size_t>(UH) * UW * np, acc_t(0));
+  const size_t row = static_cast<size_t>(UW) * np;
+  for (int i = 0; i < Hp; ++i)
+    for (int t = 0; t < kTaps; ++t) {
+      const int a = 2 * i + t - 5;
+      if (a < 0 || a >= UH) continue;
+      const acc_t w = acc_t(2) * f[t];
+      acc_t* u = U.data() + static_cast<size_t>(a) * row;
+      const acc_t* r = R.data() + static_cast<size_t>(i) * row;
+      for (size_t q = 0; q < row; ++q) u[q] += w * r[q];
+    }
+}
+
+// Transpose of upsample_padded: gU -> gradient of the packed sample (accumulated into gpacked).
+template <int NP, typename acc_t>
+void upsample_padded_adjoint(const Geometry& g, const acc_t* f, int np_runtime, const std::vector<acc_t>& gU,
+                             std::vector<acc_t>& R, acc_t* gpacked) {
+  const int np = NP > 0 ? NP : np_runtime;
+  const int Hp = g.Hp, Wp = g.Wp, UW = 2 * Wp, UH = 2 * Hp;
+  const size_t row = static_cast<size_t>(UW) * np;
+  R.assign(static_cast<size_t>(Hp) * row, acc_t(0));
+  for (int i = 0; i < Hp; ++i)
+    for (int t = 0; t < kTaps; ++t) {
+      const int a = 2 * i + t - 5;
+      if (a < 0 || a >= UH) continue;
+      const acc_t w = acc_t(2) * f[t];
+      acc_t* r = R.data() + static_cast<size_t>(i) * row;
+      const acc_t* u = gU.data() + static_cast<size_t>(a) * row;
+      for (size_t q = 0; q < row; ++q) r[q] += w * u[q];
+    }
+  for (int i = 0; i < Hp; ++i) {
+    const int sy = source_index(i, g.my0, g.Hp, g.H);
+    const acc_t* r = R.data() + static_cast<size_t>(i) * row;
+    for (int j = 0; j < Wp; ++j) {
+      const int sx = source_index(j, g.mx0, g.Wp, g.W);
+      acc_t* v = gpacked + (static_cast<size_t>(sy) * g.W + sx) * np;
+      for (int t = 0; t < kTaps; ++t) {
+        const int b = 2 * j + t - 5;
+        if (b < 0 || b >= UW) continue;
+        const acc_t w = acc_t(2) * f[t];
+        const acc_t* rb = r + static_cast<size_t>(b) * np;
+        for (int p = 0; p < np; ++p) v[p] += w * rb[p];
+      }
+    }
+  }
+}
+
+// Bilinear taps of U for grid point (lx, ly): indices clamped into U, out-of-range taps weight 0
+// (grid_sample's zero padding).
+template <typename acc_t>
+struct Bilinear {
+  size_t i00, i01, i10, i11;  // element offsets of the 4 taps (times np)
+  acc_t w00, w01, w10, w11;
+};
+
+template <typename acc_t>
+inline void bilinear_at(const double* P, const Geometry& g, int lx, int ly, int np, Bilinear<acc_t>& b) {
+  const int UW = 2 * g.Wp, UH = 2 * g.Hp;
+  const Coord a = sample_coord(P, lx + 1, ly + 1);
+  auto axis = [](double v, int size, int& i0, int& i1, acc_t& w0, acc_t& w1) {
+    if (!(v > -4.0)) v = -4.0;
+    if (v > size + 4.0) v = size + 4.0;
+    const double fl = std::floor(v);
+    const int k = static_cast<int>(fl);
+    const acc_t fr = static_cast<acc_t>(v - fl);
+    w0 = (k >= 0 && k < size) ? acc_t(1) - fr : acc_t(0);
+    w1 = (k + 1 >= 0 && k + 1 < size) ? fr : acc_t(0);
+    i0 = std::min(std::max(k, 0), size - 1);
+    i1 = std::min(std::max(k + 1, 0), size - 1);
+  };
+  int x0, x1, y0, y1;
+  acc_t wx0, wx1, wy0, wy1;
+  axis(a.x, UW, x0, x1, wx0, wx1);
+  axis(a.y, UH, y0, y1, wy0, wy1);
+  b.i00 = (static_cast<size_t>(y0) * UW + x0) * np;
+  b.i01 = (static_cast<size_t>(y0) * UW + x1) * np;
+  b.i10 = (static_cast<size_t>(y1) * UW + x0) * np;
+  b.i11 = (static_cast<size_t>(y1) * UW + x1) * np;
+  b.w00 = wy0 * wx0;
+  b.w01 = wy0 * wx1;
+  b.w10 = wy1 * wx0;
+  b.w11 = wy1 * wx1;
+}
+
 // Geometric transform of every plane of one sample. The planes (both tensors, all channels) are
 // first interleaved pixel-major (packed[pixel][p]), so that each of the 49 taps of a grid point
 // is one contiguous, vectorisable multiply-add over all planes; the weights of a grid point are
@@ -75,7 +189,8 @@ struct PlaneIn {
 template <int NP, typename scalar_t, typename acc_t>
 void geometry_sample(const double* P, const Geometry& g, const acc_t* f,
                      const std::vector<PlaneIn<scalar_t>>& planes, std::vector<acc_t>& packed,
-                     std::vector<acc_t>& S, std::vector<acc_t>& tmp, acc_t* out) {
+                     std::vector<acc_t>& S, std::vector<acc_t>& tmp, std::vector<acc_t>& R,
+                     std::vector<acc_t>& U, acc_t* out) {
   const int GH = grid_points(g.H), GW = grid_points(g.W), H = g.H, W = g.W;
   const int np = NP > 0 ? NP : static_cast<int>(planes.size());
   for (int p = 0; p < np; ++p) {
@@ -84,6 +199,18 @@ void geometry_sample(const double* P, const Geometry& g, const acc_t* f,
       for (int x = 0; x < W; ++x)
         packed[(static_cast<size_t>(y) * W + x) * np + p] = static_cast<acc_t>(pl.ptr[y * pl.sh + x * pl.sw]);
   }
+  if constexpr (sizeof(acc_t) == 4) {
+    upsample_padded<NP>(g, f, np, packed.data(), R, U);
+    Bilinear<acc_t> b;
+    for (int ly = 0; ly < GH; ++ly)
+      for (int lx = 0; lx < GW; ++lx) {
+        bilinear_at(P, g, lx, ly, np, b);
+        acc_t* s = S.data() + (static_cast<size_t>(ly) * GW + lx) * np;
+        const acc_t *u00 = U.data() + b.i00, *u01 = U.data() + b.i01, *u10 = U.data() + b.i10,
+                    *u11 = U.data() + b.i11;
+        for (int p = 0; p < np; ++p) s[p] = b.w00 * u00[p] + b.w01 * u01[p] + b.w10 * u10[p] + b.w11 * u11[p];
+      }
+  } else {
   AxisWeights<acc_t> wx, wy;
   for (int ly = 0; ly < GH; ++ly)
     for (int lx = 0; lx < GW; ++lx) {
@@ -99,6 +226,7 @@ void geometry_sample(const double* P, const Geometry& g, const acc_t* f,
         }
       }
     }
+  }
   // downsample along x: tmp[ly][qx][p] = sum_k f[k] S[ly][2 qx + k][p]
   for (int ly = 0; ly < GH; ++ly)
     for (int qx = 0; qx < W; ++qx) {
@@ -129,7 +257,7 @@ void geometry_sample(const double* P, const Geometry& g, const acc_t* f,
 template <int NP, typename acc_t>
 void geometry_adjoint(const double* P, const Geometry& g, const acc_t* f, int np_runtime,
                       const acc_t* gout, std::vector<acc_t>& packed, std::vector<acc_t>& S,
-                      std::vector<acc_t>& tmp, acc_t* gin) {
+                      std::vector<acc_t>& tmp, std::vector<acc_t>& R, std::vector<acc_t>& U, acc_t* gin) {
   const int np = NP > 0 ? NP : np_runtime;
   const int GH = grid_points(g.H), GW = grid_points(g.W), H = g.H, W = g.W;
   const size_t G = static_cast<size_t>(GH) * GW, HW = static_cast<size_t>(H) * W;
@@ -152,6 +280,24 @@ void geometry_adjoint(const double* P, const Geometry& g, const acc_t* f, int np
         for (int p = 0; p < np; ++p) sr[p] += f[k] * t[p];
       }
     }
+  if constexpr (sizeof(acc_t) == 4) {
+    U.assign(static_cast<size_t>(4) * g.Hp * g.Wp * np, acc_t(0));
+    Bilinear<acc_t> b;
+    for (int ly = 0; ly < GH; ++ly)
+      for (int lx = 0; lx < GW; ++lx) {
+        const acc_t* s = S.data() + (static_cast<size_t>(ly) * GW + lx) * np;
+        bilinear_at(P, g, lx, ly, np, b);
+        acc_t *u00 = U.data() + b.i00, *u01 = U.data() + b.i01, *u10 = U.data() + b.i10,
+              *u11 = U.data() + b.i11;
+        for (int p = 0; p < np; ++p) {
+          u00[p] += b.w00 * s[p];
+          u01[p] += b.w01 * s[p];
+          u10[p] += b.w10 * s[p];
+          u11[p] += b.w11 * s[p];
+        }
+      }
+    upsample_padded_adjoint<NP>(g, f, np, U, R, packed.data());
+  } else {
   AxisWeights<acc_t> wx, wy;
   for (int ly = 0; ly < GH; ++ly)
     for (int lx = 0; lx < GW; ++lx) {
@@ -169,6 +315,7 @@ void geometry_adjoint(const double* P, const Geometry& g, const acc_t* f, int np
         }
       }
     }
+  }
   for (int p = 0; p < np; ++p)
     for (size_t i = 0; i < HW; ++i) gin[p * HW + i] = packed[i * np + p];
 }
@@ -199,7 +346,7 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
   const size_t T = ins.size(), HWs = static_cast<size_t>(HW);
   at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
     // per task: buf = the (T, C, H, W) values being transformed, gbuf = geometric result
-    std::vector<acc_t> S, tmp, packed, buf(T * C * HWs), gbuf, cmean(HW);
+    std::vector<acc_t> S, tmp, packed, R, U, buf(T * C * HWs), gbuf, cmean(HW);
     std::vector<uint8_t> keep(HW, 1);
     std::vector<PlaneIn<scalar_t>> planes(T * C);
     if (geom) {
@@ -225,11 +372,11 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
               planes[t * C + ch] = {ins[t].data_ptr<scalar_t>() + n * ins[t].stride(0) + ch * ins[t].stride(1),
                                     ins[t].stride(2), ins[t].stride(3)};
           if (planes.size() == 8) {
-            geometry_sample<8>(P, g, f, planes, packed, S, tmp, buf.data());
+            geometry_sample<8>(P, g, f, planes, packed, S, tmp, R, U, buf.data());
           } else if (planes.size() == 4) {
-            geometry_sample<4>(P, g, f, planes, packed, S, tmp, buf.data());
+            geometry_sample<4>(P, g, f, planes, packed, S, tmp, R, U, buf.data());
           } else {
-            geometry_sample<0>(P, g, f, planes, packed, S, tmp, buf.data());
+            geometry_sample<0>(P, g, f, planes, packed, S, tmp, R, U, buf.data());
           }
         } else {
           for (size_t t = 0; t < T; ++t) {
@@ -286,11 +433,11 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
         if (geom) {
           const int np = static_cast<int>(T * C);
           if (np == 8) {
-            geometry_adjoint<8>(P, g, f, np, buf.data(), packed, S, tmp, gbuf.data());
+            geometry_adjoint<8>(P, g, f, np, buf.data(), packed, S, tmp, R, U, gbuf.data());
           } else if (np == 4) {
-            geometry_adjoint<4>(P, g, f, np, buf.data(), packed, S, tmp, gbuf.data());
+            geometry_adjoint<4>(P, g, f, np, buf.data(), packed, S, tmp, R, U, gbuf.data());
           } else {
-            geometry_adjoint<0>(P, g, f, np, buf.data(), packed, S, tmp, gbuf.data());
+            geometry_adjoint<0>(P, g, f, np, buf.data(), packed, S, tmp, R, U, gbuf.data());
           }
           src = gbuf.data();
         }
