@@ -1,9 +1,12 @@
-// CPU kernels of the paired latent augmentation.
-// Forward, per sample (tasks run in parallel over the batch): the separable 7x7 weights of
-// every grid point are computed once and used at once for both tensors and all channels (49
-// taps per point and plane); each plane is then downsampled separably; colour and cutout are
-// applied while writing. Backward is the transposed operator, plane by plane, with
-// the scatter into the input gradient done by the task that owns the sample (deterministic).
+// CPU kernels of the paired latent augmentation. Tasks run in parallel over the batch; a task
+// transforms every plane of its sample (both tensors, all channels) at once, interleaved
+// pixel-major so the inner loops run over planes (SIMD).
+// Forward: float32 / half types build the 2x upsampled reflect-padded image with separable
+// contiguous passes and sample it bilinearly at the grid points (4 taps); float64 evaluates each
+// grid point directly as the separable 7x7 weighted sum that the CUDA kernel uses (so the float64
+// tests exercise that shared math). Then separable 2x downsampling, colour and cutout.
+// Backward: the transposed operator, with every scatter owned by the sample's task
+// (deterministic, no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
