@@ -8,11 +8,12 @@ made non-negative (ours clamp negative heads at load); then the official state d
 into ours.
 
 Tolerances. In float64 both implementations compute the same function: loss and input gradient
-agree to 1e-10. In float32 the losses agree to 1e-5. The float32 input GRADIENT of the
-official package is itself 4e-5 .. 1e-3 (relative L2) away from its own float64 value at these
-sizes (the unit normalisation of small feature vectors amplifies rounding), while ours is
-about 10x closer, so the float32 gradients of both are compared with the float64 official
-gradient: ours within 1e-4, and never worse than the official's own float32 error.
+agree to 1e-10. In float32 the losses agree to 1e-5 (max relative) and the input gradients to
+1e-5 in relative L2 norm (measured: 4e-8 .. 9e-7). An elementwise max-relative gradient bound
+is not used: float32 rounding in the unit normalisation of near-zero feature vectors makes
+single elements of EITHER implementation differ from the float64 value by more (up to 1e-3 of
+the largest element with some random trunks). So the float32 gradients are also compared with
+the float64 official gradient: ours within 1e-4 and no worse than the official's own error.
 """
 from __future__ import annotations
 
@@ -128,6 +129,8 @@ def test_loss_and_input_gradient_match_official(which, kw, pair4, pair16):
     assert max_rel(our64, off64) < 1e-10, f"fp64 loss max rel err {max_rel(our64, off64):.3g}"
     assert max_rel(g_our64, g_off64) < 1e-9, f"fp64 grad max rel err {max_rel(g_our64, g_off64):.3g}"
 
+    direct = norm_rel(g_our32, g_off32)
+    assert direct < 1e-5, f"fp32 grad rel L2 err vs official fp32 {direct:.3g}"
     ours_err, official_err = norm_rel(g_our32, g_off64), norm_rel(g_off32, g_off64)
     assert ours_err < 1e-4, f"fp32 grad rel L2 err {ours_err:.3g} (official fp32: {official_err:.3g})"
     assert ours_err <= max(official_err, 1e-5), (ours_err, official_err)
