@@ -61,6 +61,7 @@ for f in $ORDER $(ls benchmarks/bench_*.py | xargs -n1 basename | sed 's/\.py$//
   step "$name" "${BENCH_TIMEOUT:-${BOX[$name]:-30}}" $PY benchmarks/run.py --device cuda --only "$name" --min-time 0.1 --out "$OUT"
 done
 
+{
 echo
 echo "===================== d2g_fast GPU check summary ====================="
 cat "$OUT/gpu.txt"
@@ -70,3 +71,6 @@ for k in "${!STATUS[@]}"; do printf "%-28s %6s %8s\n" "$k" "${STATUS[$k]}" "${TI
 echo "--- benchmark rows, forward and forward+backward (median ms, x ref; all rows in $OUT/bench-gpu-*.md) ---"
 cat "$OUT"/bench-gpu-*.md 2>/dev/null | grep -E "^\| " | grep -v -E "^\| op|^\|---" | \
   awk -F'|' '$5 !~ /^ bwd/ {printf "%-20s %-30s %-16s %-8s %10s ms  x%s\n", $2, $3, $4, $5, $6, $10}' | head -n 90
+} | tee "$OUT/summary.txt"
+[ -n "${GPU_CHECK_TAR:-}" ] && tar czf "$GPU_CHECK_TAR" -C "$OUT" .
+exit 0
