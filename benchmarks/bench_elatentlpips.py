@@ -8,6 +8,7 @@ gradient with respect to ``pred``).
 Providers
   official            elatentlpips 0.2 (random weights, trunk fixed to the latent channels),
                       augmentation off (ensembling=False), fp32
+  official-tf32       the same with cuDNN TF32 convs allowed (PyTorch's default on a GPU)
   official+aug        the same with its "bg" augmentation (CPU only: on a GPU it JIT-compiles
                       StyleGAN ops on first call)
   ref                 d2g_fast.ELatentLPIPS(impl="ref"): BatchNorm unfolded, distances op by op
@@ -119,7 +120,17 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
             raise SkipCase("the official augmentation JIT-compiles CUDA ops on first use")
         if provider.startswith("official"):
             model = _official(c, "bg" if provider.endswith("+aug") else None, device)
-            loss = lambda a, b: model(a, b, ensembling=provider.endswith("+aug"))  # noqa: E731
+            tf32 = provider.endswith("tf32")
+
+            def loss(a, b):
+                # The runner turns TF32 off; PyTorch's default lets cuDNN convs use TF32, which
+                # is what an official user gets out of the box: "official-tf32" measures that.
+                saved = torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32 = tf32 or saved
+                try:
+                    return model(a, b, ensembling=provider.endswith("+aug"))
+                finally:
+                    torch.backends.cudnn.allow_tf32 = saved
         elif provider.startswith("pixel"):
             if c != 4:
                 raise SkipCase("the SD1.5 VAE decodes 4-channel latents")
@@ -170,7 +181,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     elif cuda:
         fast = ["official", "fast-fp32", "fast-bf16"]
         plan = [
-            (16, 4, 64, 64, LATENT_PROVIDERS),                      # SD1.5, the headline case
+            (16, 4, 64, 64, LATENT_PROVIDERS + ["official-tf32"]),  # SD1.5, the headline case
             (1, 4, 64, 64, fast), (8, 4, 64, 64, fast),
             (1, 4, 128, 128, fast), (8, 4, 128, 128, fast), (16, 4, 128, 128, fast),  # SDXL
             (16, 16, 64, 64, fast),                                 # SD3 / FLUX 16-channel
