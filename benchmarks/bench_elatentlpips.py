@@ -120,17 +120,7 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
             raise SkipCase("the official augmentation JIT-compiles CUDA ops on first use")
         if provider.startswith("official"):
             model = _official(c, "bg" if provider.endswith("+aug") else None, device)
-            tf32 = provider.endswith("tf32")
-
-            def loss(a, b):
-                # The runner turns TF32 off; PyTorch's default lets cuDNN convs use TF32, which
-                # is what an official user gets out of the box: "official-tf32" measures that.
-                saved = torch.backends.cudnn.allow_tf32
-                torch.backends.cudnn.allow_tf32 = tf32 or saved
-                try:
-                    return model(a, b, ensembling=provider.endswith("+aug"))
-                finally:
-                    torch.backends.cudnn.allow_tf32 = saved
+            loss = lambda a, b: model(a, b, ensembling=provider.endswith("+aug"))  # noqa: E731
         elif provider.startswith("pixel"):
             if c != 4:
                 raise SkipCase("the SD1.5 VAE decodes 4-channel latents")
@@ -165,6 +155,19 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
             out.sum().backward()
             return out
 
+        if provider.endswith("tf32"):
+            # The runner turns TF32 off; PyTorch's default lets cuDNN convs use TF32, which is
+            # what an official user gets out of the box: "official-tf32" measures that.
+            def with_tf32(fn):
+                def run():
+                    saved = torch.backends.cudnn.allow_tf32
+                    torch.backends.cudnn.allow_tf32 = True
+                    try:
+                        return fn()
+                    finally:
+                        torch.backends.cudnn.allow_tf32 = saved
+                return run
+            fwd, fwd_bwd = with_tf32(fwd), with_tf32(fwd_bwd)
         return {"fwd": fwd, "fwd+bwd": fwd_bwd}
     return make
 
