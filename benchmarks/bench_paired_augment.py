@@ -85,7 +85,7 @@ def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, dev
 def cases(device: str, quick: bool) -> list[Case]:
     cuda = device.startswith("cuda")
     providers = ["official", "ref", "cuda", "triton"] if cuda else ["official", "ref", "cpu"]
-    batches = (4, 16) if (cuda or not quick) else (4,)
+    batches = (16, 4) if cuda else ((4, 16) if not quick else (4,))  # the GPU target (N=16) first
     presets = ("bg", "bgco") if not quick else ("bg",)
     C, H, W = 4, 64, 64
     out = []
