@@ -42,9 +42,10 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 export D2G_CUDA_ARCHS=9.0 MAX_JOBS=${MAX_JOBS:-16}
 step build "${BUILD_TIMEOUT:-110}" $PY -m pip install -v --no-build-isolation --no-deps -e .
 step build_info 60 $PY -c "import d2g_fast; d2g_fast.build_info()"
-# pytest-xdist (when installed) spreads the Triton JIT compiles over the cores.
+# pytest-xdist (when installed) spreads the Triton JIT compiles over the cores. -v prints one
+# line per test as it finishes, so a run cut short by its time box still names its failures.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-step tests "${TESTS_TIMEOUT:-90}" env D2G_POISON=1 $PY -m pytest -q $XDIST -m "cuda or triton" -p no:cacheprovider \
+step tests "${TESTS_TIMEOUT:-150}" env D2G_POISON=1 $PY -m pytest -v -rfE $XDIST -m "cuda or triton" -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" ${GPU_TESTS:-tests}
 # Each benchmark file in its own process and time box, so one slow file cannot eat the budget
 # (run.py rewrites its CSV/markdown after every case: a file cut short keeps what it measured).
@@ -66,6 +67,7 @@ echo
 echo "===================== d2g_fast GPU check summary ====================="
 cat "$OUT/gpu.txt"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
+grep -E "FAILED|ERROR" "$OUT/tests.log" | grep -v "^E " | head -n 20
 printf "%-28s %6s %8s\n" step rc seconds
 for k in "${!STATUS[@]}"; do printf "%-28s %6s %8s\n" "$k" "${STATUS[$k]}" "${TIMES[$k]}"; done | sort
 echo "--- benchmark rows, forward and forward+backward (median ms, x ref; all rows in $OUT/bench-gpu-*.md) ---"
