@@ -10,23 +10,12 @@ import warnings
 
 import pytest
 import torch
+from d2g_helpers import randomize_batchnorm
 
 from d2g_fast import ELatentLPIPS
 from d2g_fast.functional import e_latent_lpips
 from d2g_fast.nn.elatentlpips import heads_filename, trunk_filename
 from d2g_fast.nn.latent_vgg import trunk_state_dict_to_classifier
-
-
-def randomize_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
 def make_model(encoder="sd15", seed=0, **kwargs) -> ELatentLPIPS:

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from d2g_helpers import randomize_batchnorm
 
 from d2g_fast.nn.latent_vgg import (
     SLICE_ENDS,
@@ -13,19 +14,6 @@ from d2g_fast.nn.latent_vgg import (
     trunk_state_dict_from_classifier,
     trunk_state_dict_to_classifier,
 )
-
-
-def randomize_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial running statistics and affine parameters, so folding is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
 @pytest.fixture(scope="module")
