@@ -42,8 +42,10 @@ test: build
 demo: build
 	$(PY) -m d2g_fast.demo
 
+# CPU benchmarks at CPU-friendly shapes; BENCH_ARGS="" for the issues' full CPU shapes (slow).
+BENCH_ARGS ?= --quick --min-time 0.2
 bench: build
-	$(PY) benchmarks/run.py --device cpu
+	$(PY) benchmarks/run.py --device cpu $(BENCH_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_OUT)
