@@ -50,10 +50,6 @@ def _has_cpp_op() -> bool:
     return _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, OP)
 
 
-def _has_triton_op() -> bool:
-    return hasattr(torch.ops.d2g_fast, OP + "_triton")
-
-
 def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams, impl: str = "auto"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the per-sample transform ``params`` identically to ``x`` and ``y`` (N, C, H, W).
@@ -61,11 +57,6 @@ def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams, impl
     Differentiable in x and y.  Identity parameters return copies of the inputs."""
     _check_inputs(x, y, params)
     backend = _dispatch.resolve_impl(OP, impl, x.device)
-    if backend == "triton" and not _has_triton_op():
-        if impl == "auto":
-            backend = "ref"
-        else:
-            raise RuntimeError(f"{OP}: impl='triton' cannot run: no Triton kernel is registered")
     if backend in ("cpu", "cuda") and not _has_cpp_op():
         raise RuntimeError(f"{OP}: impl={backend!r} cannot run: the compiled extension has no "
                            f"'{OP}' op (rebuild it: make build)")
@@ -134,9 +125,5 @@ if _has_cpp_op():
     _register(OP, "")
 
 if _dispatch.triton_status()[0]:
-    try:
-        from d2g_fast.triton import paired_augment as _triton_impl  # noqa: F401  (registers ops)
-    except ImportError:  # no Triton kernel module (yet)
-        _triton_impl = None
-    if _has_triton_op():
-        _register(OP, "_triton")
+    from d2g_fast.triton import paired_augment as _triton_impl  # noqa: F401  (registers ops)
+    _register(OP, "_triton")
