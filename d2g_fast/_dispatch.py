@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -86,6 +87,23 @@ def resolve_impl(op: str, impl: str, device: torch.device,
     for candidate in order:
         if _unavailable_reason(candidate, device) is None:
             if candidate == "ref" and device.type in ("cpu", "cuda"):
-                _ext.warn_missing_once(op)
+                _warn_reference_once(op, device, order)
             return candidate
     return "ref"
+
+
+_WARNED_DEVICES: set = set()
+
+
+def _warn_reference_once(op: str, device: torch.device, order: tuple[str, ...]) -> None:
+    """A fast path was expected but none can run: say so once per device type, with why."""
+    if device.type in _WARNED_DEVICES:
+        return
+    _WARNED_DEVICES.add(device.type)
+    if not _ext.ext_loaded():
+        _ext.warn_missing_once(op)
+        return
+    reasons = "; ".join(f"{c}: {_unavailable_reason(c, device)}" for c in order if c != "ref")
+    warnings.warn(f"d2g_fast: no fast backend for '{op}' on {device.type} ({reasons}); using the "
+                  f"slow pure-PyTorch reference. Pass impl='ref' to silence this.",
+                  RuntimeWarning, stacklevel=3)
