@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m d2g_fast.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:  # bad input: one line naming the argument, no traceback
+        print(f"d2g demo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
