@@ -127,3 +127,17 @@ def test_import_does_not_touch_the_network():
         print("OK")
     """)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
+def test_auto_on_a_device_without_fast_backend_warns_once(monkeypatch):
+    """'auto' on a CUDA device with neither CUDA kernels nor Triton: the reference, said once."""
+    monkeypatch.setitem(_ext._STATE, "cuda", False)
+    monkeypatch.setattr(_dispatch, "triton_status", lambda: (False, "ImportError: no triton"))
+    monkeypatch.setattr(_dispatch, "_WARNED_DEVICES", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="no fast backend for 'op' on cuda.*built without CUDA kernels"):
+        assert _dispatch.resolve_impl("op", "auto", cuda) == "ref"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.resolve_impl("op", "auto", cuda) == "ref"
