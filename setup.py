@@ -122,7 +122,8 @@ def extensions():
     with_cuda, why = want_cuda()
     debug = _flag("D2G_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-fvisibility=hidden"]
+    # -g0: Python's own CFLAGS carry -g, which makes the library five times larger for no use in a release.
+    cxx = opt + ([] if debug else ["-g0"]) + ["-fopenmp", "-fvisibility=hidden"]
     define_macros = []
     archs = ""
     nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
