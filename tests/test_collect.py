@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from d2g_helpers import one_thread
 
 pytest.importorskip("diffusers")  # the GPU machine may lack it
 pytest.importorskip("transformers")
@@ -28,12 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def _one_thread_collect():
-    # Tiny models run 10-100x faster on one thread than with OpenMP on a busy 2-core machine;
-    # subprocesses get OMP_NUM_THREADS=1 for the same reason (and torchrun sets it anyway).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """DiffusionDiscriminator: built from a teacher UNet, equal to it at initialisation, switches."""
 import pytest
 import torch
+from d2g_helpers import one_thread
 
 from d2g_asserts import assert_close
 
@@ -12,11 +13,8 @@ from d2g_fast.models import DiffusionDiscriminator, DiscriminatorConfig  # noqa:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny tensors: one thread is faster and steadier on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def tiny_unet(seed=0, **overrides):

@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from d2g_helpers import one_thread
 import torch.nn.functional as F
 
 from d2g_asserts import assert_close
@@ -17,11 +18,8 @@ from d2g_fast.models import DiffusionDiscriminator  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny tensors: one thread is faster and steadier on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def tiny_unet(seed=0):

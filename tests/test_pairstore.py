@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from d2g_helpers import one_thread
 
 pytest.importorskip("diffusers")  # the GPU machine may lack it
 pytest.importorskip("transformers")
@@ -17,25 +18,19 @@ from d2g_fast.testing import tiny_sdxl_pipeline  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _one_thread_pairstore():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def pairstore_folder(tmp_path_factory):
     """A finished store of 7 SDXL pairs in shards of 3 (3 + 3 + 1), with embeddings."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         out = str(tmp_path_factory.mktemp("pairstore") / "pairs")
         teacher = Teacher.from_pipeline(tiny_sdxl_pipeline())
         collect(teacher, load_prompts(None)[:5], out, 7, steps=2, guidance=3.0, batch_size=2,
                 shard_size=3, seed=1, store_embeddings=True, progress=False,
                 log=lambda *_: None)
-    finally:
-        torch.set_num_threads(before)
     return out
 
 

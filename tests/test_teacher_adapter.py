@@ -1,6 +1,7 @@
 """The teacher adapter reproduces the diffusers pipelines (output_type="latent")."""
 import pytest
 import torch
+from d2g_helpers import one_thread
 
 pytest.importorskip("diffusers")  # the GPU machine may lack it
 pytest.importorskip("transformers")
@@ -15,11 +16,8 @@ from d2g_fast.testing import (save_tiny_sd_pipeline, tiny_sd_pipeline,  # noqa: 
 
 @pytest.fixture(autouse=True)
 def _one_thread_teacher():
-    # Tiny models run 10-100x faster on one thread than with OpenMP on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 PROMPTS = ["a red fox in the snow", "the lighthouse on a cliff", "x"]
