@@ -186,9 +186,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         # Ordered by importance: a time-boxed GPU run keeps the first cases.
         plan = [
             (16, 4, 64, 64, LATENT_PROVIDERS + ["official-tf32"]),  # SD1.5, the headline case
-            (8, 4, 64, 64, PIXEL_PROVIDERS + ["fast-fp32", "fast-bf16+aug"]),  # vs decode + LPIPS
             (16, 4, 128, 128, fast),                                # SDXL
             (16, 16, 64, 64, fast),                                 # SD3 / FLUX 16-channel
+            (8, 4, 64, 64, PIXEL_PROVIDERS + ["fast-fp32", "fast-bf16+aug"]),  # vs decode + LPIPS
             (1, 4, 64, 64, fast), (8, 4, 64, 64, fast),
             (1, 4, 128, 128, fast), (8, 4, 128, 128, fast),
             (1, 4, 64, 64, PIXEL_PROVIDERS + ["fast-bf16+aug"]),
