@@ -12,16 +12,21 @@ TORCH_LIBRARY(d2g_fast, m) {
       "lpips_distance_backward(Tensor grad, Tensor f0, Tensor f1, Tensor weight, Tensor stats, "
       "bool spatial, bool need_f0, bool need_f1) -> (Tensor, Tensor)");
   // Paired latent augmentation (csrc/paired_augment): the same per-sample transform applied to
-  // x and (optionally) y. params = AugmentParams.packed() (N, 13) float64, margins = reflect
-  // padding (x0, y0, x1, y1), flags = 1 geometry | 2 colour | 4 cutout
-  // (| 8 = without the brightness offset: the linear part). Without y the second
+  // x and (optionally) y. params = AugmentParams.packed() (N, 17) float64 (columns 13..16:
+  // the batch's reflect-padding margins x0, y0, x1, y1), flags = 1 geometry | 2 colour |
+  // 4 cutout (| 8 = without the brightness offset: the linear part). Without y the second
   // output is an empty tensor. The backward applies the transposed operator to one or two
   // gradients (it is linear, and the same for x and y).
+  m.def("paired_augment(Tensor x, Tensor? y, Tensor params, int flags) -> (Tensor, Tensor)");
   m.def(
-      "paired_augment(Tensor x, Tensor? y, Tensor params, int[] margins, int flags) -> (Tensor, Tensor)");
+      "paired_augment_backward(Tensor grad_x, Tensor? grad_y, Tensor params, int flags) -> "
+      "(Tensor, Tensor)");
+  // Draws those params on out's device (N = out.size(0)) from a counter-based RNG, no host
+  // synchronisation: preset_flags = 1 b | 2 g | 4 c | 8 o, p = probability multiplier;
+  // seed (>= 0) replaces the generator.
   m.def(
-      "paired_augment_backward(Tensor grad_x, Tensor? grad_y, Tensor params, int[] margins, "
-      "int flags) -> (Tensor, Tensor)");
+      "augment_params_sample_(Tensor(a!) out, int C, int H, int W, int preset_flags, float p, "
+      "Generator? generator=None, int? seed=None) -> ()");
   // Fused multi-scale discriminator heads (csrc/multiscale_heads): K heads of per-pixel
   // LayerNorm over channels -> SiLU -> 1x1 conv to one logit, and the non-saturating loss
   // sum_k head_weights[k] * mean softplus(-target[n] * logit). Returns (loss, scores (K, N)

@@ -14,6 +14,11 @@ probability multiplier at ``p`` (1 by default), so that with the default CPU gen
 identically the same transform is drawn (float32 latents).  ``debug_percentile`` reproduces
 the official deterministic mode; in addition every colour draw equals the percentile (the
 official colour draws ignore it).
+
+:meth:`AugmentParams.sample_on_device` draws the same distributions on the latents' device
+instead (op ``augment_params_sample_``: a counter-based Philox RNG, one kernel launch, no host
+synchronisation, CUDA-graph safe), keeping only the packed tensor; the draws differ from the
+host ones (another RNG).  :meth:`AugmentParams.to_host` rebuilds the host fields from it.
 """
 from __future__ import annotations
 
@@ -40,6 +45,14 @@ CUTOUT_SIZE = 0.5    # cutout rectangle size, relative to the image size
 # Half the support (in input pixels) of the 12-tap resampling filter: the pipeline pads by
 # twice this (6 pixels) beyond the transformed corners.
 FILTER_PAD = 3
+
+# Columns of the packed parameter tensor (AugmentParams.packed): sampling affine (0-5),
+# brightness offset (6), contrast (7), saturation (8), cutout centre x, y (9, 10), cutout
+# half-size x, y (11, 12), batch reflect-padding margins x0, y0, x1, y1 (13-16).
+PACKED_COLUMNS = 17
+MARGIN_COLUMNS = slice(13, 17)
+# Preset letters as the bits of the sampler op's preset_flags.
+PRESET_BITS = {"b": 1, "g": 2, "c": 4, "o": 8}
 
 
 def parse_preset(preset: str) -> str:
@@ -82,8 +95,10 @@ def _rotate(theta: np.ndarray, n):
 @dataclass
 class AugmentParams:
     """Parameters of one paired augmentation of a batch of ``batch_size`` latents of size
-    ``height`` x ``width``.  Tensors live on the CPU (tiny); :meth:`packed` ships what the
-    kernels need to the latents' device in one copy."""
+    ``height`` x ``width``.  Host-drawn: the fields below live on the CPU (tiny) and
+    :meth:`packed` ships what the kernels need to the latents' device in one copy.
+    Device-drawn (:meth:`sample_on_device`): only ``packed_params`` and ``preset`` are set;
+    :meth:`to_host` rebuilds the other fields (one device-to-host copy)."""
 
     batch_size: int
     height: int
@@ -95,6 +110,10 @@ class AugmentParams:
     saturation: torch.Tensor | None = None       # (N,) factor 2u
     cutout_center: torch.Tensor | None = None    # (N, 2) centre (x, y), relative to the size
     cutout_size: torch.Tensor | None = None      # (N, 2) size (x, y), relative (0 = no cutout)
+    # (N, 17) float64 packed parameters, authoritative when set (device-drawn parameters, or
+    # the host copy that to_host / from_packed keep so the reference uses the exact values).
+    packed_params: torch.Tensor | None = None
+    preset: str | None = None  # the preset of device-drawn parameters (their flags, host-side)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -211,17 +230,101 @@ class AugmentParams:
             out.cutout_center, out.cutout_size = center, size
         return out
 
+    @classmethod
+    def sample_on_device(cls, preset: str, batch_size: int, height: int, width: int, *,
+                         num_channels: int = 4, p: float = 1.0,
+                         device: torch.device | str = "cuda",
+                         generator: torch.Generator | None = None,
+                         seed: int | None = None) -> "AugmentParams":
+        """Draw one transform per sample on ``device`` with the compiled sampler op: the same
+        distributions as :meth:`sample` (not the same numbers), one kernel launch, no host
+        synchronisation, so it can be captured in a CUDA graph (each replay draws anew).
+
+        ``generator``: a ``torch.Generator`` on ``device``'s type (None = that device's default
+        generator; ``torch.manual_seed`` reproduces the draws).  ``seed`` (>= 0) replaces the
+        generator: the same seed gives bitwise the same random integers on the CPU and the GPU.
+        ``debug_percentile`` is host-only (:meth:`sample`)."""
+        from d2g_fast import _ext  # noqa: PLC0415 (the extension is optional)
+        preset = parse_preset(preset)
+        for name, v in (("batch_size", batch_size), ("height", height), ("width", width),
+                        ("num_channels", num_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (0.0 <= float(p) <= 1.0):
+            raise ValueError(f"p must be in [0, 1], got {p!r}")
+        device = torch.device(device)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator must be a torch.Generator on a {device.type} device "
+                             f"(the draws run on {device}), got one on {generator.device}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if not device_sampler_available():
+            raise RuntimeError("AugmentParams.sample_on_device needs the compiled extension with "
+                               "the 'augment_params_sample_' op (rebuild it: make build)"
+                               + ("" if _ext.ext_loaded() else "; the extension is not loaded"))
+        packed = torch.empty((batch_size, PACKED_COLUMNS), dtype=torch.float64, device=device)
+        bits = sum(PRESET_BITS[ch] for ch in preset)
+        torch.ops.d2g_fast.augment_params_sample_(packed, num_channels, height, width, bits,
+                                                  float(p), generator, seed)
+        return cls(batch_size, height, width, packed_params=packed, preset=preset)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, preset: str, height: int, width: int
+                    ) -> "AugmentParams":
+        """Host parameters rebuilt from a packed (N, 17) tensor drawn for ``preset`` (copies it
+        to the CPU): g_inv (float32), margins, colour and cutout fields.  The object keeps the
+        float64 packed copy, which stays authoritative for :meth:`packed` and the reference."""
+        preset = parse_preset(preset)
+        if not (isinstance(packed, torch.Tensor) and packed.dim() == 2
+                and packed.shape[1] == PACKED_COLUMNS):
+            raise ValueError(f"packed must be a (N, {PACKED_COLUMNS}) tensor, got "
+                             f"{tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed)}")
+        host = packed.detach().to("cpu", torch.float64).contiguous()
+        a = host.numpy()
+        n = a.shape[0]
+        out = cls(n, int(height), int(width), packed_params=host, preset=preset)
+        if "b" in preset or "g" in preset:
+            out.margins = tuple(int(v) for v in a[0, MARGIN_COLUMNS])
+            out.g_inv = torch.from_numpy(g_inv_from_packed(a, height, width).astype(np.float32))
+        if "c" in preset:
+            out.brightness = torch.from_numpy(a[:, 6].astype(np.float32))
+            out.contrast = torch.from_numpy(a[:, 7].astype(np.float32))
+            out.saturation = torch.from_numpy(a[:, 8].astype(np.float32))
+        if "o" in preset:
+            out.cutout_center = torch.from_numpy(a[:, 9:11].astype(np.float32))
+            out.cutout_size = torch.from_numpy((2 * a[:, 11:13]).astype(np.float32))
+        return out
+
+    @property
+    def device_drawn(self) -> bool:
+        """True while only the packed tensor is set (drawn by :meth:`sample_on_device`)."""
+        return (self.packed_params is not None and self.g_inv is None and self.brightness is None
+                and self.cutout_center is None)
+
+    def to_host(self) -> "AugmentParams":
+        """These parameters with every host field filled: device-drawn ones are rebuilt from a
+        CPU copy of the packed tensor (a synchronisation); others are returned as they are."""
+        if not self.device_drawn:
+            return self
+        return AugmentParams.from_packed(self.packed_params, self.preset, self.height, self.width)
+
     # ---- properties ----------------------------------------------------------------------------
     @property
     def has_geometry(self) -> bool:
+        if self.preset is not None:
+            return "b" in self.preset or "g" in self.preset
         return self.g_inv is not None
 
     @property
     def has_colour(self) -> bool:
+        if self.preset is not None:
+            return "c" in self.preset
         return self.brightness is not None
 
     @property
     def has_cutout(self) -> bool:
+        if self.preset is not None:
+            return "o" in self.preset
         return self.cutout_center is not None
 
     @property
@@ -247,6 +350,8 @@ class AugmentParams:
 
     def _affine_numpy(self) -> np.ndarray:
         n, h, w = self.batch_size, self.height, self.width
+        if self.packed_params is not None:
+            return self.packed_params.detach().to("cpu", torch.float64).numpy()[:, 0:6].copy()
         if self.g_inv is None:
             return np.zeros((n, 6))
         g = self.g_inv.numpy().astype(np.float64)
@@ -263,10 +368,14 @@ class AugmentParams:
 
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
                ) -> torch.Tensor:
-        """(N, 13) tensor for the kernels: sampling affine (6), brightness offset, contrast
-        factor, saturation factor, cutout centre x, y, cutout half-size x, y."""
+        """(N, 17) tensor for the kernels: sampling affine (6), brightness offset, contrast
+        factor, saturation factor, cutout centre x, y, cutout half-size x, y, reflect-padding
+        margins x0, y0, x1, y1 (the same in every row).  Device-drawn parameters return their
+        tensor as it is (moved only if asked for another device)."""
+        if self.packed_params is not None:
+            return self.packed_params.to(device=device, dtype=dtype, non_blocking=True)
         n = self.batch_size
-        p = np.zeros((n, 13))
+        p = np.zeros((n, PACKED_COLUMNS))
         p[:, 0:6] = self._affine_numpy()
         p[:, 7:9] = 1.0
         if self.brightness is not None:
@@ -276,6 +385,8 @@ class AugmentParams:
         if self.cutout_center is not None:
             p[:, 9:11] = self.cutout_center.numpy()
             p[:, 11:13] = self.cutout_size.numpy() / 2
+        if self.g_inv is not None:
+            p[:, MARGIN_COLUMNS] = self.margins
         t = torch.from_numpy(p)
         if device != "cpu" and torch.device(device).type == "cuda":
             t = t.pin_memory()  # a real asynchronous copy: no host synchronisation
@@ -286,12 +397,37 @@ class AugmentParams:
         return int(self.has_geometry) | 2 * int(self.has_colour) | 4 * int(self.has_cutout)
 
 
-def compute_margins(g_inv: torch.Tensor, height: int, width: int) -> tuple[int, int, int, int]:
+def device_sampler_available() -> bool:
+    """Whether the compiled extension has the device-side sampler op."""
+    from d2g_fast import _ext  # noqa: PLC0415
+    return _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_")
+
+
+def g_inv_from_packed(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, 3, 3) float64 inverse matrices recovered from packed rows (the inverse of how
+    :meth:`AugmentParams.packed` builds the sampling affine from g_inv and the margins)."""
+    a = np.asarray(packed, dtype=np.float64)
+    n = a.shape[0]
+    ox, oy = 0.5 - (width + 2 * FILTER_PAD) / 2, 0.5 - (height + 2 * FILTER_PAD) / 2
+    centre = ((width - 1) / 2, (height - 1) / 2)
+    g = np.zeros((n, 3, 3))
+    g[:, 2, 2] = 1.0
+    for row in range(2):
+        g[:, row, 0] = a[:, 3 * row]
+        g[:, row, 1] = a[:, 3 * row + 1]
+        g[:, row, 2] = (a[:, 3 * row + 2] / 2 - a[:, 13 + row] - centre[row]
+                        - a[:, 3 * row] * ox - a[:, 3 * row + 1] * oy)
+    return g
+
+
+def compute_margins(g_inv: torch.Tensor, height: int, width: int, dtype=np.float32
+                    ) -> tuple[int, int, int, int]:
     """Reflect-padding margins (x0, y0, x1, y1) that cover where the output corners land in the
     input plus the filter support, taken over the whole batch, clamped to size - 1 (the most
     a reflection can pad).  Float32 arithmetic like the reference pipeline, so the ceil agrees
-    even where a corner lands a rounding error away from an integer."""
-    f32 = np.float32
+    even where a corner lands a rounding error away from an integer (``dtype=np.float64`` for
+    device-drawn, float64 matrices)."""
+    f32 = dtype
     cx, cy = (width - 1) / 2, (height - 1) / 2
     corners = np.array([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=f32)
     where = np.asarray(g_inv, dtype=f32) @ corners.T                # (N, 3, 4)

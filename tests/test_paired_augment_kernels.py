@@ -160,7 +160,7 @@ def test_cpu_opcheck():
     x, y = _inputs((2, 3, 9, 8), torch.float32, "cpu", "contiguous")
     params = AugmentParams.sample("bgco", 2, 9, 8, num_channels=3, generator=torch.Generator().manual_seed(0))
     args = (x.requires_grad_(True), y.requires_grad_(True), params.packed("cpu", torch.float64),
-            list(params.margins), params.flags())
+            params.flags())
     torch.library.opcheck(torch.ops.d2g_fast.paired_augment.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -172,13 +172,21 @@ def test_cpu_bad_arguments_name_them():
     packed = params.packed("cpu", torch.float64)
     op = torch.ops.d2g_fast.paired_augment
     with pytest.raises(RuntimeError, match="'params'"):
-        op(x, y, packed.float(), list(params.margins), params.flags())
-    with pytest.raises(RuntimeError, match="'margins'"):
-        op(x, y, packed, [0, 0, 100, 0], params.flags())
+        op(x, y, packed.float(), params.flags())
+    with pytest.raises(RuntimeError, match="'params'"):
+        op(x, y, packed[:, :13].contiguous(), params.flags())
+    bad = packed.clone()
+    bad[1, 15] = 100  # margin x1 beyond W - 1
+    with pytest.raises(RuntimeError, match=r"'params'\[1, 15\] \(margin x1\)"):
+        op(x, y, bad, params.flags())
+    bad = packed.clone()
+    bad[0, 13] = 0.5  # not a whole number of pixels
+    with pytest.raises(RuntimeError, match=r"'params'\[0, 13\]"):
+        op(x, y, bad, params.flags())
     with pytest.raises(RuntimeError, match="'x' and 'y'"):
-        op(x, y[:, :2], packed, list(params.margins), params.flags())
+        op(x, y[:, :2], packed, params.flags())
     with pytest.raises(RuntimeError, match="'flags'"):
-        op(x, y, packed, list(params.margins), 99)
+        op(x, y, packed, 99)
 
 
 # ------------------------------------------------------------------------------------- CUDA
@@ -245,8 +253,8 @@ def test_cuda_matches_cpu_kernel_and_compiles():
     gx, gy = paired_augment(x.cuda(), y.cuda(), params, impl="cuda")
     _check(gx.cpu(), cx, 1e-5, "cuda vs cpu x")
     _check(gy.cpu(), cy, 1e-5, "cuda vs cpu y")
-    packed, margins, flags = params.packed("cuda", torch.float64), list(params.margins), params.flags()
-    fn = torch.compile(lambda a, b: torch.ops.d2g_fast.paired_augment(a, b, packed, margins, flags),
+    packed, flags = params.packed("cuda", torch.float64), params.flags()
+    fn = torch.compile(lambda a, b: torch.ops.d2g_fast.paired_augment(a, b, packed, flags),
                        fullgraph=True)
     cx2, _ = fn(x.cuda(), y.cuda())
     _check(cx2.cpu(), cx, 1e-5, "compiled cuda vs cpu")

@@ -1,5 +1,7 @@
 #include "paired_augment/paired_augment.h"
 
+#include <cmath>
+
 #include "common/checks.h"
 #include "paired_augment/paired_augment_math.h"
 
@@ -7,8 +9,7 @@ namespace d2g {
 namespace augment {
 
 void check_args(const char* op, const char* name_x, const at::Tensor& x, const char* name_y,
-                const std::optional<at::Tensor>& y, const at::Tensor& params,
-                at::IntArrayRef margins, int64_t flags) {
+                const std::optional<at::Tensor>& y, const at::Tensor& params, int64_t flags) {
   check_floating(x, op, name_x);
   check_dim(x, 4, op, name_x, "(N, C, H, W)");
   TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op, ": '", name_x,
@@ -30,18 +31,40 @@ void check_args(const char* op, const char* name_x, const at::Tensor& x, const c
               ") = (", x.size(0), ", ", kParams, ") (AugmentParams.packed), got ",
               params.scalar_type(), " ", params.sizes());
   check_same_device(x, params, op, name_x, "params");
-  TORCH_CHECK(margins.size() == 4, op, ": 'margins' must have 4 entries (x0, y0, x1, y1), got ",
-              margins.size());
-  const int64_t H = x.size(2), W = x.size(3);
-  for (int i = 0; i < 4; ++i) {
-    const int64_t limit = (i % 2 == 0 ? W : H) - 1;
-    TORCH_CHECK(margins[i] >= 0 && margins[i] <= limit, op, ": 'margins'[", i,
-                "] must be in [0, ", limit, "] (a reflection pads at most size - 1), got ",
-                margins[i]);
+  if (params.device().is_cpu()) {
+    const int64_t H = x.size(2), W = x.size(3);
+    const double* P = params.data_ptr<double>();
+    for (int64_t n = 0; n < params.size(0); ++n)
+      for (int i = 0; i < 4; ++i) {
+        const double m = P[n * kParams + kMarginCol + i];
+        const int64_t limit = (i % 2 == 0 ? W : H) - 1;
+        TORCH_CHECK(m >= 0 && m <= limit && m == std::floor(m), op, ": 'params'[", n, ", ",
+                    kMarginCol + i, "] (margin ", "xyxy"[i], i < 2 ? "0" : "1",
+                    ") must be a whole number in [0, ", limit,
+                    "] (a reflection pads at most size - 1), got ", m);
+      }
   }
   TORCH_CHECK(flags >= 0 && flags <= 15, op,
               ": 'flags' must be a bit mask of 1 (geometry), 2 (colour), 4 (cutout), 8 (linear "
               "part only), got ", flags);
+}
+
+void check_sample_args(const char* op, const at::Tensor& out, int64_t C, int64_t H, int64_t W,
+                       int64_t preset_flags, double p, const std::optional<int64_t>& seed) {
+  TORCH_CHECK(out.defined() && out.scalar_type() == at::kDouble && out.dim() == 2 &&
+                  out.size(0) > 0 && out.size(1) == kParams && out.is_contiguous(),
+              op, ": 'out' must be a contiguous float64 tensor of shape (N, ", kParams,
+              ") with N > 0, got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(out.size(0) < (int64_t{1} << 31), op, ": 'out' has too many rows (", out.size(0), ")");
+  TORCH_CHECK(C > 0 && C < (1 << 20), op, ": 'C' must be in [1, 2^20), got ", C);
+  TORCH_CHECK(H > 0 && H < (1 << 20), op, ": 'H' must be in [1, 2^20), got ", H);
+  TORCH_CHECK(W > 0 && W < (1 << 20), op, ": 'W' must be in [1, 2^20), got ", W);
+  TORCH_CHECK(preset_flags > 0 && preset_flags <= 15, op,
+              ": 'preset_flags' must be a non-empty bit mask of 1 (b), 2 (g), 4 (c), 8 (o), got ",
+              preset_flags);
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": 'p' must be in [0, 1], got ", p);
+  TORCH_CHECK(!seed.has_value() || *seed >= 0, op, ": 'seed' must be >= 0, got ",
+              seed.has_value() ? *seed : 0);
 }
 
 at::Tensor alloc_like(const at::Tensor& t) {

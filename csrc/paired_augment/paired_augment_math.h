@@ -27,7 +27,8 @@ namespace augment {
 
 constexpr int kTaps = 12;    // sym6 low-pass filter
 constexpr int kSpan = 7;     // padded-input pixels read by one sampling point, per axis
-constexpr int kParams = 13;  // packed per-sample parameters, see AugmentParams.packed()
+constexpr int kParams = 17;  // packed per-sample parameters, see AugmentParams.packed()
+constexpr int kMarginCol = 13;  // columns 13..16: reflect-padding margins x0, y0, x1, y1
 // kLinear drops the brightness offset: the linear part of the operator (the transpose of the
 // backward, used for double backward).
 enum Flags : int { kGeometry = 1, kColour = 2, kCutout = 4, kLinear = 8 };

@@ -3,6 +3,9 @@
 ``paired_augment(x, y, params, impl="auto") -> (x_aug, y_aug)`` applies the transform described
 by an :class:`~d2g_fast.augment_params.AugmentParams` identically to ``x`` and ``y``
 (N, C, H, W; float32 / float64 / float16 / bfloat16; any strides).  Gradients flow to x and y.
+Every kernel reads the parameters, the reflect-padding margins included, from the packed
+(N, 17) float64 tensor, so device-drawn parameters (AugmentParams.sample_on_device) never
+cause a host synchronisation.
 
 Backends: "ref" (d2g_fast/ref/paired_augment.py), "cpu" and "cuda" (C++ op
 ``torch.ops.d2g_fast.paired_augment``), "triton" (``torch.ops.d2g_fast.paired_augment_triton``,
@@ -63,44 +66,43 @@ def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams, impl
     if params.is_identity:
         return x.clone(), y.clone()
     if backend == "ref":
-        return _ref.paired_augment(x, y, params)
+        return _ref.paired_augment(x, y, params)  # rebuilds host fields of device-drawn params
     packed = params.packed(x.device, torch.float64)
-    margins, flags = list(params.margins), params.flags()
     op = torch.ops.d2g_fast.paired_augment_triton if backend == "triton" else torch.ops.d2g_fast.paired_augment
-    x_aug, y_aug = op(x, y, packed, margins, flags)
+    x_aug, y_aug = op(x, y, packed, params.flags())
     return x_aug, y_aug
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.library registrations: autograd (the transposed operator), fake kernels.
 
-def _fake_apply(x, y, params, margins, flags):
+def _fake_apply(x, y, params, flags):
     x_out = torch.empty_like(x, memory_format=torch.preserve_format)
     y_out = torch.empty_like(y, memory_format=torch.preserve_format) if y is not None else x.new_empty((0,))
     return x_out, y_out
 
 
 def _setup_context(ctx, inputs, output):
-    _, y, params, margins, flags = inputs
+    _, y, params, flags = inputs
     ctx.save_for_backward(params)
-    ctx.margins, ctx.flags, ctx.has_y = list(margins), int(flags), y is not None
+    ctx.flags, ctx.has_y = int(flags), y is not None
 
 
 def _make_backward(apply_transposed):
-    """Backward of a linear op applied to (a, b?): apply_transposed(ga, gb?, params, margins,
-    flags) applies the transposed operator to one or two gradients in one launch."""
+    """Backward of a linear op applied to (a, b?): apply_transposed(ga, gb?, params, flags)
+    applies the transposed operator to one or two gradients in one launch."""
     def backward(ctx, grad_a, grad_b):
         (params,) = ctx.saved_tensors
         need_a = ctx.needs_input_grad[0]
         need_b = ctx.has_y and ctx.needs_input_grad[1]
         ga = gb = None
         if need_a and need_b:
-            ga, gb = apply_transposed(grad_a, grad_b, params, ctx.margins, ctx.flags)
+            ga, gb = apply_transposed(grad_a, grad_b, params, ctx.flags)
         elif need_a:
-            ga = apply_transposed(grad_a, None, params, ctx.margins, ctx.flags)[0]
+            ga = apply_transposed(grad_a, None, params, ctx.flags)[0]
         elif need_b:
-            gb = apply_transposed(grad_b, None, params, ctx.margins, ctx.flags)[0]
-        return ga, gb, None, None, None
+            gb = apply_transposed(grad_b, None, params, ctx.flags)[0]
+        return ga, gb, None, None
     return backward
 
 
@@ -112,17 +114,22 @@ def _register(prefix: str, suffix: str) -> None:
         torch.library.register_fake(f"d2g_fast::{prefix}_backward")(_fake_apply)
     torch.library.register_autograd(
         f"d2g_fast::{prefix}{suffix}",
-        _make_backward(lambda ga, gb, p, m, f: bwd(ga, gb, p, m, f)),
+        _make_backward(lambda ga, gb, p, f: bwd(ga, gb, p, f)),
         setup_context=_setup_context)
     # The backward is linear in the gradients; its transpose is the forward's linear part.
     torch.library.register_autograd(
         f"d2g_fast::{prefix}_backward{suffix}",
-        _make_backward(lambda ga, gb, p, m, f: fwd(ga, gb, p, m, f | LINEAR_FLAG)),
+        _make_backward(lambda ga, gb, p, f: fwd(ga, gb, p, f | LINEAR_FLAG)),
         setup_context=_setup_context)
 
 
 if _has_cpp_op():
     _register(OP, "")
+
+if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_"):
+    @torch.library.register_fake("d2g_fast::augment_params_sample_")
+    def _fake_sample(out, C, H, W, preset_flags, p, generator=None, seed=None):
+        return None
 
 if _dispatch.triton_status()[0]:
     from d2g_fast.triton import paired_augment as _triton_impl  # noqa: F401  (registers ops)

@@ -112,7 +112,9 @@ def _augment_one(img: torch.Tensor, params: AugmentParams) -> torch.Tensor:
 
 def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the transform described by ``params`` identically to ``x`` and ``y`` (N, C, H, W)."""
+    """Apply the transform described by ``params`` identically to ``x`` and ``y`` (N, C, H, W).
+    Device-drawn parameters are first copied to the host (AugmentParams.to_host)."""
+    params = params.to_host()
     if params.is_identity:
         return x.clone(), y.clone()
     return _augment_one(x, params), _augment_one(y, params)

@@ -19,6 +19,7 @@ from d2g_fast.ref.paired_augment import resampling_filter
 from d2g_fast.triton._common import poisoned_empty_like
 
 GEOMETRY, COLOUR, CUTOUT, LINEAR = 1, 2, 4, 8
+# params rows are 17 float64 (AugmentParams.packed): the margins are columns 13..16.
 BLOCK_POINTS = 128
 BLOCK_PIXELS = 256
 
@@ -49,10 +50,23 @@ def _axis_weights(a, m0, size, padded, f_ptr):
 
 
 @triton.jit
-def _point_weights(params_ptr, n, idx, GW, mx0, my0, H, W, Hp, Wp, f_ptr):
+def _sample_margins(params_ptr, n, H, W):
+    """Sample n's margins (columns 13..16, written on the device: read, not checked on the host;
+    clamped to [0, size - 1] so a malformed row cannot index out of bounds) and padded sizes."""
+    P = params_ptr + n * 17
+    mx0 = tl.minimum(tl.maximum(tl.load(P + 13), 0.0), W - 1.0).to(tl.int32)
+    my0 = tl.minimum(tl.maximum(tl.load(P + 14), 0.0), H - 1.0).to(tl.int32)
+    mx1 = tl.minimum(tl.maximum(tl.load(P + 15), 0.0), W - 1.0).to(tl.int32)
+    my1 = tl.minimum(tl.maximum(tl.load(P + 16), 0.0), H - 1.0).to(tl.int32)
+    return mx0, my0, H + my0 + my1, W + mx0 + mx1
+
+
+@triton.jit
+def _point_weights(params_ptr, n, idx, GW, H, W, f_ptr):
+    mx0, my0, Hp, Wp = _sample_margins(params_ptr, n, H, W)
     ly = idx // GW
     lx = idx % GW
-    P = params_ptr + n * 13
+    P = params_ptr + n * 17
     jx = (lx + 1).to(tl.float64)
     jy = (ly + 1).to(tl.float64)
     ax = tl.load(P + 0) * jx + tl.load(P + 1) * jy + tl.load(P + 2)
@@ -81,11 +95,11 @@ def _keep(qx, qy, W, H, P):
 
 @triton.jit
 def _grid_points_kernel(x_ptr, s_ptr, params_ptr, f_ptr, sxn, sxc, sxh, sxw,
-                        C, H, W, mx0, my0, Hp, Wp, GH, GW, BLOCK: tl.constexpr):
+                        C, H, W, GH, GW, BLOCK: tl.constexpr):
     n = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < GH * GW
-    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, mx0, my0, H, W, Hp, Wp, f_ptr)
+    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, H, W, f_ptr)
     base = x_ptr + n * sxn
     for c in range(C):
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -117,7 +131,7 @@ def _downsample_kernel(s_ptr, o_ptr, params_ptr, f_ptr, son, soc, soh, sow, C, H
         row = tl.load(ptrs, mask=inb[:, None] & (l16 < 12)[None, :], other=0.0)
         acc += tl.load(f_ptr + k) * tl.sum(row * fl[None, :], axis=1)
     if CUT:
-        acc = tl.where(_keep(qx, qy, W, H, params_ptr + n * 13), acc, 0.0)
+        acc = tl.where(_keep(qx, qy, W, H, params_ptr + n * 17), acc, 0.0)
     tl.store(o_ptr + n * son + c * soc + qy * soh + qx * sow, acc.to(o_ptr.dtype.element_ty), mask=inb)
 
 
@@ -127,7 +141,7 @@ def _colour_kernel(i_ptr, o_ptr, params_ptr, sin, sic, sih, siw, son, soc, soh, 
                    BLOCK: tl.constexpr):
     """One program per sample: colour (or its transpose) and cutout, in place when i == o."""
     n = tl.program_id(0)
-    P = params_ptr + n * 13
+    P = params_ptr + n * 17
     HW = H * W
     mean = 0.0
     if COL:
@@ -177,14 +191,13 @@ def _colour_kernel(i_ptr, o_ptr, params_ptr, sin, sic, sih, siw, son, soc, soh, 
 
 
 @triton.jit
-def _scatter_kernel(g_ptr, out_ptr, params_ptr, f_ptr, C, H, W, mx0, my0, Hp, Wp, GH, GW,
-                    BLOCK: tl.constexpr):
+def _scatter_kernel(g_ptr, out_ptr, params_ptr, f_ptr, C, H, W, GH, GW, BLOCK: tl.constexpr):
     """Transposed geometry: grid-point gradients gathered from the (contiguous float32) output
     gradient g, scattered into out (contiguous float32, zeroed) with atomic adds."""
     n = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < GH * GW
-    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, mx0, my0, H, W, Hp, Wp, f_ptr)
+    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, H, W, f_ptr)
     l16 = tl.arange(0, 16)
     fl = tl.load(f_ptr + l16, mask=l16 < 12, other=0.0)
     qx2 = lx[:, None] - l16[None, :]
@@ -205,21 +218,20 @@ def _scatter_kernel(g_ptr, out_ptr, params_ptr, f_ptr, C, H, W, mx0, my0, Hp, Wp
             tl.atomic_add(oplane + sy_r[:, None] * W + sx, (gs * wy_r)[:, None] * wx, mask=ok)
 
 
-def _geometry_sizes(x: torch.Tensor, margins):
+def _geometry_sizes(x: torch.Tensor):
     N, C, H, W = x.shape
-    mx0, my0, mx1, my1 = (int(m) for m in margins)
-    return N, C, H, W, mx0, my0, H + my0 + my1, W + mx0 + mx1, 2 * H + 10, 2 * W + 10
+    return N, C, H, W, 2 * H + 10, 2 * W + 10
 
 
-def _forward_one(x, params, margins, flags, f):
-    N, C, H, W, mx0, my0, Hp, Wp, GH, GW = _geometry_sizes(x, margins)
+def _forward_one(x, params, flags, f):
+    N, C, H, W, GH, GW = _geometry_sizes(x)
     out = poisoned_empty_like(x)
     geom, col, cut = bool(flags & GEOMETRY), bool(flags & COLOUR), bool(flags & CUTOUT)
     src = x
     if geom:
         s = torch.empty((N, C, GH, GW), device=x.device, dtype=torch.float32)
         wrap_triton(_grid_points_kernel)[(N, triton.cdiv(GH * GW, BLOCK_POINTS))](
-            x, s, params, f, *x.stride(), C, H, W, mx0, my0, Hp, Wp, GH, GW, BLOCK=BLOCK_POINTS)
+            x, s, params, f, *x.stride(), C, H, W, GH, GW, BLOCK=BLOCK_POINTS)
         wrap_triton(_downsample_kernel)[(N * C, triton.cdiv(H * W, BLOCK_PIXELS))](
             s, out, params, f, *out.stride(), C, H, W, GH, GW, CUT=cut and not col, BLOCK=BLOCK_PIXELS)
         src = out
@@ -230,8 +242,8 @@ def _forward_one(x, params, margins, flags, f):
     return out
 
 
-def _backward_one(g, params, margins, flags, f):
-    N, C, H, W, mx0, my0, Hp, Wp, GH, GW = _geometry_sizes(g, margins)
+def _backward_one(g, params, flags, f):
+    N, C, H, W, GH, GW = _geometry_sizes(g)
     geom, col, cut = bool(flags & GEOMETRY), bool(flags & COLOUR), bool(flags & CUTOUT)
     if not geom:
         out = poisoned_empty_like(g)
@@ -245,7 +257,7 @@ def _backward_one(g, params, margins, flags, f):
         LIN=False, BLOCK=BLOCK_PIXELS)
     acc = torch.zeros((N, C, H, W), device=g.device, dtype=torch.float32)
     wrap_triton(_scatter_kernel)[(N, triton.cdiv(GH * GW, BLOCK_POINTS))](
-        gg, acc, params, f, C, H, W, mx0, my0, Hp, Wp, GH, GW, BLOCK=BLOCK_POINTS)
+        gg, acc, params, f, C, H, W, GH, GW, BLOCK=BLOCK_POINTS)
     return acc.to(dtype=g.dtype, memory_format=torch.preserve_format) if g.dtype != torch.float32 else acc
 
 
@@ -261,18 +273,18 @@ def _filter(device) -> torch.Tensor:
 
 @triton_op("d2g_fast::paired_augment_triton", mutates_args={})
 def paired_augment_triton(x: torch.Tensor, y: torch.Tensor | None, params: torch.Tensor,
-                          margins: list[int], flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          flags: int) -> tuple[torch.Tensor, torch.Tensor]:
     f = _filter(x.device)
-    ox = _forward_one(x, params, margins, flags, f)
-    oy = _forward_one(y, params, margins, flags, f) if y is not None else x.new_empty((0,))
+    ox = _forward_one(x, params, flags, f)
+    oy = _forward_one(y, params, flags, f) if y is not None else x.new_empty((0,))
     return ox, oy
 
 
 @triton_op("d2g_fast::paired_augment_backward_triton", mutates_args={})
 def paired_augment_backward_triton(grad_x: torch.Tensor, grad_y: torch.Tensor | None,
-                                   params: torch.Tensor, margins: list[int], flags: int
+                                   params: torch.Tensor, flags: int
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     f = _filter(grad_x.device)
-    gx = _backward_one(grad_x, params, margins, flags, f)
-    gy = _backward_one(grad_y, params, margins, flags, f) if grad_y is not None else grad_x.new_empty((0,))
+    gx = _backward_one(grad_x, params, flags, f)
+    gy = _backward_one(grad_y, params, flags, f) if grad_y is not None else grad_x.new_empty((0,))
     return gx, gy

@@ -29,17 +29,29 @@ struct Geometry {
   int flags;
 };
 
-Geometry geometry_of(const at::Tensor& x, at::IntArrayRef margins, int64_t flags) {
+Geometry geometry_of(const at::Tensor& x, int64_t flags) {
   Geometry g;
   g.N = x.size(0);
   g.C = x.size(1);
   g.H = x.size(2);
   g.W = x.size(3);
-  g.mx0 = margins[0];
-  g.my0 = margins[1];
-  g.Wp = g.W + margins[0] + margins[2];
-  g.Hp = g.H + margins[1] + margins[3];
+  g.mx0 = g.my0 = 0;
+  g.Wp = g.W;
+  g.Hp = g.H;
   g.flags = static_cast<int>(flags);
+  return g;
+}
+
+// The geometry of sample n: its margins are columns 13..16 of its packed row (check_args has
+// verified them: whole numbers in [0, size - 1]).
+Geometry sample_geometry(const Geometry& batch, const double* P) {
+  Geometry g = batch;
+  const int m[4] = {static_cast<int>(P[kMarginCol]), static_cast<int>(P[kMarginCol + 1]),
+                    static_cast<int>(P[kMarginCol + 2]), static_cast<int>(P[kMarginCol + 3])};
+  g.mx0 = m[0];
+  g.my0 = m[1];
+  g.Wp = g.W + m[0] + m[2];
+  g.Hp = g.H + m[1] + m[3];
   return g;
 }
 
@@ -338,16 +350,16 @@ acc_t means(const acc_t* v, int C, int HW, std::vector<acc_t>& channel_mean) {
 
 template <typename scalar_t>
 void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs,
-         const double* params, const Geometry& g, bool adjoint) {
+         const double* params, const Geometry& batch, bool adjoint) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto fd = normalized_filter();
   acc_t f[kTaps];
   for (int i = 0; i < kTaps; ++i) f[i] = static_cast<acc_t>(fd[i]);
-  const bool geom = g.flags & kGeometry, colour = g.flags & kColour, cutout = g.flags & kCutout;
-  const int H = g.H, W = g.W, C = g.C, HW = H * W;
+  const bool geom = batch.flags & kGeometry, colour = batch.flags & kColour, cutout = batch.flags & kCutout;
+  const int H = batch.H, W = batch.W, C = batch.C, HW = H * W;
 
   const size_t T = ins.size(), HWs = static_cast<size_t>(HW);
-  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch.N, 1, [&](int64_t begin, int64_t end) {
     // per task: buf = the (T, C, H, W) values being transformed, gbuf = geometric result
     std::vector<acc_t> S, tmp, packed, R, U, buf(T * C * HWs), gbuf, cmean(HW);
     std::vector<uint8_t> keep(HW, 1);
@@ -360,6 +372,7 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
     }
     for (int64_t n = begin; n < end; ++n) {
       const double* P = params + n * kParams;
+      const Geometry g = sample_geometry(batch, P);
       if (cutout)
         for (int y = 0; y < H; ++y)
           for (int x = 0; x < W; ++x)
@@ -462,15 +475,14 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
 
 std::tuple<at::Tensor, at::Tensor> apply_cpu(const char* op, const char* nx, const char* ny,
                                              const at::Tensor& x, const std::optional<at::Tensor>& y,
-                                             const at::Tensor& params, at::IntArrayRef margins,
-                                             int64_t flags, bool adjoint) {
-  check_args(op, nx, x, ny, y, params, margins, flags);
+                                             const at::Tensor& params, int64_t flags, bool adjoint) {
+  check_args(op, nx, x, ny, y, params, flags);
   std::vector<at::Tensor> ins{x}, outs{alloc_like(x)};
   if (y.has_value()) {
     ins.push_back(*y);
     outs.push_back(alloc_like(*y));
   }
-  const Geometry g = geometry_of(x, margins, flags);
+  const Geometry g = geometry_of(x, flags);
   const at::Tensor p = params.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "paired_augment_cpu", [&] {
     run<scalar_t>(ins, outs, p.data_ptr<double>(), g, adjoint);
@@ -479,16 +491,14 @@ std::tuple<at::Tensor, at::Tensor> apply_cpu(const char* op, const char* nx, con
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y,
-                                               const at::Tensor& params, at::IntArrayRef margins,
-                                               int64_t flags) {
-  return apply_cpu("d2g_fast::paired_augment", "x", "y", x, y, params, margins, flags, false);
+                                               const at::Tensor& params, int64_t flags) {
+  return apply_cpu("d2g_fast::paired_augment", "x", "y", x, y, params, flags, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gx, const std::optional<at::Tensor>& gy,
-                                                const at::Tensor& params, at::IntArrayRef margins,
-                                                int64_t flags) {
-  return apply_cpu("d2g_fast::paired_augment_backward", "grad_x", "grad_y", gx, gy, params, margins,
-                   flags, true);
+                                                const at::Tensor& params, int64_t flags) {
+  return apply_cpu("d2g_fast::paired_augment_backward", "grad_x", "grad_y", gx, gy, params, flags,
+                   true);
 }
 
 }  // namespace

@@ -62,12 +62,31 @@ struct Shape {
   int flags;
 };
 
+// The shape with sample n's margins: columns 13..16 of its packed row (written on the device by
+// the sampler, so they are read here rather than checked on the host). Clamped to [0, size - 1]
+// so that a malformed row cannot index out of bounds.
+__device__ __forceinline__ Shape sample_shape(Shape s, const double* __restrict__ params, int n) {
+  const double* P = params + static_cast<int64_t>(n) * kParams + kMarginCol;
+  int m[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const double limit = (i % 2 == 0 ? s.W : s.H) - 1;
+    m[i] = static_cast<int>(fmin(fmax(P[i], 0.0), limit));  // also maps NaN to 0
+  }
+  s.mx0 = m[0];
+  s.my0 = m[1];
+  s.Wp = s.W + m[0] + m[2];
+  s.Hp = s.H + m[1] + m[3];
+  return s;
+}
+
 // Forward geometry of one output tile; CB channels per shared-memory chunk.
 template <typename scalar_t, typename acc_t, int CB>
 __global__ void __launch_bounds__(kThreads)
     geometry_forward(Ref4<const scalar_t> in0, Ref4<const scalar_t> in1, Ref4<scalar_t> out0,
                      Ref4<scalar_t> out1, const double* __restrict__ params, Taps<acc_t> taps,
-                     Shape s, acc_t* __restrict__ partials) {
+                     Shape batch_shape, acc_t* __restrict__ partials) {
+  const Shape s = sample_shape(batch_shape, params, blockIdx.y);
   __shared__ acc_t S[CB][kRegion][kRegion];
   __shared__ acc_t T[CB][kRegion][kTile];
   __shared__ acc_t red[kThreads / 32];
@@ -242,8 +261,9 @@ __global__ void colour_cutout(Ref4<const scalar_t> in0, Ref4<const scalar_t> in1
 template <typename scalar_t, typename acc_t, int CB>
 __global__ void __launch_bounds__(kThreads)
     geometry_adjoint(Ref4<const scalar_t> gin0, Ref4<const scalar_t> gin1, Ref4<acc_t> gout0,
-                     Ref4<acc_t> gout1, const double* __restrict__ params, Taps<acc_t> taps, Shape s,
-                     const acc_t* __restrict__ partials) {
+                     Ref4<acc_t> gout1, const double* __restrict__ params, Taps<acc_t> taps,
+                     Shape batch_shape, const acc_t* __restrict__ partials) {
+  const Shape s = sample_shape(batch_shape, params, blockIdx.y);
   __shared__ acc_t G[CB][kGradRegion][kGradRegion];  // gradient of the geometric output (halo)
   __shared__ acc_t T[CB][kRegion][kGradRegion];      // after the transposed y downsampling
   const int tile = blockIdx.x, n = blockIdx.y, which = blockIdx.z;
@@ -338,16 +358,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-Shape shape_of(const at::Tensor& x, at::IntArrayRef margins, int64_t flags) {
+Shape shape_of(const at::Tensor& x, int64_t flags) {
   Shape s;
   s.N = x.size(0);
   s.C = x.size(1);
   s.H = x.size(2);
   s.W = x.size(3);
-  s.mx0 = margins[0];
-  s.my0 = margins[1];
-  s.Wp = s.W + margins[0] + margins[2];
-  s.Hp = s.H + margins[1] + margins[3];
+  s.mx0 = s.my0 = 0;  // per sample: sample_shape
+  s.Wp = s.W;
+  s.Hp = s.H;
   s.tiles_x = (s.W + kTile - 1) / kTile;
   s.tiles_y = (s.H + kTile - 1) / kTile;
   s.flags = static_cast<int>(flags);
@@ -426,11 +445,10 @@ void backward_launch(const at::Tensor& gx, const at::Tensor& gy, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y,
-                                                const at::Tensor& params, at::IntArrayRef margins,
-                                                int64_t flags) {
-  check_args("d2g_fast::paired_augment", "x", x, "y", y, params, margins, flags);
+                                                const at::Tensor& params, int64_t flags) {
+  check_args("d2g_fast::paired_augment", "x", x, "y", y, params, flags);
   c10::cuda::CUDAGuard guard(x.device());
-  const Shape s = shape_of(x, margins, flags);
+  const Shape s = shape_of(x, flags);
   const int T = y.has_value() ? 2 : 1;
   at::Tensor ox = alloc_like(x);
   at::Tensor oy = y.has_value() ? alloc_like(*y) : ox;
@@ -443,11 +461,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const std::
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gx, const std::optional<at::Tensor>& gy,
-                                                 const at::Tensor& params, at::IntArrayRef margins,
-                                                 int64_t flags) {
-  check_args("d2g_fast::paired_augment_backward", "grad_x", gx, "grad_y", gy, params, margins, flags);
+                                                 const at::Tensor& params, int64_t flags) {
+  check_args("d2g_fast::paired_augment_backward", "grad_x", gx, "grad_y", gy, params, flags);
   c10::cuda::CUDAGuard guard(gx.device());
-  const Shape s = shape_of(gx, margins, flags);
+  const Shape s = shape_of(gx, flags);
   const int T = gy.has_value() ? 2 : 1;
   const bool geom = s.flags & kGeometry;
   const at::ScalarType acc = !geom ? gx.scalar_type() : gx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
