@@ -30,7 +30,8 @@ TORCH_LIBRARY(d2g_fast, m) {
   // Fused multi-scale discriminator heads (csrc/multiscale_heads): K heads of per-pixel
   // LayerNorm over channels -> SiLU -> 1x1 conv to one logit, and the non-saturating loss
   // sum_k head_weights[k] * mean softplus(-target[n] * logit). Returns (loss, scores (K, N)
-  // spatial-mean logits, stats: per head (3, N, H, W) [logit, mean, rstd] for the backward).
+  // spatial-mean logits, stats: per head (5, N, H, W) [logit, mean, rstd, m1, m2] for the
+  // backward, see csrc/multiscale_heads/multiscale_heads_math.h).
   m.def(
       "multiscale_heads(Tensor[] features, Tensor[] weights, Tensor bias, Tensor target, "
       "float[] head_weights, float eps) -> (Tensor, Tensor, Tensor[])");

@@ -47,10 +47,9 @@ Prepared prepare(const char* op, at::TensorList features, at::TensorList weights
   }
   check_same_device(features[0], target, op, "features[0]", "target");
   p.target = target.to(p.acc).contiguous();
-  std::vector<double> scale(K);
+  p.loss_scale.resize(K);
   for (int64_t k = 0; k < K; ++k)
-    scale[k] = head_weights[k] / double(p.N * features[k].size(2) * features[k].size(3));
-  p.loss_scale = at::tensor(scale, at::TensorOptions().dtype(at::kDouble)).to(p.acc);
+    p.loss_scale[k] = head_weights[k] / double(p.N * features[k].size(2) * features[k].size(3));
   return p;
 }
 
@@ -76,10 +75,10 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_sco
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& f = p.features[k];
     const auto& s = stats[k];
-    TORCH_CHECK(s.defined() && s.dim() == 4 && s.size(0) == 3 && s.size(1) == p.N &&
+    TORCH_CHECK(s.defined() && s.dim() == 4 && s.size(0) == kStatRows && s.size(1) == p.N &&
                     s.size(2) == f.size(2) && s.size(3) == f.size(3) && s.is_contiguous() &&
                     s.scalar_type() == p.acc,
-                op, ": 'stats[", k, "]' must be the contiguous (3, N, H, W) ", p.acc,
+                op, ": 'stats[", k, "]' must be the contiguous (", kStatRows, ", N, H, W) ", p.acc,
                 " tensor returned by the forward, got ", s.sizes(), " ", s.scalar_type());
     check_same_device(f, s, op, "features[k]", "stats[k]");
   }
@@ -87,23 +86,10 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_sco
   check_same_device(p.features[0], grad_scores, op, "features[0]", "grad_scores");
 }
 
-std::tuple<at::Tensor, at::Tensor> finish_forward(const at::Tensor& loss_sums,
-                                                  const at::Tensor& logit_sums, const Prepared& p) {
-  std::vector<double> inv_hw(p.K);
-  for (int64_t k = 0; k < p.K; ++k)
-    inv_hw[k] = 1.0 / double(p.features[k].size(2) * p.features[k].size(3));
-  const auto opts = loss_sums.options();
-  const auto scale = p.loss_scale.to(loss_sums.device());
-  const auto loss = (loss_sums.sum(1) * scale).sum();
-  const auto inv = at::tensor(inv_hw, at::TensorOptions().dtype(at::kDouble)).to(opts);
-  const auto scores = logit_sums * inv.unsqueeze(1);
-  return {loss, scores};
-}
-
 std::vector<at::Tensor> alloc_stats(const Prepared& p) {
   std::vector<at::Tensor> stats;
   for (const auto& f : p.features)
-    stats.push_back(poisoned(at::empty({3, p.N, f.size(2), f.size(3)}, f.options().dtype(p.acc))));
+    stats.push_back(poisoned(at::empty({kStatRows, p.N, f.size(2), f.size(3)}, f.options().dtype(p.acc))));
   return stats;
 }
 

@@ -13,7 +13,7 @@ struct Prepared {
   std::vector<at::Tensor> features;  // K tensors (N, C_k, H_k, W_k), contiguous
   std::vector<at::Tensor> weights;   // K tensors (C_k,), accumulation dtype, contiguous
   at::Tensor target;                 // (N,), accumulation dtype, contiguous
-  at::Tensor loss_scale;             // (K,) head_weight_k / (N H_k W_k), accumulation dtype (CPU)
+  std::vector<double> loss_scale;    // head_weight_k / (N H_k W_k), on the host (no device copy)
   at::ScalarType acc;
   int64_t N;
   int64_t K;
@@ -26,11 +26,8 @@ void check_bias(const at::Tensor& bias, const Prepared& p);
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_scores,
                          at::TensorList stats, const Prepared& p);
 
-// (K, N) loss and logit sums of every (head, sample) -> (loss scalar, scores (K, N)).
-std::tuple<at::Tensor, at::Tensor> finish_forward(const at::Tensor& loss_sums,
-                                                  const at::Tensor& logit_sums, const Prepared& p);
-
-// Per-head stats (3, N, H, W) = [logit, mean, rstd], poisoned under D2G_POISON.
+// Per-head stats (kStatRows = 5, N, H, W) = [logit, mean, rstd, m1, m2] (multiscale_heads_math.h),
+// poisoned under D2G_POISON.
 std::vector<at::Tensor> alloc_stats(const Prepared& p);
 
 }  // namespace msheads

@@ -13,6 +13,12 @@
 //   dxhat_c = g w_c silu'(xhat_c)
 //   df_c    = r (dxhat_c - mean_c(dxhat) - xhat_c mean_c(dxhat xhat))   (LayerNorm backward)
 //   dw_c   += g a_c,  db += g
+// g factors out of both channel means: mean_c(dxhat) = g m1 and mean_c(dxhat xhat) = g m2 with
+//   m1 = mean_c(w_c silu'(xhat_c)),  m2 = mean_c(w_c silu'(xhat_c) xhat_c),
+// which do not depend on the upstream gradient. The forward computes m1 and m2 in its logit pass
+// and stores them with the other per-pixel stats, so the backward reads the features ONCE:
+//   df_c = r g (w_c silu'(xhat_c) - m1 - xhat_c m2).
+// Per-pixel stats, one (N, H, W) plane each: logit, mean, rstd, m1, m2.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +27,8 @@
 
 namespace d2g {
 namespace msheads {
+
+constexpr int64_t kStatRows = 5;  // logit, mean, rstd, m1, m2 (see above)
 
 // exp for the per-channel SiLU, the hot spot of every kernel. On the CPU, std::exp blocks
 // auto-vectorisation, so float uses a branch-free Cody-Waite range reduction and a degree-6
@@ -104,11 +112,19 @@ D2G_HOST_DEVICE acc_t logit_grad(acc_t logit, acc_t target, acc_t grad_loss, acc
   return grad_loss * loss_scale * (-target) * sigmoid(-target * logit) + score_grad;
 }
 
-// LayerNorm backward for one channel given the channel means of dxhat and dxhat * xhat.
+// SiLU and its derivative from one exponential: a = x s, da = s (1 + x (1 - s)), s = sigmoid(x).
 template <typename acc_t>
-D2G_HOST_DEVICE acc_t feature_grad(acc_t dxhat, acc_t xhat, acc_t rstd, acc_t mean_d,
-                                   acc_t mean_dx) {
-  return rstd * (dxhat - mean_d - xhat * mean_dx);
+D2G_HOST_DEVICE void silu_and_grad(acc_t x, acc_t& a, acc_t& da) {
+  const acc_t s = sigmoid_normalised(x);
+  a = x * s;
+  da = s * (acc_t(1) + x * (acc_t(1) - s));
+}
+
+// LayerNorm backward for one channel in the factorised form above:
+// g_rstd = g r, w_dsilu = w_c silu'(xhat_c), m1 / m2 the pixel's stats.
+template <typename acc_t>
+D2G_HOST_DEVICE acc_t feature_grad(acc_t g_rstd, acc_t w_dsilu, acc_t xhat, acc_t m1, acc_t m2) {
+  return g_rstd * (w_dsilu - m1 - xhat * m2);
 }
 
 }  // namespace msheads

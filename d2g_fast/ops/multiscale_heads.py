@@ -31,6 +31,9 @@ from d2g_fast.ref.multiscale_heads import multiscale_heads as multiscale_heads_r
 
 OP = "multiscale_heads"
 MAX_CHANNELS_KERNEL = 7000  # kMaxChannelsCpu in csrc/multiscale_heads/multiscale_heads_math.h
+# Per-pixel stats saved by the C++ forward for the backward: logit, mean, rstd, and the channel
+# means m1, m2 that make the backward one pass (kStatRows in multiscale_heads_math.h).
+STAT_ROWS = 5
 _CUDA_ORDER = ("cuda", "triton", "ref")
 
 
@@ -167,7 +170,7 @@ def _fake_forward(features, weights, bias, target, head_weights, eps):
     n = target.shape[0]
     loss = features[0].new_empty((), dtype=acc)
     scores = features[0].new_empty((len(features), n), dtype=acc)
-    stats = [f.new_empty((3, n, f.shape[2], f.shape[3]), dtype=acc) for f in features]
+    stats = [f.new_empty((STAT_ROWS, n, f.shape[2], f.shape[3]), dtype=acc) for f in features]
     return loss, scores, stats
 
 

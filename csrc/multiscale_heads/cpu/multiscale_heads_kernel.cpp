@@ -1,9 +1,9 @@
 // CPU kernels of the fused multi-scale discriminator heads: every head and sample of one call
 // in ONE parallel loop over (head, sample) tasks. Within a task, pixels go in tiles of kTile
 // along the contiguous NCHW plane; each pass walks the channels once over the tile, so the
-// inner loops are unit-stride and vectorise. Forward: 2 passes over the features (moments,
-// logits); backward: 2 passes (LayerNorm sums, gradients) and nothing else. Sums are
-// per-task (no atomics): results are deterministic.
+// inner loops are unit-stride and vectorise. Forward: 2 passes over the features (moments;
+// logits with the backward's channel means m1, m2); backward: 1 pass (gradients) and nothing
+// else. Sums are per-task (no atomics): results are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -60,10 +60,11 @@ std::vector<Task> make_tasks(const Prepared& p) {
 
 template <typename scalar_t, typename acc_t>
 void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C, int64_t HW,
-                  acc_t eps, acc_t* logit_out, acc_t* mean_out, acc_t* rstd_out, acc_t* loss_sum,
-                  acc_t* logit_sum) {
-  acc_t s1[kTile], s2[kTile], shift[kTile], mean[kTile], rstd[kTile], logit[kTile];
+                  acc_t eps, acc_t* const out[kStatRows], acc_t* loss_sum, acc_t* logit_sum) {
+  acc_t s1[kTile], s2[kTile], shift[kTile], mean[kTile], rstd[kTile], logit[kTile], m1[kTile],
+      m2[kTile];
   acc_t loss_acc = 0, logit_acc = 0;
+  const acc_t inv_c = acc_t(1) / acc_t(C);
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t np = std::min(kTile, HW - p0);
     for (int64_t i = 0; i < np; ++i) {
@@ -81,17 +82,27 @@ void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C
     for (int64_t i = 0; i < np; ++i) {
       moments(s1[i], s2[i], shift[i], C, eps, mean[i], rstd[i]);
       logit[i] = b;
+      m1[i] = m2[i] = acc_t(0);
     }
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* row = f + c * HW + p0;
       const acc_t wc = w[c];
 #pragma omp simd
-      for (int64_t i = 0; i < np; ++i) logit[i] += wc * silu((acc_t(row[i]) - mean[i]) * rstd[i]);
+      for (int64_t i = 0; i < np; ++i) {
+        const acc_t xhat = (acc_t(row[i]) - mean[i]) * rstd[i];
+        acc_t a, da;
+        silu_and_grad(xhat, a, da);
+        logit[i] += wc * a;
+        m1[i] += wc * da;
+        m2[i] += wc * da * xhat;
+      }
     }
     for (int64_t i = 0; i < np; ++i) {
-      logit_out[p0 + i] = logit[i];
-      mean_out[p0 + i] = mean[i];
-      rstd_out[p0 + i] = rstd[i];
+      out[0][p0 + i] = logit[i];
+      out[1][p0 + i] = mean[i];
+      out[2][p0 + i] = rstd[i];
+      out[3][p0 + i] = m1[i] * inv_c;
+      out[4][p0 + i] = m2[i] * inv_c;
       loss_acc += softplus(-t * logit[i]);
       logit_acc += logit[i];
     }
@@ -100,38 +111,24 @@ void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C
   *logit_sum = logit_acc;
 }
 
+// One pass over the features (the LayerNorm channel means come from the forward's m1, m2).
 template <typename scalar_t, typename acc_t>
 void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_t HW,
-                   const acc_t* logit_in, const acc_t* mean_in, const acc_t* rstd_in,
-                   acc_t grad_loss, acc_t loss_scale, acc_t score_grad, scalar_t* df,
-                   acc_t* dw, acc_t* db) {
-  acc_t g[kTile], mean[kTile], rstd[kTile], sum_d[kTile], sum_dx[kTile];
+                   const acc_t* const in[kStatRows], acc_t grad_loss, acc_t loss_scale,
+                   acc_t score_grad, scalar_t* df, acc_t* dw, acc_t* db) {
+  acc_t g[kTile], g_rstd[kTile], mean[kTile], rstd[kTile], m1[kTile], m2[kTile];
   acc_t db_acc = 0;
   for (int64_t c = 0; c < C; ++c) dw[c] = acc_t(0);
-  const acc_t inv_c = acc_t(1) / acc_t(C);
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t np = std::min(kTile, HW - p0);
     for (int64_t i = 0; i < np; ++i) {
-      g[i] = logit_grad(logit_in[p0 + i], t, grad_loss, loss_scale, score_grad);
-      mean[i] = mean_in[p0 + i];
-      rstd[i] = rstd_in[p0 + i];
-      sum_d[i] = sum_dx[i] = acc_t(0);
+      g[i] = logit_grad(in[0][p0 + i], t, grad_loss, loss_scale, score_grad);
+      mean[i] = in[1][p0 + i];
+      rstd[i] = in[2][p0 + i];
+      m1[i] = in[3][p0 + i];
+      m2[i] = in[4][p0 + i];
+      g_rstd[i] = g[i] * rstd[i];
       db_acc += g[i];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* row = f + c * HW + p0;
-      const acc_t wc = w[c];
-#pragma omp simd
-      for (int64_t i = 0; i < np; ++i) {
-        const acc_t xhat = (acc_t(row[i]) - mean[i]) * rstd[i];
-        const acc_t d = g[i] * wc * silu_grad(xhat);
-        sum_d[i] += d;
-        sum_dx[i] += d * xhat;
-      }
-    }
-    for (int64_t i = 0; i < np; ++i) {
-      sum_d[i] *= inv_c;
-      sum_dx[i] *= inv_c;
     }
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* row = f + c * HW + p0;
@@ -141,15 +138,27 @@ void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_
 #pragma omp simd reduction(+ : dw_acc)
       for (int64_t i = 0; i < np; ++i) {
         const acc_t xhat = (acc_t(row[i]) - mean[i]) * rstd[i];
-        const acc_t s = sigmoid_normalised(xhat);
-        const acc_t d = g[i] * wc * (s * (acc_t(1) + xhat * (acc_t(1) - s)));
-        out[i] = to_output<scalar_t, acc_t>(feature_grad(d, xhat, rstd[i], sum_d[i], sum_dx[i]));
-        dw_acc += g[i] * xhat * s;
+        acc_t a, da;
+        silu_and_grad(xhat, a, da);
+        out[i] = to_output<scalar_t, acc_t>(feature_grad(g_rstd[i], wc * da, xhat, m1[i], m2[i]));
+        dw_acc += g[i] * a;
       }
       dw[c] += dw_acc;
     }
   }
   *db = db_acc;
+}
+
+// (K, N) loss and logit sums of every (head, sample) -> (loss scalar, scores (K, N)).
+std::tuple<at::Tensor, at::Tensor> finish_forward(const at::Tensor& loss_sums,
+                                                  const at::Tensor& logit_sums, const Prepared& p) {
+  std::vector<double> inv_hw(p.K);
+  for (int64_t k = 0; k < p.K; ++k)
+    inv_hw[k] = 1.0 / double(p.features[k].size(2) * p.features[k].size(3));
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const auto scale = at::tensor(p.loss_scale, opts).to(loss_sums.scalar_type());
+  const auto inv = at::tensor(inv_hw, opts).to(loss_sums.scalar_type());
+  return {(loss_sums.sum(1) * scale).sum(), logit_sums * inv.unsqueeze(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> multiscale_heads_cpu(
@@ -170,13 +179,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> multiscale_heads_cpu
         const int64_t k = tasks[i].k, n = tasks[i].n;
         const auto& f = p.features[k];
         const int64_t C = f.size(1), HW = f.size(2) * f.size(3);
-        acc_t* st = stats[k].mutable_data_ptr<acc_t>();
+        acc_t* st = stats[k].mutable_data_ptr<acc_t>() + n * HW;
         const int64_t plane = p.N * HW;
+        acc_t* const rows[kStatRows] = {st, st + plane, st + 2 * plane, st + 3 * plane,
+                                        st + 4 * plane};
         forward_task<scalar_t, acc_t>(
             f.const_data_ptr<scalar_t>() + n * C * HW, p.weights[k].const_data_ptr<acc_t>(),
             b.const_data_ptr<acc_t>()[k], p.target.const_data_ptr<acc_t>()[n], C, HW, acc_t(eps),
-            st + n * HW, st + plane + n * HW, st + 2 * plane + n * HW,
-            loss_sums.mutable_data_ptr<acc_t>() + k * p.N + n,
+            rows, loss_sums.mutable_data_ptr<acc_t>() + k * p.N + n,
             logit_sums.mutable_data_ptr<acc_t>() + k * p.N + n);
       }
     });
@@ -212,11 +222,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> multisc
         const auto& f = p.features[k];
         const int64_t C = f.size(1), HW = f.size(2) * f.size(3);
         const int64_t plane = p.N * HW;
-        const acc_t* st = stats[k].const_data_ptr<acc_t>();
+        const acc_t* st = stats[k].const_data_ptr<acc_t>() + n * HW;
+        const acc_t* const rows[kStatRows] = {st, st + plane, st + 2 * plane, st + 3 * plane,
+                                              st + 4 * plane};
         backward_task<scalar_t, acc_t>(
             f.const_data_ptr<scalar_t>() + n * C * HW, p.weights[k].const_data_ptr<acc_t>(),
-            p.target.const_data_ptr<acc_t>()[n], C, HW, st + n * HW, st + plane + n * HW,
-            st + 2 * plane + n * HW, gl_v, p.loss_scale.const_data_ptr<acc_t>()[k],
+            p.target.const_data_ptr<acc_t>()[n], C, HW, rows, gl_v,
+            static_cast<acc_t>(p.loss_scale[k]),
             gs.const_data_ptr<acc_t>()[k * p.N + n] / acc_t(HW),
             grad_features[k].mutable_data_ptr<scalar_t>() + n * C * HW,
             dw_partial[k].mutable_data_ptr<acc_t>() + n * C,
