@@ -272,7 +272,7 @@ class AugmentParams:
     def from_packed(cls, packed: torch.Tensor, preset: str, height: int, width: int
                     ) -> "AugmentParams":
         """Host parameters rebuilt from a packed (N, 17) tensor drawn for ``preset`` (copies it
-        to the CPU): g_inv (float32), margins, colour and cutout fields.  The object keeps the
+        to the CPU): g_inv (float32), margins, colour (float64) and cutout (float32) fields.  The object keeps the
         float64 packed copy, which stays authoritative for :meth:`packed` and the reference."""
         preset = parse_preset(preset)
         if not (isinstance(packed, torch.Tensor) and packed.dim() == 2
@@ -286,10 +286,10 @@ class AugmentParams:
         if "b" in preset or "g" in preset:
             out.margins = tuple(int(v) for v in a[0, MARGIN_COLUMNS])
             out.g_inv = torch.from_numpy(g_inv_from_packed(a, height, width).astype(np.float32))
-        if "c" in preset:
-            out.brightness = torch.from_numpy(a[:, 6].astype(np.float32))
-            out.contrast = torch.from_numpy(a[:, 7].astype(np.float32))
-            out.saturation = torch.from_numpy(a[:, 8].astype(np.float32))
+        if "c" in preset:  # float64: the values the kernels use (the cutout's are float32 there)
+            out.brightness = torch.from_numpy(a[:, 6].copy())
+            out.contrast = torch.from_numpy(a[:, 7].copy())
+            out.saturation = torch.from_numpy(a[:, 8].copy())
         if "o" in preset:
             out.cutout_center = torch.from_numpy(a[:, 9:11].astype(np.float32))
             out.cutout_size = torch.from_numpy((2 * a[:, 11:13]).astype(np.float32))
