@@ -30,9 +30,15 @@ def make_inputs(n=3, shapes=SHAPES, dtype=torch.float32, device="cpu", layout="c
         f = torch.randn(n, c, h, w, generator=g) * (1 + torch.rand(1, c, 1, 1, generator=g)) + offset
         if layout == "channels_last":
             f = f.to(memory_format=torch.channels_last)
-        elif layout == "noncontiguous":
-            f = torch.randn(n, c, h, 2 * w, generator=g)[..., ::2] + offset
-        feats.append(f.to(device=device, dtype=dtype))
+        if layout == "noncontiguous":
+            # Every other column of a wider map: a strided view (the view is taken last, after
+            # the offset and the move, which would otherwise make it contiguous again).
+            wide = torch.randn(n, c, h, 2 * w, generator=g) + offset
+            f = wide.to(device=device, dtype=dtype)[..., ::2]
+            assert not f.is_contiguous()
+        else:
+            f = f.to(device=device, dtype=dtype)
+        feats.append(f)
     ws = [(torch.randn(c, generator=g) / c ** 0.5).to(device=device, dtype=torch.float32
                                                      if dtype != torch.float64 else dtype)
           for c, _, _ in shapes]

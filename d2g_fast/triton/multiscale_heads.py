@@ -2,11 +2,14 @@
 csrc/multiscale_heads/multiscale_heads_math.h; definition in d2g_fast/ref/multiscale_heads.py).
 
 One launch per head and direction (the CUDA kernel runs all heads in one launch). A program
-owns BLOCK_P pixels of one sample and walks the channels in BLOCK_C slices, twice: moments then
-logits (forward), LayerNorm sums then gradients (backward). Tiles follow the tensors' strides,
-so planar, channels_last and non-contiguous features are read in place. Per-program partial
-sums (loss, logits, bias and weight gradients) are reduced by the host: no atomics, results are
-deterministic.
+owns BLOCK_P pixels of one sample and walks the channels in BLOCK_C slices: twice in the
+forward (moments; then the logits and the backward's channel means m1, m2, see
+csrc/multiscale_heads/multiscale_heads_math.h), once in the backward (gradients). Small maps with
+many channels get fewer pixels and wider channel slices per program (_blocks), so that they have
+more programs and shorter loops. Tiles follow the tensors' strides, so planar, channels_last and
+non-contiguous features are read in place. Per-program partial sums (loss, logits, bias and
+weight gradients) are reduced by torch ops afterwards: no atomics, results are deterministic.
+Nothing is copied to the host: the bias and grad_loss are read by the kernels.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def _sigmoid(x):
 @triton.jit
 def _heads_fwd_kernel(
     f_ptr, w_ptr, stats_ptr, loss_part_ptr, logit_part_ptr, target_ptr,
-    bias, eps, C, H, W, N, tiles,
+    bias_ptr, head, eps, C, H, W, N, tiles,
     s_n, s_c, s_h, s_w,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -53,7 +56,9 @@ def _heads_fwd_kernel(
     var = tl.maximum(s2 / C - m * m, 0.0)
     mean = shift + m
     rstd = 1.0 / tl.sqrt(var + eps)
-    logit = tl.zeros((BLOCK_P,), acc_dtype) + bias
+    logit = tl.zeros((BLOCK_P,), acc_dtype) + tl.load(bias_ptr + head).to(acc_dtype)
+    m1 = tl.zeros((BLOCK_P,), acc_dtype)
+    m2 = tl.zeros((BLOCK_P,), acc_dtype)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         c_mask = c < C
@@ -61,12 +66,18 @@ def _heads_fwd_kernel(
         x = tl.load(f_ptr + c[:, None] * s_c + pix[None, :], mask=mask, other=0.0).to(acc_dtype)
         w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
         xhat = (x - mean[None, :]) * rstd[None, :]
-        logit += tl.sum(w[:, None] * xhat * _sigmoid(xhat), axis=0)
+        s = _sigmoid(xhat)
+        w_dsilu = w[:, None] * (s * (1.0 + xhat * (1.0 - s)))  # w silu'(xhat); 0 where masked
+        logit += tl.sum(w[:, None] * xhat * s, axis=0)
+        m1 += tl.sum(w_dsilu, axis=0)
+        m2 += tl.sum(w_dsilu * xhat, axis=0)
     plane = N * HW
     base = n * HW + p
     tl.store(stats_ptr + base, logit, mask=p_mask)
     tl.store(stats_ptr + plane + base, mean, mask=p_mask)
     tl.store(stats_ptr + 2 * plane + base, rstd, mask=p_mask)
+    tl.store(stats_ptr + 3 * plane + base, m1 / C, mask=p_mask)
+    tl.store(stats_ptr + 4 * plane + base, m2 / C, mask=p_mask)
     t = tl.load(target_ptr + n).to(acc_dtype)
     z = -t * logit
     sp = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
@@ -77,7 +88,7 @@ def _heads_fwd_kernel(
 @triton.jit
 def _heads_bwd_kernel(
     f_ptr, w_ptr, stats_ptr, target_ptr, grad_ptr, dw_part_ptr, db_part_ptr,
-    grad_loss, loss_scale, score_grad_ptr, C, H, W, N, tiles,
+    grad_loss_ptr, loss_scale, score_grad_ptr, C, H, W, N, tiles,
     s_n, s_c, s_h, s_w, g_n, g_c, g_h, g_w,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -97,13 +108,16 @@ def _heads_bwd_kernel(
     logit = tl.load(stats_ptr + base, mask=p_mask, other=0.0)
     mean = tl.load(stats_ptr + plane + base, mask=p_mask, other=0.0)
     rstd = tl.load(stats_ptr + 2 * plane + base, mask=p_mask, other=0.0)
+    m1 = tl.load(stats_ptr + 3 * plane + base, mask=p_mask, other=0.0)
+    m2 = tl.load(stats_ptr + 4 * plane + base, mask=p_mask, other=0.0)
     t = tl.load(target_ptr + n).to(acc_dtype)
     score_grad = tl.load(score_grad_ptr + n).to(acc_dtype)
+    grad_loss = tl.load(grad_loss_ptr).to(acc_dtype)
     # d softplus(-t l)/dl = -t sigmoid(-t l)
     g = grad_loss * loss_scale * (-t) / (1.0 + tl.exp(t * logit)) + score_grad
     g = tl.where(p_mask, g, 0.0)
-    sum_d = tl.zeros((BLOCK_P,), acc_dtype)
-    sum_dx = tl.zeros((BLOCK_P,), acc_dtype)
+    g_rstd = g * rstd
+    # One pass: df = r g (w silu'(xhat) - m1 - xhat m2), the channel means m1, m2 from the forward.
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         c_mask = c < C
@@ -112,22 +126,8 @@ def _heads_bwd_kernel(
         w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
         xhat = (x - mean[None, :]) * rstd[None, :]
         s = _sigmoid(xhat)
-        d = g[None, :] * w[:, None] * (s * (1.0 + xhat * (1.0 - s)))
-        d = tl.where(mask, d, 0.0)
-        sum_d += tl.sum(d, axis=0)
-        sum_dx += tl.sum(d * xhat, axis=0)
-    sum_d = sum_d / C
-    sum_dx = sum_dx / C
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        c_mask = c < C
-        mask = c_mask[:, None] & p_mask[None, :]
-        x = tl.load(f_ptr + c[:, None] * s_c + pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        s = _sigmoid(xhat)
-        d = g[None, :] * w[:, None] * (s * (1.0 + xhat * (1.0 - s)))
-        df = rstd[None, :] * (d - sum_d[None, :] - xhat * sum_dx[None, :])
+        w_dsilu = w[:, None] * (s * (1.0 + xhat * (1.0 - s)))
+        df = g_rstd[None, :] * (w_dsilu - m1[None, :] - xhat * m2[None, :])
         tl.store(grad_ptr + c[:, None] * g_c + gpix[None, :], df.to(grad_ptr.dtype.element_ty),
                  mask=mask)
         dw = tl.sum(tl.where(mask, g[None, :] * xhat * s, 0.0), axis=1)
@@ -139,10 +139,20 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+STAT_ROWS = 5  # logit, mean, rstd, m1, m2 per pixel
+MAX_SLICES = 32  # channel slices a program walks before a small map's tile is narrowed
+
+
 def _blocks(C: int, HW: int) -> tuple[int, int]:
-    block_c = min(32, triton.next_power_of_2(C))
-    block_p = min(max(16, 4096 // block_c // 2), triton.next_power_of_2(HW))
-    return block_c, max(block_p, 16)
+    """(BLOCK_C, BLOCK_P) of one head: up to 64 pixels times 32 channels; a small map with many
+    channels (8x8 with C = 2560) trades pixels for channels (down to 16 x 128), which gives the
+    head 4x the programs and 1/4 the loop trips."""
+    block_p = max(16, min(64, triton.next_power_of_2(HW)))
+    block_c = min(triton.next_power_of_2(C), max(32, 2048 // block_p))
+    while block_p > 16 and triton.cdiv(C, block_c) > MAX_SLICES:
+        block_p //= 2
+        block_c = min(triton.next_power_of_2(C), 2 * block_c)
+    return block_c, block_p
 
 
 @triton_op("d2g_fast::multiscale_heads_triton", mutates_args={})
@@ -152,18 +162,18 @@ def multiscale_heads_triton(features: list[torch.Tensor], weights: list[torch.Te
     acc = _acc_dtype(features[0])
     N = target.shape[0]
     tgt = target.to(acc).contiguous()
-    bias_values = bias.detach().to(torch.float64).cpu().tolist()
+    bias_acc = bias.detach().to(acc).contiguous()
     losses, scores, stats = [], [], []
     for k, (f, w) in enumerate(zip(features, weights)):
         _, C, H, W = f.shape
         HW = H * W
         block_c, block_p = _blocks(C, HW)
         tiles = triton.cdiv(HW, block_p)
-        st = poisoned_empty((3, N, H, W), dtype=acc, device=f.device)
+        st = poisoned_empty((STAT_ROWS, N, H, W), dtype=acc, device=f.device)
         loss_part = poisoned_empty((N * tiles,), dtype=acc, device=f.device)
         logit_part = poisoned_empty((N * tiles,), dtype=acc, device=f.device)
         wrap_triton(_heads_fwd_kernel)[(N * tiles,)](
-            f, w.to(acc).contiguous(), st, loss_part, logit_part, tgt, bias_values[k], eps,
+            f, w.to(acc).contiguous(), st, loss_part, logit_part, tgt, bias_acc, k, eps,
             C, H, W, N, tiles, *f.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
         losses.append(loss_part.sum() * (head_weights[k] / (N * HW)))
         scores.append(logit_part.view(N, tiles).sum(1) / HW)
@@ -179,7 +189,7 @@ def multiscale_heads_backward_triton(
     acc = stats[0].dtype
     N = target.shape[0]
     tgt = target.to(acc).contiguous()
-    gl = float(grad_loss.detach().to(torch.float64).cpu())
+    gl = grad_loss.detach().to(acc).reshape(1).contiguous()
     gs = grad_scores.to(acc)
     grad_features, grad_weights, grad_bias = [], [], []
     for k, (f, w) in enumerate(zip(features, weights)):
