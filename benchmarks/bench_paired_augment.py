@@ -1,9 +1,15 @@
 """Paired latent augmentation: ours (every provider) vs the official E-LatentLPIPS AdaAugment.
 
 Every provider includes drawing the per-sample parameters (that is what a training step pays):
-ours = ``PairedAugment(preset)(x, y)`` (CPU-side sampling + the op), official =
+ours = ``PairedAugment(preset)(x, y)`` (CPU-side sampling + the op; providers "<impl>+devrng":
+``PairedAugment(preset, sampler="device")``, the parameters drawn on the device by the
+augment_params_sample_ kernel, no host synchronisation), official =
 ``AdaAugment(**ada_augpipe[preset])(x, y)``. Both tensors require grad; "bwd" re-runs the
 backward of ``(x_aug * gx).sum() + (y_aug * gy).sum()``.
+
+Op "augment_params_sample": the parameter draw alone at N=16, "host" = AugmentParams.sample +
+packed(device) (numpy on the CPU and the copy of the packed tensor: what the host path pays per
+call) vs "device" = AugmentParams.sample_on_device on the benchmark device (one kernel launch).
 
 Bytes (an ideal fused pass): forward reads x and y and writes x_aug and y_aug (4 N C H W
 elements); the backward reads two output gradients and writes two input gradients (same).
@@ -47,16 +53,24 @@ def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, dev
             fn = _official_fn(preset, device, probe, probe)
         else:
             from d2g_fast import _dispatch
+            from d2g_fast.augment_params import device_sampler_available
             from d2g_fast.nn import PairedAugment
+            impl, _, rng = provider.partition("+")
             try:
-                _dispatch.resolve_impl("paired_augment", provider, torch.device(device))
+                _dispatch.resolve_impl("paired_augment", impl, torch.device(device))
             except RuntimeError as exc:
                 raise SkipCase(str(exc))
-            if provider == "triton" and not hasattr(torch.ops.d2g_fast, "paired_augment_triton"):
+            if impl == "triton" and not hasattr(torch.ops.d2g_fast, "paired_augment_triton"):
                 raise SkipCase("no Triton paired_augment kernel registered")
-            mod = PairedAugment(preset, impl=provider)
-            gen = torch.Generator().manual_seed(0)
-            fn = lambda a, b: mod(a, b, generator=gen)  # noqa: E731
+            if rng == "devrng":
+                if not device_sampler_available():
+                    raise SkipCase("compiled extension without augment_params_sample_")
+                mod = PairedAugment(preset, impl=impl, sampler="device")
+                fn = lambda a, b: mod(a, b)  # noqa: E731
+            else:
+                mod = PairedAugment(preset, impl=impl, sampler="host")
+                gen = torch.Generator().manual_seed(0)
+                fn = lambda a, b: mod(a, b, generator=gen)  # noqa: E731
         x = torch.randn(N, C, H, W, device=device, dtype=dtype, requires_grad=True)
         y = torch.randn(N, C, H, W, device=device, dtype=dtype, requires_grad=True)
         gx, gy = torch.randn_like(x), torch.randn_like(y)
@@ -82,9 +96,24 @@ def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, dev
     return make
 
 
+def _make_sample(provider: str, preset: str, N: int, C: int, H: int, W: int, device: str):
+    def make():
+        from d2g_fast.augment_params import AugmentParams, device_sampler_available
+        if provider == "host":
+            gen = torch.Generator().manual_seed(0)
+            return {"fwd": lambda: AugmentParams.sample(preset, N, H, W, num_channels=C,
+                                                        generator=gen).packed(device)}
+        if not device_sampler_available():
+            raise SkipCase("compiled extension without augment_params_sample_")
+        return {"fwd": lambda: AugmentParams.sample_on_device(preset, N, H, W, num_channels=C,
+                                                             device=device)}
+    return make
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     cuda = device.startswith("cuda")
-    providers = ["official", "ref", "cuda", "triton"] if cuda else ["official", "ref", "cpu"]
+    providers = (["official", "ref", "cuda", "cuda+devrng", "triton", "triton+devrng"] if cuda
+                 else ["official", "ref", "cpu", "cpu+devrng"])
     batches = (16, 4) if cuda else ((4, 16) if not quick else (4,))  # the GPU target (N=16) first
     presets = ("bg", "bgco") if not quick else ("bg",)
     C, H, W = 4, 64, 64
@@ -100,4 +129,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                     make=_make(provider, preset, N, C, H, W, dtype, device),
                     bytes=moved, bwd_bytes=moved,
                     note="includes per-sample parameter sampling"))
+    for preset in ("bgco", "bg"):
+        for provider in ("host", "device"):
+            out.append(Case(op="augment_params_sample", config=f"{preset} N=16 {C}x{H}x{W}",
+                            provider=provider, make=_make_sample(provider, preset, 16, C, H, W, device),
+                            note="parameter draw only (host: numpy + packed copy; device: one kernel)"))
     return out
