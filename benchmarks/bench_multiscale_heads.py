@@ -2,8 +2,15 @@
 
 The 13 heads of DiffusionDiscriminator on the SD1.5 UNet: per up block (8, 16, 32, 64 px) the
 features before the skip connection, at it (the concatenation) and after it, plus the UNet
-output. Bytes: the forward reads every feature map once per pass (2 passes) and writes 3 floats
-per pixel; the backward reads the features twice and writes their gradient.
+output. On a GPU, two single-head cases show where the time goes: the low-resolution,
+many-channel head (8x8, C = 2560: latency-bound unless its channels are split over threads) and
+the largest 64x64 head (C = 960: bandwidth-bound).
+
+Bytes (the GB/s and "of floor" columns) are the least any implementation must move: forward,
+read the features once and write the 5 per-pixel stats (4 bytes each) the backward needs;
+backward, read the features and the stats once and write the feature gradient once. The fused
+forward actually reads the features twice (moments, then logits; the second pass partly hits
+L2), so its forward cannot exceed about half the copy floor.
 """
 from __future__ import annotations
 
@@ -60,24 +67,42 @@ def _make(provider, N, shapes, dtype, device):
     return make
 
 
+STAT_BYTES = 5 * 4  # per pixel: logit, mean, rstd, m1, m2 in fp32
+
+
+def _case(provider, N, shapes, dtype, device, config):
+    elt = torch.empty((), dtype=dtype).element_size()
+    feat = sum(N * c * h * w for c, h, w in shapes) * elt
+    pix = sum(N * h * w for _, h, w in shapes)
+    return Case(op="multiscale_heads", config=config, provider=provider,
+                make=_make(provider, N, shapes, dtype, device),
+                bytes=feat + STAT_BYTES * pix, bwd_bytes=2 * feat + STAT_BYTES * pix,
+                flops=12 * feat / elt, note="ref = d2g_fast/ref (LayerNorm, SiLU, einsum, softplus)")
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     out = []
+    dt = lambda d: str(d).replace("torch.", "")  # noqa: E731
     if device.startswith("cuda"):
+        # Ordered by importance (gpu_check.sh gives this file a time box): the full SD1.5 call
+        # in fp32, the two single-head cases, then bf16.
         providers = ["ref", "cuda", "triton"]
-        variants = [(16, torch.float32), (16, torch.bfloat16)]
-    else:
-        providers = ["ref", "cpu"]
-        variants = [(2, torch.float32)] if quick else [(2, torch.float32), (4, torch.float32),
-                                                        (4, torch.bfloat16)]
-    for N, dtype in variants:
-        elt = torch.empty((), dtype=dtype).element_size()
-        feat = sum(N * c * h * w for c, h, w in SD15_HEADS)
-        pix = sum(N * h * w for _, h, w in SD15_HEADS)
-        config = f"SD1.5 13 heads N={N} {str(dtype).replace('torch.', '')}"
         for provider in providers:
-            out.append(Case(
-                op="multiscale_heads", config=config, provider=provider,
-                make=_make(provider, N, SD15_HEADS, dtype, device),
-                bytes=2 * feat * elt + 3 * 4 * pix, bwd_bytes=3 * feat * elt + 3 * 4 * pix,
-                flops=12 * feat, note="ref = d2g_fast/ref (LayerNorm, SiLU, einsum, softplus)"))
+            out.append(_case(provider, 16, SD15_HEADS, torch.float32, device,
+                             "SD1.5 13 heads N=16 float32"))
+        for c, h, w in [(2560, 8, 8), (960, 64, 64)]:
+            for provider in providers:
+                out.append(_case(provider, 16, [(c, h, w)], torch.float32, device,
+                                 f"one head {h}x{w} C={c} N=16 float32"))
+        for provider in providers:
+            out.append(_case(provider, 16, SD15_HEADS, torch.bfloat16, device,
+                             "SD1.5 13 heads N=16 bfloat16"))
+        return out
+    providers = ["ref", "cpu"]
+    variants = [(2, torch.float32)] if quick else [(2, torch.float32), (4, torch.float32),
+                                                    (4, torch.bfloat16)]
+    for N, dtype in variants:
+        for provider in providers:
+            out.append(_case(provider, N, SD15_HEADS, dtype, device,
+                             f"SD1.5 13 heads N={N} {dt(dtype)}"))
     return out
