@@ -373,7 +373,9 @@ class AugmentParams:
         margins x0, y0, x1, y1 (the same in every row).  Device-drawn parameters return their
         tensor as it is (moved only if asked for another device)."""
         if self.packed_params is not None:
-            return self.packed_params.to(device=device, dtype=dtype, non_blocking=True)
+            # a no-op on the same device; a blocking copy otherwise (a non-blocking copy to the
+            # CPU could be read before it lands)
+            return self.packed_params.to(device=device, dtype=dtype)
         n = self.batch_size
         p = np.zeros((n, PACKED_COLUMNS))
         p[:, 0:6] = self._affine_numpy()
