@@ -118,6 +118,12 @@ def cases(device: str, quick: bool) -> list[Case]:
     presets = ("bg", "bgco") if not quick else ("bg",)
     C, H, W = 4, 64, 64
     out = []
+    # the parameter draw alone first: a few milliseconds, and the point of the device sampler
+    for preset in ("bgco", "bg"):
+        for provider in ("host", "device"):
+            out.append(Case(op="augment_params_sample", config=f"{preset} N=16 {C}x{H}x{W}",
+                            provider=provider, make=_make_sample(provider, preset, 16, C, H, W, device),
+                            note="parameter draw only (host: numpy + packed copy; device: one kernel)"))
     for preset in presets:
         for N in batches:
             dtype = torch.float32
@@ -129,9 +135,4 @@ def cases(device: str, quick: bool) -> list[Case]:
                     make=_make(provider, preset, N, C, H, W, dtype, device),
                     bytes=moved, bwd_bytes=moved,
                     note="includes per-sample parameter sampling"))
-    for preset in ("bgco", "bg"):
-        for provider in ("host", "device"):
-            out.append(Case(op="augment_params_sample", config=f"{preset} N=16 {C}x{H}x{W}",
-                            provider=provider, make=_make_sample(provider, preset, 16, C, H, W, device),
-                            note="parameter draw only (host: numpy + packed copy; device: one kernel)"))
     return out
