@@ -8,9 +8,10 @@
 // 32 / P neighbouring channel planes (or 32 consecutive pixels of one plane when P >= 32): full
 // 32-byte sectors for P >= 8 in fp32. Per-pixel channel sums are combined across the G groups in
 // shared memory. P is chosen per head on the host (pixels_per_block): large maps keep many pixels
-// per block, small maps with many channels (8x8 with C = 2560) split their channels into up to
-// 16 groups, so that no thread walks more than about kMaxRounds channels and the low-resolution
-// heads are not long chains of dependent loads on a few SMs. Heads are ordered longest rounds
+// per block, small maps with many channels split them into up to 32 groups (SD1.5 at batch 16:
+// 8x8 and 16x16 with C = 2560 take P = 8, G = 32, 80 channels per thread and 128 / 512 blocks;
+// 64x64 with C = 960 takes P = 32, G = 8), so that no thread walks more than about kMaxRounds
+// channels and the low-resolution heads are not long chains of dependent loads on a few SMs. Heads are ordered longest rounds
 // first so that their blocks start first and the short ones fill the tail.
 //
 // Forward (1 head launch + 1 finishing launch, after one zero-fill of the partial buffer): pass 1
@@ -56,7 +57,7 @@ constexpr int kMaxHeads = 24;
 // pixels per block (32-byte sectors in fp32, and the partial weight-gradient rows of the
 // backward stay at most 1 / kMinPixels of the features).
 constexpr int kMaxRounds = 128;
-constexpr int kMinPixels = 16;
+constexpr int kMinPixels = 8;
 // Backward: rounds buffered in shared memory before a weight-gradient reduction.
 constexpr int kChunk = 8;
 // Shared buffer of those rounds: kChunk' = min(P, kChunk) rounds of G rows of P + 1 values (padded
