@@ -11,6 +11,14 @@ TORCH_LIBRARY(d2g_fast, m) {
   m.def(
       "lpips_distance_backward(Tensor grad, Tensor f0, Tensor f1, Tensor weight, Tensor stats, "
       "bool spatial, bool need_f0, bool need_f1) -> (Tensor, Tensor)");
+  // The same distance for L layers in one call (csrc/lpips_distance/*multi*), with the
+  // cancellation-free two-pass math. Returns (dist (L, N) spatial means, stats (5, total
+  // pixels) = per pixel [1/|f0|, 1/|f1|, 1/|f0| - 1/|f1|, s0, s1], layers one after another).
+  // The backward writes the gradients of f0 and/or f1 of every layer in one pass.
+  m.def("lpips_distance_multi(Tensor[] f0, Tensor[] f1, Tensor[] weights) -> (Tensor, Tensor)");
+  m.def(
+      "lpips_distance_multi_backward(Tensor grad, Tensor[] f0, Tensor[] f1, Tensor[] weights, "
+      "Tensor stats, bool need_f0, bool need_f1) -> (Tensor[], Tensor[])");
   // Paired latent augmentation (csrc/paired_augment): the same per-sample transform applied to
   // x and (optionally) y. params = AugmentParams.packed() (N, 17) float64 (columns 13..16:
   // the batch's reflect-padding margins x0, y0, x1, y1), flags = 1 geometry | 2 colour |

@@ -17,8 +17,9 @@ reproduced (see tests/test_elatentlpips_parity.py). Differences, all deliberate:
   package builds a 3-channel trunk by mistake in that mode).
 - A fast path in eval mode: BatchNorm folded into the convs, channels_last, optional bf16
   compute (``precision="bf16"``), branches that need no gradient (usually the target) run
-  without autograd, and the five layer distances go through the fused
-  ``d2g_fast.ops.lpips_distance`` op. ``impl="ref"`` runs the plain reference path instead.
+  without autograd, and the five layer distances go through ONE call of the fused
+  ``d2g_fast.ops.lpips_distance_multi`` op (one kernel launch on the GPU, cancellation-free
+  math; ``spatial=True`` keeps the per-layer ``lpips_distance`` op for the maps). ``impl="ref"`` runs the plain reference path instead.
 - Inputs are checked (type, dtype, shape, channel count, NaN/Inf) with errors naming the
   argument. The NaN/Inf check needs a device sync; ``check_inputs=False`` turns it off, and
   it is skipped under ``torch.compile`` tracing and CUDA-graph capture.
@@ -462,7 +463,15 @@ class ELatentLPIPS(nn.Module):
         feats1 = self._features(in1, trunk_fast, compute_dtype)
 
         res = []
-        if distance_fast:
+        if distance_fast and not self.spatial:
+            # All five layers in one call (one launch on the GPU), cancellation-free when the
+            # two inputs are close (a converging loss).
+            from d2g_fast import ops  # noqa: PLC0415
+            weights = [w.to(f.dtype) if f.dtype == torch.float64 else w
+                       for w, f in zip(self._head_weights(feats0[0].dtype, feats0[0].device), feats0)]
+            dist = ops.lpips_distance_multi(list(feats0), list(feats1), weights, impl=self.impl)
+            res = [d.view(-1, 1, 1, 1) for d in dist.unbind(0)]
+        elif distance_fast:
             from d2g_fast.ops import lpips_distance  # noqa: PLC0415
             weights = self._head_weights(feats0[0].dtype, feats0[0].device)
             for k in range(self.L):

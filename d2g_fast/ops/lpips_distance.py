@@ -15,6 +15,7 @@ import torch
 
 from d2g_fast import _dispatch, _ext
 from d2g_fast.ref.lpips_distance import lpips_distance as lpips_distance_ref
+from d2g_fast.ref.lpips_distance import lpips_distance_multi as lpips_distance_multi_ref
 
 OP = "lpips_distance"
 
@@ -119,3 +120,149 @@ if _dispatch.triton_status()[0]:
         "d2g_fast::lpips_distance_triton",
         _make_backward(lambda *a: torch.ops.d2g_fast.lpips_distance_backward_triton(*a)),
         setup_context=_setup_context)
+
+
+# =============================================================================================
+# lpips_distance_multi: all layers in one call, cancellation-free.
+
+OP_MULTI = "lpips_distance_multi"
+
+
+def _check_multi_args(f0s, f1s, weights) -> list[torch.Tensor]:
+    """Validate arguments (naming each one, e.g. ``f0[3]``); return the weights as (C,) vectors."""
+    for name, seq in (("f0", f0s), ("f1", f1s), ("weights", weights)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{OP_MULTI}: '{name}' must be a list of tensors, got {type(seq).__name__}")
+    L = len(f0s)
+    if L == 0:
+        raise ValueError(f"{OP_MULTI}: 'f0' must hold at least one tensor")
+    for name, seq in (("f1", f1s), ("weights", weights)):
+        if len(seq) != L:
+            raise ValueError(f"{OP_MULTI}: '{name}' must hold one tensor per layer of 'f0' ({L}), "
+                             f"got {len(seq)}")
+    for name, seq in (("f0", f0s), ("f1", f1s), ("weights", weights)):
+        for k, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{OP_MULTI}: '{name}[{k}]' must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{OP_MULTI}: '{name}[{k}]' must be a floating-point tensor, got {t.dtype}")
+    first = f0s[0]
+    if first.dim() != 4:
+        raise ValueError(f"{OP_MULTI}: 'f0[0]' must have shape (N, C, H, W), got {tuple(first.shape)}")
+    N = first.shape[0]
+    if N == 0:
+        raise ValueError(f"{OP_MULTI}: 'f0[0]' has an empty batch (N = 0)")
+    out = []
+    for k, (a, b, w) in enumerate(zip(f0s, f1s, weights)):
+        if a.dim() != 4:
+            raise ValueError(f"{OP_MULTI}: 'f0[{k}]' must have shape (N, C, H, W), got {tuple(a.shape)}")
+        if b.shape != a.shape:
+            raise ValueError(f"{OP_MULTI}: 'f0[{k}]' and 'f1[{k}]' must have the same shape, got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        for name, t in ((f"f0[{k}]", a), (f"f1[{k}]", b)):
+            if t.dtype != first.dtype:
+                raise TypeError(f"{OP_MULTI}: every feature map must have the dtype of 'f0[0]' "
+                                f"({first.dtype}), '{name}' has {t.dtype}")
+        if a.shape[0] != N:
+            raise ValueError(f"{OP_MULTI}: 'f0[{k}]' has batch {a.shape[0]} but 'f0[0]' has {N}")
+        if min(a.shape[1:]) == 0:
+            raise ValueError(f"{OP_MULTI}: 'f0[{k}]' must have C, H, W > 0, got {tuple(a.shape)}")
+        for name, t in ((f"f0[{k}]", a), (f"f1[{k}]", b), (f"weights[{k}]", w)):
+            if t.device != first.device:
+                raise ValueError(f"{OP_MULTI}: 'f0[0]' is on {first.device} but '{name}' is on {t.device}")
+        C = a.shape[1]
+        if w.numel() != C or w.dim() not in (1, 4) or (w.dim() == 4 and tuple(w.shape) != (1, C, 1, 1)):
+            raise ValueError(f"{OP_MULTI}: 'weights[{k}]' must have shape (C,) or (1, C, 1, 1) with "
+                             f"C = {C}, got {tuple(w.shape)}")
+        out.append(w.reshape(C))
+    return out
+
+
+def lpips_distance_multi(f0s, f1s, weights, *, impl: str = "auto") -> torch.Tensor:
+    """LatentLPIPS distance of L layers at once: (L, N), float32 (float64 for float64 inputs).
+
+    Row l is ``lpips_distance(f0s[l], f1s[l], weights[l])``: per sample the spatial mean of
+    ``sum_c w_c (f0/|f0| - f1/|f1|)^2`` with ``|f| = sqrt(sum_c f^2 + 1e-8)``. The layers may
+    differ in C, H, W and memory layout (planar, channels_last, strided); they share N and the
+    dtype. One parallel loop on the CPU and one kernel launch on the GPU for every layer
+    (the Triton backend launches once per layer); the backward writes the gradients of f0 and
+    f1 of every layer in one pass.
+
+    Unlike the single-layer op's one-pass expansion, the math is cancellation-free (two passes
+    over each pixel's channels, see csrc/lpips_distance/lpips_distance_math.h): the result keeps
+    its relative precision when f1 is very close to f0, the regime of a converging loss.
+    """
+    ws = _check_multi_args(f0s, f1s, weights)
+    backend = _dispatch.resolve_impl(OP_MULTI, impl, f0s[0].device)
+    if backend == "ref":
+        return lpips_distance_multi_ref(list(f0s), list(f1s), ws)
+    op = (torch.ops.d2g_fast.lpips_distance_multi_triton if backend == "triton"
+          else torch.ops.d2g_fast.lpips_distance_multi)
+    return op(list(f0s), list(f1s), ws)[0]
+
+
+def _multi_setup_context(ctx, inputs, output):
+    f0s, f1s, weights = inputs
+    ctx.num_layers = len(f0s)
+    ctx.save_for_backward(*f0s, *f1s, *weights, output[1])
+
+
+def _multi_weight_grads(grad, f0s, f1s, stats):
+    """d dist / d weights[l], from the saved per-pixel norms (only when the weights train)."""
+    acc = stats.dtype
+    grads, begin = [], 0
+    for k, (a, b) in enumerate(zip(f0s, f1s)):
+        N, _, H, W = a.shape
+        st = stats[:, begin:begin + N * H * W].view(5, N, 1, H, W)
+        begin += N * H * W
+        a, b = a.to(acc), b.to(acc)
+        D = (a - b) * st[0] + b * st[2]  # the cancellation-free normalised difference
+        g = (grad[k].to(acc) / (H * W)).view(N, 1, 1, 1)
+        grads.append((D * D * g).sum(dim=(0, 2, 3)))
+    return grads
+
+
+def _make_multi_backward(backward_op):
+    def backward(ctx, grad_dist, _grad_stats):
+        L = ctx.num_layers
+        saved = ctx.saved_tensors
+        f0s, f1s, weights, stats = list(saved[:L]), list(saved[L:2 * L]), list(saved[2 * L:3 * L]), saved[-1]
+        need_f0, need_f1, need_w = ctx.needs_input_grad[:3]
+        g0 = g1 = gw = None
+        if need_f0 or need_f1:
+            g0, g1 = backward_op(grad_dist, f0s, f1s, weights, stats, bool(need_f0), bool(need_f1))
+        if need_w:
+            gw = [g.to(w.dtype) for g, w in zip(_multi_weight_grads(grad_dist, f0s, f1s, stats), weights)]
+        return (list(g0) if need_f0 else None), (list(g1) if need_f1 else None), gw
+    return backward
+
+
+def _multi_stats_shape(f0s):
+    return (5, sum(a.shape[0] * a.shape[2] * a.shape[3] for a in f0s))
+
+
+def _fake_multi_forward(f0s, f1s, weights):
+    acc = torch.float64 if f0s[0].dtype == torch.float64 else torch.float32
+    dist = f0s[0].new_empty((len(f0s), f0s[0].shape[0]), dtype=acc)
+    return dist, f0s[0].new_empty(_multi_stats_shape(f0s), dtype=acc)
+
+
+def _fake_multi_backward(grad, f0s, f1s, weights, stats, need_f0, need_f1):
+    g0 = [torch.empty_like(a) if need_f0 else a.new_empty((0,)) for a in f0s]
+    g1 = [torch.empty_like(b) if need_f1 else b.new_empty((0,)) for b in f1s]
+    return g0, g1
+
+
+if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "lpips_distance_multi"):
+    torch.library.register_fake("d2g_fast::lpips_distance_multi")(_fake_multi_forward)
+    torch.library.register_fake("d2g_fast::lpips_distance_multi_backward")(_fake_multi_backward)
+    torch.library.register_autograd(
+        "d2g_fast::lpips_distance_multi",
+        _make_multi_backward(lambda *a: torch.ops.d2g_fast.lpips_distance_multi_backward(*a)),
+        setup_context=_multi_setup_context)
+
+if _dispatch.triton_status()[0]:
+    torch.library.register_autograd(
+        "d2g_fast::lpips_distance_multi_triton",
+        _make_multi_backward(lambda *a: torch.ops.d2g_fast.lpips_distance_multi_backward_triton(*a)),
+        setup_context=_multi_setup_context)

@@ -24,3 +24,10 @@ def lpips_distance(f0: torch.Tensor, f1: torch.Tensor, weight: torch.Tensor,
     diff2 = (a - b) ** 2
     dist_map = (diff2 * weight.to(acc).view(1, -1, 1, 1)).sum(dim=1, keepdim=True)
     return dist_map if spatial else dist_map.mean(dim=(1, 2, 3))
+
+
+def lpips_distance_multi(f0s, f1s, weights) -> torch.Tensor:
+    """The distance of several layers at once: (L, N), row l = ``lpips_distance(f0s[l],
+    f1s[l], weights[l])`` (per-sample spatial means). Layers may differ in C, H, W; they share
+    the batch N."""
+    return torch.stack([lpips_distance(a, b, w.reshape(-1)) for a, b, w in zip(f0s, f1s, weights)])

@@ -146,3 +146,161 @@ def lpips_distance_backward_triton(grad: torch.Tensor, f0: torch.Tensor, f1: tor
             *self_.stride(), *other.stride(), *out.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
         outs.append(out)
     return outs[0], outs[1]
+
+
+# =============================================================================================
+# lpips_distance_multi: the cancellation-free two-pass math of lpips_distance_math.h, one launch
+# per layer and direction (the CUDA kernel runs all layers in one launch). A forward program
+# owns BLOCK_P pixels of one sample: pass 1 accumulates |a|^2, |b|^2, |b|^2 - |a|^2 (as
+# sum (b - a)(b + a)), pass 2 re-reads the channels and accumulates d, s0, s1 directly; the
+# program's distance sum goes to one slot of a partial buffer (no atomics).
+
+@triton.jit
+def _multi_fwd_kernel(
+    a_ptr, b_ptr, w_ptr, stats_ptr, part_ptr,
+    C, H, W, P, pix0, tiles,
+    sa_n, sa_c, sa_h, sa_w, sb_n, sb_c, sb_h, sb_w,
+    EPS_: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // tiles).to(tl.int64)
+    tile = pid % tiles
+    HW = H * W
+    q = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    q_mask = q < HW
+    h = q // W
+    x = q % W
+    a_pix = n * sa_n + h * sa_h + x * sa_w
+    b_pix = n * sb_n + h * sb_h + x * sb_w
+    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    s_aa = tl.zeros((BLOCK_P,), acc_dtype)
+    s_bb = tl.zeros((BLOCK_P,), acc_dtype)
+    s_dd = tl.zeros((BLOCK_P,), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = (c < C)[:, None] & q_mask[None, :]
+        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        s_aa += tl.sum(a * a, axis=0)
+        s_bb += tl.sum(b * b, axis=0)
+        s_dd += tl.sum((b - a) * (b + a), axis=0)
+    ra = tl.sqrt(s_aa + EPS_)
+    rb = tl.sqrt(s_bb + EPS_)
+    i0 = 1.0 / ra
+    i1 = 1.0 / rb
+    di = s_dd * i0 * i1 / (ra + rb)  # i0 - i1 without cancellation
+    s_d = tl.zeros((BLOCK_P,), acc_dtype)
+    s_0 = tl.zeros((BLOCK_P,), acc_dtype)
+    s_1 = tl.zeros((BLOCK_P,), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        c_mask = c < C
+        mask = c_mask[:, None] & q_mask[None, :]
+        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
+        D = (a - b) * i0[None, :] + b * di[None, :]
+        wD = w * D
+        s_d += tl.sum(wD * D, axis=0)
+        s_0 += tl.sum(wD * (a * i0[None, :]), axis=0)
+        s_1 -= tl.sum(wD * (b * i1[None, :]), axis=0)
+    pix = pix0 + n * HW + q
+    tl.store(stats_ptr + pix, i0, mask=q_mask)
+    tl.store(stats_ptr + P + pix, i1, mask=q_mask)
+    tl.store(stats_ptr + 2 * P + pix, di, mask=q_mask)
+    tl.store(stats_ptr + 3 * P + pix, s_0, mask=q_mask)
+    tl.store(stats_ptr + 4 * P + pix, s_1, mask=q_mask)
+    tl.store(part_ptr + pid, tl.sum(tl.where(q_mask, s_d, 0.0), axis=0))
+
+
+@triton.jit
+def _multi_bwd_kernel(
+    a_ptr, b_ptr, ga_ptr, gb_ptr, w_ptr, stats_ptr, g_ptr,
+    C, H, W, P, pix0, NP,
+    sa_n, sa_c, sa_h, sa_w, sb_n, sb_c, sb_h, sb_w,
+    sga_n, sga_c, sga_h, sga_w, sgb_n, sgb_c, sgb_h, sgb_w,
+    NEED_A: tl.constexpr, NEED_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    p_mask = p < NP
+    c_mask = c < C
+    mask = c_mask[:, None] & p_mask[None, :]
+    x = p % W
+    h = (p // W) % H
+    n = p // (W * H)
+    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    a = tl.load(a_ptr + c[:, None] * sa_c + (n * sa_n + h * sa_h + x * sa_w)[None, :],
+                mask=mask, other=0.0).to(acc_dtype)
+    b = tl.load(b_ptr + c[:, None] * sb_c + (n * sb_n + h * sb_h + x * sb_w)[None, :],
+                mask=mask, other=0.0).to(acc_dtype)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
+    pix = pix0 + p
+    g = tl.load(g_ptr + n, mask=p_mask, other=0.0)[None, :]
+    i0 = tl.load(stats_ptr + pix, mask=p_mask, other=0.0)[None, :]
+    i1 = tl.load(stats_ptr + P + pix, mask=p_mask, other=0.0)[None, :]
+    di = tl.load(stats_ptr + 2 * P + pix, mask=p_mask, other=0.0)[None, :]
+    wD = w * ((a - b) * i0 + b * di)
+    if NEED_A:
+        s0 = tl.load(stats_ptr + 3 * P + pix, mask=p_mask, other=0.0)[None, :]
+        ga = 2.0 * g * i0 * (wD - a * i0 * s0)
+        dst = c[:, None] * sga_c + (n * sga_n + h * sga_h + x * sga_w)[None, :]
+        tl.store(ga_ptr + dst, ga.to(ga_ptr.dtype.element_ty), mask=mask)
+    if NEED_B:
+        s1 = tl.load(stats_ptr + 4 * P + pix, mask=p_mask, other=0.0)[None, :]
+        gb = 2.0 * g * i1 * (-wD - b * i1 * s1)
+        dst = c[:, None] * sgb_c + (n * sgb_n + h * sgb_h + x * sgb_w)[None, :]
+        tl.store(gb_ptr + dst, gb.to(gb_ptr.dtype.element_ty), mask=mask)
+
+
+def _multi_blocks(C: int, HW: int) -> tuple[int, int]:
+    block_c, block_p = _blocks(C)
+    return block_c, min(block_p, max(16, triton.next_power_of_2(HW)))
+
+
+@triton_op("d2g_fast::lpips_distance_multi_triton", mutates_args={})
+def lpips_distance_multi_triton(f0: list[torch.Tensor], f1: list[torch.Tensor],
+                                weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = _acc_dtype(f0[0])
+    N = f0[0].shape[0]
+    P = sum(a.shape[0] * a.shape[2] * a.shape[3] for a in f0)
+    stats = poisoned_empty((5, P), dtype=acc, device=f0[0].device)
+    dists, pix0 = [], 0
+    for a, b, w in zip(f0, f1, weights):
+        _, C, H, W = a.shape
+        block_c, block_p = _multi_blocks(C, H * W)
+        tiles = triton.cdiv(H * W, block_p)
+        part = poisoned_empty((N * tiles,), dtype=acc, device=a.device)
+        wrap_triton(_multi_fwd_kernel)[(N * tiles,)](
+            a, b, w.to(acc).contiguous(), stats, part, C, H, W, P, pix0, tiles,
+            *a.stride(), *b.stride(), EPS_=EPS, BLOCK_C=block_c, BLOCK_P=block_p)
+        dists.append(part.view(N, tiles).sum(1) / (H * W))
+        pix0 += N * H * W
+    return torch.stack(dists), stats
+
+
+@triton_op("d2g_fast::lpips_distance_multi_backward_triton", mutates_args={})
+def lpips_distance_multi_backward_triton(
+        grad: torch.Tensor, f0: list[torch.Tensor], f1: list[torch.Tensor], weights: list[torch.Tensor],
+        stats: torch.Tensor, need_f0: bool, need_f1: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    acc = stats.dtype
+    P = stats.shape[1]
+    g0s, g1s, pix0 = [], [], 0
+    for k, (a, b, w) in enumerate(zip(f0, f1, weights)):
+        N, C, H, W = a.shape
+        ga = poisoned_empty_like(a) if need_f0 else a.new_empty((0,))
+        gb = poisoned_empty_like(b) if need_f1 else b.new_empty((0,))
+        if need_f0 or need_f1:
+            block_c, block_p = _blocks(C)
+            g = (grad[k].to(acc) / (H * W)).contiguous()
+            sga = ga.stride() if need_f0 else (0, 0, 0, 0)
+            sgb = gb.stride() if need_f1 else (0, 0, 0, 0)
+            grid = (triton.cdiv(N * H * W, block_p), triton.cdiv(C, block_c))
+            wrap_triton(_multi_bwd_kernel)[grid](
+                a, b, ga if need_f0 else a, gb if need_f1 else b, w.to(acc).contiguous(), stats, g,
+                C, H, W, P, pix0, N * H * W, *a.stride(), *b.stride(), *sga, *sgb,
+                NEED_A=need_f0, NEED_B=need_f1, BLOCK_C=block_c, BLOCK_P=block_p)
+        g0s.append(ga)
+        g1s.append(gb)
+        pix0 += N * H * W
+    return g0s, g1s

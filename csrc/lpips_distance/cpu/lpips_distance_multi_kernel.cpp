@@ -1,0 +1,279 @@
+// CPU kernel of lpips_distance_multi: the rows (n, h) of every layer in ONE at::parallel_for,
+// split into chunks of about equal cost so that cheap and expensive layers balance across
+// threads. Per row two passes over the channels (norms, then the distance sums; the second
+// reads the row again from cache). Forward: the row sums of the distance go to a buffer that
+// is reduced per (layer, sample) in a fixed order afterwards (deterministic). Backward: one
+// pass that reads f0 and f1 once and writes both gradients.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "lpips_distance/lpips_distance_math.h"
+#include "lpips_distance/lpips_distance_multi.h"
+
+namespace d2g {
+namespace lpips {
+namespace {
+
+struct Strides4 {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  Strides4() = default;
+  explicit Strides4(const at::Tensor& t) {
+    if (t.dim() == 4) n = t.stride(0), c = t.stride(1), h = t.stride(2), w = t.stride(3);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct Layer {
+  const scalar_t* a;
+  const scalar_t* b;
+  Strides4 sa, sb;
+  scalar_t* ga = nullptr;
+  scalar_t* gb = nullptr;
+  Strides4 sga, sgb;
+  const acc_t* w;
+  int64_t C, H, W;
+  int64_t pix0;  // this layer's first pixel in the stats rows
+  int64_t row0;  // this layer's first row (n, h) in the row-sum buffer
+};
+
+struct Chunk {
+  int64_t layer, row_begin, row_end;
+};
+
+// Rows of every layer cut into chunks of about total / (threads * 8) element pairs each.
+std::vector<Chunk> make_chunks(const MultiArgs& m) {
+  int64_t total = 0;
+  for (int64_t k = 0; k < m.L; ++k) total += m.f0[k].numel();
+  const int64_t target = std::max<int64_t>(1, total / (int64_t(at::get_num_threads()) * 8));
+  std::vector<Chunk> chunks;
+  for (int64_t k = 0; k < m.L; ++k) {
+    const auto& f = m.f0[k];
+    const int64_t rows = m.N * f.size(2), row_cost = f.size(1) * f.size(3);
+    const int64_t per_chunk = std::max<int64_t>(1, target / row_cost);
+    for (int64_t r = 0; r < rows; r += per_chunk) chunks.push_back({k, r, std::min(rows, r + per_chunk)});
+  }
+  return chunks;
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<Layer<scalar_t, acc_t>> make_layers(const MultiArgs& m) {
+  std::vector<Layer<scalar_t, acc_t>> layers;
+  int64_t row0 = 0;
+  for (int64_t k = 0; k < m.L; ++k) {
+    const auto &a = m.f0[k], &b = m.f1[k];
+    Layer<scalar_t, acc_t> l{a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), Strides4(a), Strides4(b)};
+    l.w = m.w[k].const_data_ptr<acc_t>();
+    l.C = a.size(1), l.H = a.size(2), l.W = a.size(3);
+    l.pix0 = m.pixel_begin[k];
+    l.row0 = row0;
+    row0 += m.N * l.H;
+    layers.push_back(l);
+  }
+  return layers;
+}
+
+// Planar rows: the sums of the row's W pixels in separate arrays, so the loops along the row
+// vectorise (kUnit: unit stride along the row in both inputs).
+template <typename scalar_t, typename acc_t, bool kUnit>
+acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, acc_t* st, int64_t P,
+                         acc_t* buf) {
+  const int64_t W = l.W;
+  const scalar_t* ra = l.a + n * l.sa.n + h * l.sa.h;
+  const scalar_t* rb = l.b + n * l.sb.n + h * l.sb.h;
+  const int64_t pix = l.pix0 + (n * l.H + h) * W;
+  acc_t* __restrict__ x0 = buf;
+  acc_t* __restrict__ x1 = buf + W;
+  acc_t* __restrict__ x2 = buf + 2 * W;
+  std::fill(buf, buf + 3 * W, acc_t(0));
+  for (int64_t c = 0; c < l.C; ++c) {  // pass 1: |a|^2, |b|^2, |b|^2 - |a|^2
+    const scalar_t* __restrict__ pa = ra + c * l.sa.c;
+    const scalar_t* __restrict__ pb = rb + c * l.sb.c;
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t va = acc_t(pa[kUnit ? x : x * l.sa.w]), vb = acc_t(pb[kUnit ? x : x * l.sb.w]);
+      x0[x] += va * va;
+      x1[x] += vb * vb;
+      x2[x] += (vb - va) * (vb + va);
+    }
+  }
+  acc_t* __restrict__ i0 = st + pix;
+  acc_t* __restrict__ i1 = st + P + pix;
+  acc_t* __restrict__ di = st + 2 * P + pix;
+  for (int64_t x = 0; x < W; ++x) {
+    const Norms<acc_t> nm = finalize_norms(NormSums<acc_t>{x0[x], x1[x], x2[x]});
+    i0[x] = nm.i0;
+    i1[x] = nm.i1;
+    di[x] = nm.di;
+  }
+  std::fill(buf, buf + 3 * W, acc_t(0));
+  for (int64_t c = 0; c < l.C; ++c) {  // pass 2: d, s0, s1 (accumulate_dist, written out per array)
+    const scalar_t* __restrict__ pa = ra + c * l.sa.c;
+    const scalar_t* __restrict__ pb = rb + c * l.sb.c;
+    const acc_t wc = l.w[c];
+    for (int64_t x = 0; x < W; ++x) {
+      const acc_t va = acc_t(pa[kUnit ? x : x * l.sa.w]), vb = acc_t(pb[kUnit ? x : x * l.sb.w]);
+      const acc_t D = normalized_difference(va, vb, i0[x], di[x]);
+      const acc_t wD = wc * D;
+      x0[x] += wD * D;
+      x1[x] += wD * (va * i0[x]);
+      x2[x] -= wD * (vb * i1[x]);
+    }
+  }
+  acc_t row_sum = 0;
+  for (int64_t x = 0; x < W; ++x) {
+    st[3 * P + pix + x] = x1[x];
+    st[4 * P + pix + x] = x2[x];
+    row_sum += x0[x];
+  }
+  return row_sum;
+}
+
+// Channels innermost in both inputs: a pixel's channels are contiguous; two passes per pixel.
+template <typename scalar_t, typename acc_t>
+acc_t forward_row_channels_inner(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, acc_t* st, int64_t P) {
+  const int64_t pix = l.pix0 + (n * l.H + h) * l.W;
+  acc_t row_sum = 0;
+  for (int64_t x = 0; x < l.W; ++x) {
+    const scalar_t* pa = l.a + n * l.sa.n + h * l.sa.h + x * l.sa.w;
+    const scalar_t* pb = l.b + n * l.sb.n + h * l.sb.h + x * l.sb.w;
+    NormSums<acc_t> ns;
+    zero(ns);
+    for (int64_t c = 0; c < l.C; ++c) accumulate_norms(ns, acc_t(pa[c * l.sa.c]), acc_t(pb[c * l.sb.c]));
+    const Norms<acc_t> nm = finalize_norms(ns);
+    DistSums<acc_t> ds;
+    zero(ds);
+    for (int64_t c = 0; c < l.C; ++c) accumulate_dist(ds, acc_t(pa[c * l.sa.c]), acc_t(pb[c * l.sb.c]), l.w[c], nm);
+    st[pix + x] = nm.i0;
+    st[P + pix + x] = nm.i1;
+    st[2 * P + pix + x] = nm.di;
+    st[3 * P + pix + x] = ds.s0;
+    st[4 * P + pix + x] = ds.s1;
+    row_sum += ds.d;
+  }
+  return row_sum;
+}
+
+std::tuple<at::Tensor, at::Tensor> lpips_distance_multi_cpu(at::TensorList f0, at::TensorList f1,
+                                                            at::TensorList weights) {
+  const MultiArgs m = prepare_multi("d2g_fast::lpips_distance_multi", f0, f1, weights);
+  auto stats = alloc_multi_stats(m);
+  auto dist = poisoned(at::empty({m.L, m.N}, m.f0[0].options().dtype(m.acc)));
+  const auto chunks = make_chunks(m);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.dtype, "lpips_distance_multi_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto layers = make_layers<scalar_t, acc_t>(m);
+    const int64_t P = m.pixels();
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    int64_t rows = 0, max_w = 1;
+    for (const auto& l : layers) rows += m.N * l.H, max_w = std::max(max_w, l.W);
+    std::vector<acc_t> row_sums(rows);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(3 * max_w);
+      for (int64_t i = begin; i < end; ++i) {
+        const auto& l = layers[chunks[i].layer];
+        const bool channels_inner = l.sa.c == 1 && l.sb.c == 1 && l.C > 1;
+        const bool unit = l.sa.w == 1 && l.sb.w == 1;
+        for (int64_t r = chunks[i].row_begin; r < chunks[i].row_end; ++r) {
+          const int64_t n = r / l.H, h = r % l.H;
+          row_sums[l.row0 + r] =
+              channels_inner ? forward_row_channels_inner(l, n, h, st, P)
+              : unit         ? forward_row_planar<scalar_t, acc_t, true>(l, n, h, st, P, buf.data())
+                             : forward_row_planar<scalar_t, acc_t, false>(l, n, h, st, P, buf.data());
+        }
+      }
+    });
+    acc_t* out = dist.mutable_data_ptr<acc_t>();
+    for (int64_t k = 0; k < m.L; ++k) {
+      const auto& l = layers[k];
+      for (int64_t n = 0; n < m.N; ++n) {
+        acc_t s = 0;
+        for (int64_t h = 0; h < l.H; ++h) s += row_sums[l.row0 + n * l.H + h];
+        out[k * m.N + n] = s / acc_t(l.H * l.W);
+      }
+    }
+  });
+  return {dist, stats};
+}
+
+template <typename scalar_t, typename acc_t, bool kA, bool kB>
+void backward_row(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, const acc_t* st, int64_t P, acc_t g,
+                  bool channels_inner) {
+  const int64_t pix = l.pix0 + (n * l.H + h) * l.W;
+  const acc_t *i0 = st + pix, *i1 = st + P + pix, *di = st + 2 * P + pix, *s0 = st + 3 * P + pix,
+              *s1 = st + 4 * P + pix;
+  const scalar_t* ra = l.a + n * l.sa.n + h * l.sa.h;
+  const scalar_t* rb = l.b + n * l.sb.n + h * l.sb.h;
+  scalar_t* rga = kA ? l.ga + n * l.sga.n + h * l.sga.h : nullptr;
+  scalar_t* rgb = kB ? l.gb + n * l.sgb.n + h * l.sgb.h : nullptr;
+  auto element = [&](int64_t c, int64_t x) {
+    acc_t g0, g1;
+    grad_pair<acc_t>(g, l.w[c], acc_t(ra[c * l.sa.c + x * l.sa.w]), acc_t(rb[c * l.sb.c + x * l.sb.w]), i0[x],
+                     i1[x], di[x], s0[x], s1[x], g0, g1);
+    if (kA) rga[c * l.sga.c + x * l.sga.w] = static_cast<scalar_t>(g0);
+    if (kB) rgb[c * l.sgb.c + x * l.sgb.w] = static_cast<scalar_t>(g1);
+  };
+  if (channels_inner) {  // write in the gradients' memory order
+    for (int64_t x = 0; x < l.W; ++x)
+      for (int64_t c = 0; c < l.C; ++c) element(c, x);
+  } else {
+    for (int64_t c = 0; c < l.C; ++c)
+      for (int64_t x = 0; x < l.W; ++x) element(c, x);
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_distance_multi_backward_cpu(
+    const at::Tensor& grad, at::TensorList f0, at::TensorList f1, at::TensorList weights, const at::Tensor& stats,
+    bool need_f0, bool need_f1) {
+  static constexpr const char* op = "d2g_fast::lpips_distance_multi_backward";
+  const MultiArgs m = prepare_multi(op, f0, f1, weights);
+  check_multi_backward(op, grad, stats, m);
+  auto g0 = alloc_multi_grads(m.f0, need_f0);
+  auto g1 = alloc_multi_grads(m.f1, need_f1);
+  if (!need_f0 && !need_f1) return {g0, g1};
+  const auto gcont = grad.to(m.acc).contiguous();
+  const auto chunks = make_chunks(m);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.dtype, "lpips_distance_multi_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto layers = make_layers<scalar_t, acc_t>(m);
+    for (int64_t k = 0; k < m.L; ++k) {
+      if (need_f0) layers[k].ga = g0[k].mutable_data_ptr<scalar_t>(), layers[k].sga = Strides4(g0[k]);
+      if (need_f1) layers[k].gb = g1[k].mutable_data_ptr<scalar_t>(), layers[k].sgb = Strides4(g1[k]);
+    }
+    const int64_t P = m.pixels();
+    const acc_t* st = stats.const_data_ptr<acc_t>();
+    const acc_t* gp = gcont.const_data_ptr<acc_t>();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = chunks[i].layer;
+        const auto& l = layers[k];
+        const bool channels_inner = (need_f0 ? l.sga.c : l.sgb.c) == 1 && l.C > 1;
+        for (int64_t r = chunks[i].row_begin; r < chunks[i].row_end; ++r) {
+          const int64_t n = r / l.H, h = r % l.H;
+          const acc_t g = gp[k * m.N + n] / acc_t(l.H * l.W);  // derivative of the spatial mean
+          if (need_f0 && need_f1)
+            backward_row<scalar_t, acc_t, true, true>(l, n, h, st, P, g, channels_inner);
+          else if (need_f0)
+            backward_row<scalar_t, acc_t, true, false>(l, n, h, st, P, g, channels_inner);
+          else
+            backward_row<scalar_t, acc_t, false, true>(l, n, h, st, P, g, channels_inner);
+        }
+      }
+    });
+  });
+  return {g0, g1};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d2g_fast, CPU, m) {
+  m.impl("lpips_distance_multi", &lpips_distance_multi_cpu);
+  m.impl("lpips_distance_multi_backward", &lpips_distance_multi_backward_cpu);
+}
+
+}  // namespace lpips
+}  // namespace d2g
