@@ -258,9 +258,10 @@ class AugmentParams:
                              f"(the draws run on {device}), got one on {generator.device}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-        if not device_sampler_available():
-            raise RuntimeError("AugmentParams.sample_on_device needs the compiled extension with "
-                               "the 'augment_params_sample_' op (rebuild it: make build)"
+        if not device_sampler_available(device.type):
+            raise RuntimeError(f"AugmentParams.sample_on_device needs the compiled extension with "
+                               f"the 'augment_params_sample_' op for {device.type} (rebuild it: "
+                               f"make build)"
                                + ("" if _ext.ext_loaded() else "; the extension is not loaded"))
         packed = torch.empty((batch_size, PACKED_COLUMNS), dtype=torch.float64, device=device)
         bits = sum(PRESET_BITS[ch] for ch in preset)
@@ -272,8 +273,9 @@ class AugmentParams:
     def from_packed(cls, packed: torch.Tensor, preset: str, height: int, width: int
                     ) -> "AugmentParams":
         """Host parameters rebuilt from a packed (N, 17) tensor drawn for ``preset`` (copies it
-        to the CPU): g_inv (float32), margins, colour (float64) and cutout (float32) fields.  The object keeps the
-        float64 packed copy, which stays authoritative for :meth:`packed` and the reference."""
+        to the CPU): g_inv (float32), margins, colour (float64) and cutout (float32) fields.
+        The object keeps the float64 packed copy, which stays authoritative for :meth:`packed`
+        and the reference."""
         preset = parse_preset(preset)
         if not (isinstance(packed, torch.Tensor) and packed.dim() == 2
                 and packed.shape[1] == PACKED_COLUMNS):
@@ -399,10 +401,18 @@ class AugmentParams:
         return int(self.has_geometry) | 2 * int(self.has_colour) | 4 * int(self.has_cutout)
 
 
-def device_sampler_available() -> bool:
-    """Whether the compiled extension has the device-side sampler op."""
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not a traced call
+def device_sampler_available(device_type: str | None = None) -> bool:
+    """Whether the compiled extension has the device-side sampler op (with a kernel for
+    ``device_type``, e.g. "cuda", when given)."""
     from d2g_fast import _ext  # noqa: PLC0415
-    return _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_")
+    if not (_ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_")):
+        return False
+    if device_type is None:
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "d2g_fast::augment_params_sample_", key)
 
 
 def g_inv_from_packed(packed: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -57,7 +57,7 @@ class PairedAugment(torch.nn.Module):
         """"host" or "device": where :meth:`sample_params` draws for these arguments."""
         if self.sampler != "auto":
             return self.sampler
-        use_device = (x.is_cuda and device_sampler_available() and debug_percentile is None
+        use_device = (x.is_cuda and device_sampler_available("cuda") and debug_percentile is None
                       and self.impl != "ref"
                       and (generator is None or generator.device.type == x.device.type))
         return "device" if use_device else "host"
