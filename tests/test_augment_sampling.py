@@ -482,3 +482,22 @@ def test_cuda_launch_count(preset, max_launches):
     print(f"{preset}: {len(kernels)} kernel launches: {kernels}")
     assert not copies, f"host<->device copies during the forward: {copies}"
     assert 1 <= len(kernels) <= max_launches, f"{len(kernels)} launches > {max_launches}: {kernels}"
+
+
+@pytest.mark.cuda
+@needs_sampler
+def test_cuda_torch_compile_auto_sampler():
+    """PairedAugment with the default sampler on CUDA traces in one graph (aot_eager: the
+    registrations; inductor is exercised by the ELatentLPIPS GPU tests)."""
+    from d2g_fast.nn import PairedAugment
+    mod = PairedAugment("bgco", impl="cuda")
+    x, y = _cuda_pair((4, 4, 16, 16))
+    assert mod.resolve_sampler(x) == "device"
+    fn = lambda a, b: mod(a, b)  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.cuda.manual_seed(5)
+    got = compiled(x, y)
+    torch.cuda.manual_seed(5)
+    want = fn(x, y)
+    err = max((got[0] - want[0]).abs().max().item(), (got[1] - want[1]).abs().max().item())
+    assert err == 0.0, f"compiled vs eager with the same CUDA seed: max abs error {err:.3e}"
