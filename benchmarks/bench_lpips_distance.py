@@ -1,4 +1,5 @@
-"""LatentLPIPS per-layer distance: the five layers of a 64x64 latent, every provider.
+"""LatentLPIPS per-layer distance: the five layers of a 64x64 latent, every provider; and the
+five layers in one lpips_distance_multi call against five single-layer calls.
 
 Bytes: the forward must read f0 and f1 once (2 N C H W elements) and writes 5 floats per
 pixel; the backward reads f0, f1 and the stats and writes two gradients (4 N C H W elements).
@@ -59,8 +60,77 @@ def _make(provider, N, C, H, W, dtype, device, channels_last):
     return make
 
 
-def cases(device: str, quick: bool) -> list[Case]:
+def _multi_fn(provider: str):
+    """One call for every layer (multi), five single-layer calls (5x-*), or the reference."""
+    from d2g_fast.ops import lpips_distance, lpips_distance_multi
+    if provider.startswith("5x-"):
+        impl = provider[3:]
+        return lambda a, b, w: torch.stack([lpips_distance(x, y, v, impl=impl) for x, y, v in zip(a, b, w)])
+    return lambda a, b, w: lpips_distance_multi(a, b, w, impl=provider)
+
+
+def _make_multi(provider, N, size, dtype, device, channels_last):
+    def make():
+        from d2g_fast import _dispatch
+        backend = provider[3:] if provider.startswith("5x-") else provider
+        if backend != "ref":
+            try:
+                _dispatch.resolve_impl("lpips_distance_multi", backend, torch.device(device))
+            except RuntimeError as exc:
+                raise SkipCase(str(exc))
+        fn = _multi_fn(provider)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        shapes = [(N, C, H * size // 64, W * size // 64) for C, H, W in LAYERS]
+        a = [torch.randn(s, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+             for s in shapes]
+        b = [torch.randn(s, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+             for s in shapes]
+        w = [torch.rand(s[1], device=device) for s in shapes]  # float32 heads, as in the loss
+        state = {"out": fn(a, b, w).sum()}
+
+        def fwd():
+            with torch.no_grad():
+                return fn(a, b, w)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(a, b, w).sum(), a + b)
+
+        def bwd():
+            return torch.autograd.grad(state["out"], a + b, retain_graph=True)
+
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return make
+
+
+def multi_cases(device: str, quick: bool) -> list[Case]:
+    """The five taps in one lpips_distance_multi call vs five lpips_distance calls vs the
+    reference (what ELatentLPIPS does per loss evaluation, without the trunk)."""
     out = []
+    if device.startswith("cuda"):
+        providers = ["cuda", "5x-cuda", "triton", "5x-triton", "ref"]
+        variants = [(16, 64, torch.bfloat16, True), (16, 64, torch.float32, False)]
+    else:
+        providers = ["cpu", "5x-cpu", "ref"]
+        variants = [(2, 32, torch.float32, False), (2, 32, torch.float32, True)] if quick else \
+            [(4, 64, torch.float32, False), (4, 64, torch.float32, True)]
+    for N, size, dtype, channels_last in variants:
+        elt = torch.empty((), dtype=dtype).element_size()
+        elems = sum(N * C * (H * size // 64) * (W * size // 64) for C, H, W in LAYERS)
+        pixels = sum(N * (H * size // 64) * (W * size // 64) for _, H, W in LAYERS)
+        config = f"N={N} 5 taps of {size}x{size} {str(dtype).replace('torch.', '')}{' cl' if channels_last else ''}"
+        for provider in providers:
+            out.append(Case(
+                op="lpips_distance_multi", config=config, provider=provider,
+                make=_make_multi(provider, N, size, dtype, device, channels_last),
+                # forward: read f0, f1, write 5 stats per pixel; backward: read f0, f1 and the
+                # stats, write both gradients.
+                bytes=2 * elems * elt + 5 * 4 * pixels, bwd_bytes=4 * elems * elt + 5 * 4 * pixels,
+                flops=14 * elems))
+    return out
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    out = multi_cases(device, quick)  # first: what the loss runs (time-boxed GPU runs)
     if device.startswith("cuda"):
         providers = ["ref", "official-style", "cuda", "triton"]
         # fp32 planar (parity setting) and bf16 channels_last (the loss's fast path).

@@ -136,7 +136,7 @@ def test_identical_inputs_give_exactly_zero(impl):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_gradient_gates(impl):
     """Only the inputs that need a gradient get one (need_f0 / need_f1 each alone)."""
-    f0s, f1s, ws = make_layers([(2, 9, 4, 5), (2, 4, 3, 3)], "contiguous")
+    f0s, f1s, ws = make_layers([(2, 9, 4, 5), (2, 4, 3, 3), (2, 7, 2, 3)], ["contiguous", "channels_last", "mixed"])
     for which in (0, 1):
         leaves = [f.clone().requires_grad_(True) for f in (f0s, f1s)[which]]
         args = (leaves, f1s) if which == 0 else (f0s, leaves)

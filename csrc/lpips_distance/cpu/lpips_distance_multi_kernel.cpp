@@ -78,8 +78,36 @@ std::vector<Layer<scalar_t, acc_t>> make_layers(const MultiArgs& m) {
   return layers;
 }
 
-// Planar rows: the sums of the row's W pixels in separate arrays, so the loops along the row
-// vectorise (kUnit: unit stride along the row in both inputs).
+// The two passes over one channel of a planar row, as functions with restrict-qualified
+// array arguments so that the loops along the row vectorise (kUnit: unit stride along the row).
+template <typename scalar_t, typename acc_t, bool kUnit>
+inline void norms_row(const scalar_t* __restrict__ pa, const scalar_t* __restrict__ pb, int64_t sa_w,
+                      int64_t sb_w, int64_t W, acc_t* __restrict__ aa, acc_t* __restrict__ bb,
+                      acc_t* __restrict__ dd) {
+  for (int64_t x = 0; x < W; ++x) {  // accumulate_norms, one array per sum
+    const acc_t va = acc_t(pa[kUnit ? x : x * sa_w]), vb = acc_t(pb[kUnit ? x : x * sb_w]);
+    aa[x] += va * va;
+    bb[x] += vb * vb;
+    dd[x] += (vb - va) * (vb + va);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kUnit>
+inline void dist_row(const scalar_t* __restrict__ pa, const scalar_t* __restrict__ pb, int64_t sa_w,
+                     int64_t sb_w, acc_t wc, int64_t W, const acc_t* __restrict__ i0,
+                     const acc_t* __restrict__ i1, const acc_t* __restrict__ di, acc_t* __restrict__ d,
+                     acc_t* __restrict__ s0, acc_t* __restrict__ s1) {
+  for (int64_t x = 0; x < W; ++x) {  // accumulate_dist, one array per sum
+    const acc_t va = acc_t(pa[kUnit ? x : x * sa_w]), vb = acc_t(pb[kUnit ? x : x * sb_w]);
+    const acc_t D = normalized_difference(va, vb, i0[x], di[x]);
+    const acc_t wD = wc * D;
+    d[x] += wD * D;
+    s0[x] += wD * (va * i0[x]);
+    s1[x] -= wD * (vb * i1[x]);
+  }
+}
+
+// Planar rows: the sums of the row's W pixels in separate arrays (buf holds 6 W values).
 template <typename scalar_t, typename acc_t, bool kUnit>
 acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, acc_t* st, int64_t P,
                          acc_t* buf) {
@@ -87,23 +115,10 @@ acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, 
   const scalar_t* ra = l.a + n * l.sa.n + h * l.sa.h;
   const scalar_t* rb = l.b + n * l.sb.n + h * l.sb.h;
   const int64_t pix = l.pix0 + (n * l.H + h) * W;
-  acc_t* __restrict__ x0 = buf;
-  acc_t* __restrict__ x1 = buf + W;
-  acc_t* __restrict__ x2 = buf + 2 * W;
+  acc_t *x0 = buf, *x1 = buf + W, *x2 = buf + 2 * W, *i0 = buf + 3 * W, *i1 = buf + 4 * W, *di = buf + 5 * W;
   std::fill(buf, buf + 3 * W, acc_t(0));
-  for (int64_t c = 0; c < l.C; ++c) {  // pass 1: |a|^2, |b|^2, |b|^2 - |a|^2
-    const scalar_t* __restrict__ pa = ra + c * l.sa.c;
-    const scalar_t* __restrict__ pb = rb + c * l.sb.c;
-    for (int64_t x = 0; x < W; ++x) {
-      const acc_t va = acc_t(pa[kUnit ? x : x * l.sa.w]), vb = acc_t(pb[kUnit ? x : x * l.sb.w]);
-      x0[x] += va * va;
-      x1[x] += vb * vb;
-      x2[x] += (vb - va) * (vb + va);
-    }
-  }
-  acc_t* __restrict__ i0 = st + pix;
-  acc_t* __restrict__ i1 = st + P + pix;
-  acc_t* __restrict__ di = st + 2 * P + pix;
+  for (int64_t c = 0; c < l.C; ++c)  // pass 1: |a|^2, |b|^2, |b|^2 - |a|^2
+    norms_row<scalar_t, acc_t, kUnit>(ra + c * l.sa.c, rb + c * l.sb.c, l.sa.w, l.sb.w, W, x0, x1, x2);
   for (int64_t x = 0; x < W; ++x) {
     const Norms<acc_t> nm = finalize_norms(NormSums<acc_t>{x0[x], x1[x], x2[x]});
     i0[x] = nm.i0;
@@ -111,21 +126,14 @@ acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, 
     di[x] = nm.di;
   }
   std::fill(buf, buf + 3 * W, acc_t(0));
-  for (int64_t c = 0; c < l.C; ++c) {  // pass 2: d, s0, s1 (accumulate_dist, written out per array)
-    const scalar_t* __restrict__ pa = ra + c * l.sa.c;
-    const scalar_t* __restrict__ pb = rb + c * l.sb.c;
-    const acc_t wc = l.w[c];
-    for (int64_t x = 0; x < W; ++x) {
-      const acc_t va = acc_t(pa[kUnit ? x : x * l.sa.w]), vb = acc_t(pb[kUnit ? x : x * l.sb.w]);
-      const acc_t D = normalized_difference(va, vb, i0[x], di[x]);
-      const acc_t wD = wc * D;
-      x0[x] += wD * D;
-      x1[x] += wD * (va * i0[x]);
-      x2[x] -= wD * (vb * i1[x]);
-    }
-  }
+  for (int64_t c = 0; c < l.C; ++c)  // pass 2: d, s0, s1 (the row again, from cache)
+    dist_row<scalar_t, acc_t, kUnit>(ra + c * l.sa.c, rb + c * l.sb.c, l.sa.w, l.sb.w, l.w[c], W, i0, i1, di,
+                                      x0, x1, x2);
   acc_t row_sum = 0;
   for (int64_t x = 0; x < W; ++x) {
+    st[pix + x] = i0[x];
+    st[P + pix + x] = i1[x];
+    st[2 * P + pix + x] = di[x];
     st[3 * P + pix + x] = x1[x];
     st[4 * P + pix + x] = x2[x];
     row_sum += x0[x];
@@ -173,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_multi_cpu(at::TensorList f0, a
     for (const auto& l : layers) rows += m.N * l.H, max_w = std::max(max_w, l.W);
     std::vector<acc_t> row_sums(rows);
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(3 * max_w);
+      std::vector<acc_t> buf(6 * max_w);
       for (int64_t i = begin; i < end; ++i) {
         const auto& l = layers[chunks[i].layer];
         const bool channels_inner = l.sa.c == 1 && l.sb.c == 1 && l.C > 1;
@@ -200,6 +208,42 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_multi_cpu(at::TensorList f0, a
   return {dist, stats};
 }
 
+// One channel of a planar row with unit stride along the row in every tensor (vectorises).
+template <typename scalar_t, typename acc_t, bool kA, bool kB>
+inline void grad_row(const scalar_t* __restrict__ pa, const scalar_t* __restrict__ pb, scalar_t* __restrict__ pga,
+                     scalar_t* __restrict__ pgb, int64_t W, acc_t g, acc_t wc, const acc_t* __restrict__ i0,
+                     const acc_t* __restrict__ i1, const acc_t* __restrict__ di, const acc_t* __restrict__ s0,
+                     const acc_t* __restrict__ s1) {
+  for (int64_t x = 0; x < W; ++x) {
+    acc_t g0, g1;
+    grad_pair<acc_t>(g, wc, acc_t(pa[x]), acc_t(pb[x]), i0[x], i1[x], di[x], s0[x], s1[x], g0, g1);
+    if (kA) pga[x] = static_cast<scalar_t>(g0);
+    if (kB) pgb[x] = static_cast<scalar_t>(g1);
+  }
+}
+
+// One pixel with every tensor's channels contiguous: one loop per gradient (fewer streams in
+// flight than writing both at once; the pixel's inputs stay in L1 for the second loop).
+template <typename scalar_t, typename acc_t, bool kA, bool kB>
+inline void grad_pixel_channels(const scalar_t* __restrict__ pa, const scalar_t* __restrict__ pb,
+                                scalar_t* __restrict__ pga, scalar_t* __restrict__ pgb, int64_t C, acc_t g,
+                                const acc_t* __restrict__ w, acc_t i0, acc_t i1, acc_t di, acc_t s0, acc_t s1) {
+  if (kA) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t g0, g1;
+      grad_pair<acc_t>(g, w[c], acc_t(pa[c]), acc_t(pb[c]), i0, i1, di, s0, s1, g0, g1);
+      pga[c] = static_cast<scalar_t>(g0);
+    }
+  }
+  if (kB) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t g0, g1;
+      grad_pair<acc_t>(g, w[c], acc_t(pa[c]), acc_t(pb[c]), i0, i1, di, s0, s1, g0, g1);
+      pgb[c] = static_cast<scalar_t>(g1);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, bool kA, bool kB>
 void backward_row(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, const acc_t* st, int64_t P, acc_t g,
                   bool channels_inner) {
@@ -217,9 +261,18 @@ void backward_row(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, const a
     if (kA) rga[c * l.sga.c + x * l.sga.w] = static_cast<scalar_t>(g0);
     if (kB) rgb[c * l.sgb.c + x * l.sgb.w] = static_cast<scalar_t>(g1);
   };
-  if (channels_inner) {  // write in the gradients' memory order
+  if (channels_inner && l.sa.c == 1 && l.sb.c == 1 && (!kA || l.sga.c == 1) && (!kB || l.sgb.c == 1)) {
+    for (int64_t x = 0; x < l.W; ++x)
+      grad_pixel_channels<scalar_t, acc_t, kA, kB>(ra + x * l.sa.w, rb + x * l.sb.w, kA ? rga + x * l.sga.w : nullptr,
+                                                   kB ? rgb + x * l.sgb.w : nullptr, l.C, g, l.w, i0[x], i1[x],
+                                                   di[x], s0[x], s1[x]);
+  } else if (channels_inner) {  // write in the gradients' memory order
     for (int64_t x = 0; x < l.W; ++x)
       for (int64_t c = 0; c < l.C; ++c) element(c, x);
+  } else if (l.sa.w == 1 && l.sb.w == 1 && (!kA || l.sga.w == 1) && (!kB || l.sgb.w == 1)) {
+    for (int64_t c = 0; c < l.C; ++c)
+      grad_row<scalar_t, acc_t, kA, kB>(ra + c * l.sa.c, rb + c * l.sb.c, kA ? rga + c * l.sga.c : nullptr,
+                                        kB ? rgb + c * l.sgb.c : nullptr, l.W, g, l.w[c], i0, i1, di, s0, s1);
   } else {
     for (int64_t c = 0; c < l.C; ++c)
       for (int64_t x = 0; x < l.W; ++x) element(c, x);
