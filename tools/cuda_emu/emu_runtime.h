@@ -1,0 +1,57 @@
+// Minimal CPU emulation of the CUDA execution model, for checking kernel logic on machines
+// without a GPU (see emulate.py): one std::thread per CUDA thread of a block, blocks one after
+// another, __syncthreads = a block barrier, __shfl_xor_sync = a per-warp exchange through memory
+// between two per-warp barriers, __shared__ = static (one copy, reused block after block).
+#pragma once
+#include <barrier>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct EmuDim { unsigned x = 0, y = 0, z = 0; };
+inline thread_local EmuDim threadIdx;
+inline thread_local EmuDim blockIdx;
+inline std::barrier<>* emu_block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
+inline double emu_shfl[32][32];
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __restrict__
+
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int offset) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  emu_shfl[w][l] = static_cast<double>(v);
+  emu_warp_barriers[w]->arrive_and_wait();
+  const T r = static_cast<T>(emu_shfl[w][l ^ offset]);
+  emu_warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+
+namespace emu {
+inline void launch(int blocks, int threads, const std::function<void()>& body) {
+  std::barrier<> block_barrier(threads);
+  emu_block_barrier = &block_barrier;
+  emu_warp_barriers.clear();
+  for (int w = 0; w < (threads + 31) / 32; ++w) emu_warp_barriers.emplace_back(new std::barrier<>(32));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (int b = 0; b < blocks; ++b) {
+        blockIdx.x = b;
+        body();
+        block_barrier.arrive_and_wait();  // the block ends before the next one starts
+      }
+    });
+  for (auto& th : pool) th.join();
+}
+}  // namespace emu

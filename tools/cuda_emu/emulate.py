@@ -1,0 +1,55 @@
+"""Run a CUDA kernel file of this project on the CPU, to check its logic where no GPU exists.
+
+``load_emulated(cu_path, name, extra_sources, build_dir)`` rewrites ``cu_path`` into plain C++
+(emu_runtime.h: one std::thread per CUDA thread, blocks one after another, __syncthreads as a
+barrier, __shfl_xor_sync through memory, __shared__ as static), registers its ops under
+``torch.ops.<name>`` instead of the CUDA dispatch key, compiles it with
+torch.utils.cpp_extension and loads it. The ops then take CPU tensors and run the kernels'
+own index arithmetic, shared-memory reductions and host launch code. What it cannot show:
+speed; every race (threads run concurrently but not in lock step, so a missing barrier shows
+only sometimes); device math (expf etc. are the host versions: __CUDA_ARCH__ is not defined);
+anything the CUDA runtime would report (bad launch configurations, too much shared memory).
+
+Conventions the rewrite relies on (those of csrc/*/cuda/*_kernel.cu): launches written
+``kernel<T...><<<grid, block, 0, stream>>>(args);``, ``auto stream = c10::cuda::getCurrentCUDAStream();``,
+``const c10::cuda::CUDAGuard guard(...)``, ``C10_CUDA_KERNEL_LAUNCH_CHECK();`` and one
+``TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) { m.impl("op", &fn); ... }`` block.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def emulated_source(cu_text: str, name: str) -> str:
+    src = re.sub(r'#include <c10/cuda/[^>]*>\n', '', cu_text)
+    src = re.sub(r'const c10::cuda::CUDAGuard \w+\([^;]*\);', '', src)
+    src = src.replace('auto stream = c10::cuda::getCurrentCUDAStream();', 'int stream = 0; (void)stream;')
+    src = src.replace('C10_CUDA_KERNEL_LAUNCH_CHECK();', '')
+    src = re.sub(r'(\w+<[\w, ]*>)<<<([^,]*), ([^,]*), 0, stream>>>\((.*?)\);',
+                 lambda m: f'emu::launch({m.group(2)}, {m.group(3)}, [&] {{ {m.group(1)}({m.group(4)}); }});',
+                 src, flags=re.S)
+    if '<<<' in src:
+        raise ValueError("a kernel launch is not written as kernel<...><<<grid, block, 0, stream>>>(...)")
+    i = src.index('TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) {')
+    j = src.index('\n}', i)
+    block = src[i:j].replace('TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m)', f'TORCH_LIBRARY({name}, m)')
+    block = block.replace('m.impl(', 'm.def(')
+    return '#include "emu_runtime.h"\n' + src[:i] + block + src[j:]
+
+
+def load_emulated(cu_path: str, name: str, extra_sources: list[str], build_dir: str) -> None:
+    from torch.utils.cpp_extension import load
+    os.makedirs(build_dir, exist_ok=True)
+    out = os.path.join(build_dir, f"{name}.cpp")
+    with open(cu_path) as f:
+        text = emulated_source(f.read(), name)
+    with open(out, "w") as f:
+        f.write(text)
+    load(name=name, sources=[out] + list(extra_sources),
+         extra_include_paths=[os.path.join(ROOT, "csrc"), HERE],
+         extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"],
+         build_directory=build_dir, is_python_module=False, verbose=False)
