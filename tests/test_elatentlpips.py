@@ -183,11 +183,28 @@ def test_bad_constructor_arguments_name_the_argument():
                           ({"augment": "x"}, "augment must be None or one of"),
                           ({"precision": "fp16"}, "precision must be one of"),
                           ({"negative_weights": "keep"}, "negative_weights must be one of"),
-                          ({"impl": "fast"}, "impl must be one of")]:
+                          ({"impl": "fast"}, "impl must be one of"),
+                          ({"augment_sampler": "gpu"}, "augment_sampler must be one of")]:
         with pytest.raises(ValueError, match=match):
             ELatentLPIPS(pretrained=False, pnet_rand=True, verbose=False, **kwargs)
     with pytest.raises(NotImplementedError, match="net='alex'"):
         ELatentLPIPS(pretrained=False, pnet_rand=True, verbose=False, net="alex")
+
+
+def test_device_drawn_augmentation_on_cpu_is_seeded_and_random():
+    """augment_sampler="device" draws with the sampler op (the CPU kernel here): reproducible from
+    torch.manual_seed, a new augmentation per call, and the default "host" sampler unaffected."""
+    model = make_model("sd15", augment="bg", augment_sampler="device")
+    assert model.augment.sampler == "device"
+    x, y = latents(2, 4, 16, 16, seed=41)
+    torch.manual_seed(7)
+    a = model(x, y)
+    b = model(x, y)
+    torch.manual_seed(7)
+    a_again = model(x, y)
+    assert torch.equal(a, a_again), "torch.manual_seed must reproduce the device-drawn augmentation"
+    assert not torch.equal(a, b), "two calls drew the same augmentation"
+    assert make_model("sd15", augment="bg").augment.sampler == "auto"
 
 
 def test_ensembling_without_augmentation_raises(model4):

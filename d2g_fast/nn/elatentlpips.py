@@ -124,7 +124,11 @@ class ELatentLPIPS(nn.Module):
     the fast path), ``channels_last`` (memory format of the fast path; default: with bf16), ``negative_weights``
     ("clamp" or "error"), ``impl`` ("auto" fast path, "ref" reference path, or a backend of
     the distance op), ``check_inputs``, ``tune_heads`` (heads trainable; default: only when
-    ``eval_mode=False``, the official module always leaves them trainable).
+    ``eval_mode=False``, the official module always leaves them trainable), ``augment_sampler``
+    (where the augmentation parameters are drawn, see :class:`d2g_fast.nn.PairedAugment`:
+    "auto" draws on the GPU for CUDA latents, with no host synchronisation and CUDA-graph safe,
+    and on the host otherwise; "host" always reproduces the official pipeline's draws for the
+    same CPU seed).
     """
 
     def __init__(self, pretrained: bool = True, net: str = "vgg16", elatentlpips: bool = True,
@@ -135,7 +139,7 @@ class ELatentLPIPS(nn.Module):
                  heads_path: str | os.PathLike | None = None,
                  precision: str = "fp32", channels_last: bool | None = None,
                  negative_weights: str = "clamp", impl: str = "auto", check_inputs: bool = True,
-                 tune_heads: bool | None = None):
+                 tune_heads: bool | None = None, augment_sampler: str = "auto"):
         super().__init__()
         if net not in ("vgg", "vgg16"):
             raise NotImplementedError(f"ELatentLPIPS: net={net!r} is not available; only 'vgg16'")
@@ -153,6 +157,10 @@ class ELatentLPIPS(nn.Module):
                              f"{NEGATIVE_WEIGHT_POLICIES}, got {negative_weights!r}")
         if impl not in IMPLS:
             raise ValueError(f"ELatentLPIPS: impl must be one of {IMPLS}, got {impl!r}")
+        from d2g_fast.nn.augment import SAMPLERS  # noqa: PLC0415 (optional piece)
+        if augment_sampler not in SAMPLERS:
+            raise ValueError(f"ELatentLPIPS: augment_sampler must be one of {SAMPLERS}, "
+                             f"got {augment_sampler!r}")
 
         self.pnet_type = "vgg16"
         self.pnet_tune = pnet_tune
@@ -205,7 +213,7 @@ class ELatentLPIPS(nn.Module):
         self.augment = None
         if augment is not None:
             from d2g_fast.nn.augment import PairedAugment  # noqa: PLC0415 (optional piece)
-            self.augment = PairedAugment(augment)
+            self.augment = PairedAugment(augment, sampler=augment_sampler)
         if eval_mode:
             self.eval()
 
