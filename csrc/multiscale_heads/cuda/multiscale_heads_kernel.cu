@@ -212,16 +212,19 @@ forward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ bia
   }
 }
 
-// One block: scores[i] = sum of logit_part row i, loss = sum of all loss_part rows, rows of
-// max_tiles values (unused tiles hold zeros). A warp per row, in a fixed order.
+// One block of 32 warps: scores[i] = sum of logit_part row i, loss = sum of all loss_part rows,
+// rows of max_tiles values (tiles a head does not have hold zeros). A warp per row, in a fixed
+// order: deterministic.
+constexpr int kFinishWarps = 32;
+
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFinishWarps * kWarp)
 finish_forward_kernel(const acc_t* __restrict__ loss_part, const acc_t* __restrict__ logit_part,
                       int rows, int max_tiles, acc_t* __restrict__ scores, acc_t* __restrict__ loss) {
-  __shared__ acc_t smem[kWarps];
+  __shared__ acc_t smem[kFinishWarps];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   acc_t loss_acc = 0;
-  for (int i = warp; i < rows; i += kWarps) {
+  for (int i = warp; i < rows; i += kFinishWarps) {
     acc_t l = 0, s = 0;
     for (int j = lane; j < max_tiles; j += kWarp) {
       l += loss_part[static_cast<int64_t>(i) * max_tiles + j];
@@ -232,8 +235,13 @@ finish_forward_kernel(const acc_t* __restrict__ loss_part, const acc_t* __restri
     if (lane == 0) scores[i] = s;
     loss_acc += l;
   }
-  const acc_t total = block_sum(lane == 0 ? loss_acc : acc_t(0), smem);
-  if (threadIdx.x == 0) *loss = total;
+  if (lane == 0) smem[warp] = loss_acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t total = 0;
+    for (int i = 0; i < kFinishWarps; ++i) total += smem[i];
+    *loss = total;
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -445,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> multiscale_heads_cud
           plan.max_tiles, loss_part, logit_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    finish_forward_kernel<acc_t><<<1, kThreads, 0, stream>>>(
+    finish_forward_kernel<acc_t><<<1, kFinishWarps * kWarp, 0, stream>>>(
         loss_part, logit_part, static_cast<int>(p.K * p.N), plan.max_tiles,
         scores.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
