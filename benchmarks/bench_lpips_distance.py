@@ -1,8 +1,9 @@
 """LatentLPIPS per-layer distance: the five layers of a 64x64 latent, every provider; and the
 five layers in one lpips_distance_multi call against five single-layer calls.
 
-Bytes: the forward must read f0 and f1 once (2 N C H W elements) and writes 5 floats per
-pixel; the backward reads f0, f1 and the stats and writes two gradients (4 N C H W elements).
+Bytes: the forward must read f0 and f1 once (2 N C H W elements; the kernels' second pass over
+a pixel's channels reads from cache) and writes 6 floats per pixel (map + 5 stats); the backward
+reads f0, f1 and the stats and writes two gradients (4 N C H W elements).
 """
 from __future__ import annotations
 
@@ -150,5 +151,5 @@ def cases(device: str, quick: bool) -> list[Case]:
                 out.append(Case(
                     op="lpips_distance", config=config, provider=provider,
                     make=_make(provider, N, C, H, W, dtype, device, channels_last),
-                    bytes=2 * feat + 5 * pix, bwd_bytes=4 * feat + 5 * pix, flops=10 * N * C * H * W))
+                    bytes=2 * feat + 6 * pix, bwd_bytes=4 * feat + 5 * pix, flops=14 * N * C * H * W))
     return out

@@ -101,22 +101,40 @@ def test_rows_equal_the_single_layer_op(impl):
                      name=f"layer {k}")
 
 
+def one_pass_expansion(f0, f1, w):
+    """The math the kernels used before: five sums in one pass over the channels, then
+    d = i0^2 Swaa - 2 i0 i1 Swab + i1^2 Swbb (float32). Kept here to show what it cost."""
+    w = w.view(1, -1, 1, 1)
+    i0 = torch.rsqrt((f0 * f0).sum(1) + 1e-8)
+    i1 = torch.rsqrt((f1 * f1).sum(1) + 1e-8)
+    waa, wbb, wab = (w * f0 * f0).sum(1), (w * f1 * f1).sum(1), (w * f0 * f1).sum(1)
+    return (i0 * i0 * waa - 2 * i0 * i1 * wab + i1 * i1 * wbb).mean((1, 2))
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_close_inputs_keep_precision(impl):
-    """f1 = f0 (1 + 1e-4 noise), the regime of a converging loss: the old op's one-pass
-    expansion cancels catastrophically; the new op keeps about float32 precision."""
+    """f1 = f0 (1 + 1e-4 noise), the regime of a converging loss: the one-pass expansion cancels
+    catastrophically; the two-pass math keeps about float32 precision (multi-layer op, and the
+    single-layer op, which now uses the same math, with and without spatial)."""
     shapes = [(2, 64, 6, 5), (2, 512, 3, 4)]
     f0s, f1s, ws = make_layers(shapes, "contiguous", close=1e-4)
     exact = reference([f.double() for f in f0s], [f.double() for f in f1s], [w.double() for w in ws])
     assert exact.min() > 0
     new = lpips_distance_multi(f0s, f1s, ws, impl=impl).double()
     new_err = ((new - exact).abs() / exact).max().item()
-    old_impl = impl if impl == "triton" else "cpu"
-    old = torch.stack([lpips_distance(a, b, w, impl=old_impl) for a, b, w in zip(f0s, f1s, ws)]).double()
+    old = torch.stack([one_pass_expansion(a, b, w) for a, b, w in zip(f0s, f1s, ws)]).double()
     old_err = ((old - exact).abs() / exact).max().item()
-    print(f"relative error: new {new_err:.2e}, old one-pass {old_err:.2e}")
-    assert new_err < 1e-5, f"new op relative error {new_err:.3e} (old op {old_err:.3e})"
-    assert new_err * 1000 < old_err, f"new {new_err:.3e} is not far below the old op's {old_err:.3e}"
+    print(f"relative error: two-pass {new_err:.2e}, one-pass expansion {old_err:.2e}")
+    assert new_err < 1e-5, f"relative error {new_err:.3e} (one-pass expansion {old_err:.3e})"
+    assert new_err * 1000 < old_err, f"two-pass {new_err:.3e} is not far below the expansion's {old_err:.3e}"
+    for k, (a, b, w) in enumerate(zip(f0s, f1s, ws)):
+        single = lpips_distance(a, b, w, impl=impl).double()
+        err = ((single - exact[k]).abs() / exact[k]).max().item()
+        assert err < 1e-5, f"single-layer op, layer {k}: relative error {err:.3e}"
+        exact_map = lpips_distance(a.double(), b.double(), w.double(), spatial=True, impl="ref")
+        single_map = lpips_distance(a, b, w, spatial=True, impl=impl).double()
+        err = ((single_map - exact_map).abs() / exact_map).max().item()
+        assert err < 1e-5, f"single-layer op, spatial map of layer {k}: relative error {err:.3e}"
     # The input gradients keep their precision too.
     _, g0, g1 = run(impl, f0s, f1s, ws)
     _, r_g0, r_g1 = run("ref", [f.double() for f in f0s], [f.double() for f in f1s], [w.double() for w in ws])
@@ -341,6 +359,11 @@ def test_gpu_close_inputs_keep_precision(impl):
     new = lpips_distance_multi(f0s, f1s, ws, impl=impl).double()
     err = ((new - exact).abs() / exact).max().item()
     assert err < 1e-5, f"relative error {err:.3e}"
+    for k, (a, b, w) in enumerate(zip(f0s, f1s, ws)):  # the single-layer op uses the same math
+        exact_map = lpips_distance(a.double(), b.double(), w.double(), spatial=True, impl="ref")
+        single_map = lpips_distance(a, b, w, spatial=True, impl=impl).double()
+        err = ((single_map - exact_map).abs() / exact_map).max().item()
+        assert err < 1e-5, f"single-layer op, spatial map of layer {k}: relative error {err:.3e}"
 
 
 @pytest.mark.cuda

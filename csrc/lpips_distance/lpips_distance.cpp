@@ -42,9 +42,9 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& f0, const at:
     TORCH_CHECK(grad.dim() == 1 && grad.size(0) == N, op,
                 ": 'grad' must have shape (N,) with spatial=False, got ", grad.sizes());
   }
-  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == 4 && stats.size(1) == N && stats.size(2) == H &&
+  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == 5 && stats.size(1) == N && stats.size(2) == H &&
                   stats.size(3) == W && stats.is_contiguous(),
-              op, ": 'stats' must be the contiguous (4, N, H, W) tensor returned by the forward, got ",
+              op, ": 'stats' must be the contiguous (5, N, H, W) tensor returned by the forward, got ",
               stats.sizes());
   TORCH_CHECK(stats.scalar_type() == acc, op, ": 'stats' must have dtype ", acc, ", got ",
               stats.scalar_type());
@@ -55,7 +55,7 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& f0, const at:
 std::tuple<at::Tensor, at::Tensor> alloc_forward_outputs(const at::Tensor& f0, at::ScalarType acc) {
   const int64_t N = f0.size(0), H = f0.size(2), W = f0.size(3);
   auto opts = f0.options().dtype(acc);
-  return {poisoned(at::empty({N, 1, H, W}, opts)), poisoned(at::empty({4, N, H, W}, opts))};
+  return {poisoned(at::empty({N, 1, H, W}, opts)), poisoned(at::empty({5, N, H, W}, opts))};
 }
 
 at::Tensor finish_distance(const at::Tensor& map, bool spatial) {

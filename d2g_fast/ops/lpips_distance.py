@@ -4,6 +4,11 @@
 ``mean_hw sum_c w_c (f0/|f0| - f1/|f1|)^2`` (|f| = sqrt(sum_c f^2 + 1e-8)), shape (N,), or the
 (N, 1, H, W) map with ``spatial=True``. Gradients flow to f0 and f1 (one elementwise pass each,
 from per-pixel statistics saved by the forward) and to ``weight`` when it requires one.
+Every backend uses the two-pass, cancellation-free math of csrc/lpips_distance/lpips_distance_math.h
+(the result keeps float32 relative precision when f1 is very close to f0).
+
+``lpips_distance_multi(f0s, f1s, weights, impl="auto")`` computes the (L, N) distances of several
+layers in one call (one kernel launch on the GPU): what E-LatentLPIPS uses for its five taps.
 
 Backends: "ref" (d2g_fast/ref), "cpu" and "cuda" (C++ op torch.ops.d2g_fast.lpips_distance),
 "triton" (torch.ops.d2g_fast.lpips_distance_triton). All are registered with torch.library
@@ -73,8 +78,9 @@ def _weight_grad(grad, f0, f1, stats, spatial):
     # Only when the channel weights are trained (e.g. calibrating heads): one extra pass.
     N, _, H, W = f0.shape
     acc = stats.dtype
-    i0, i1 = stats[0].unsqueeze(1), stats[1].unsqueeze(1)
-    diff2 = (f0.to(acc) * i0 - f1.to(acc) * i1) ** 2
+    i0, di = stats[0].unsqueeze(1), stats[2].unsqueeze(1)
+    f0, f1 = f0.to(acc), f1.to(acc)
+    diff2 = ((f0 - f1) * i0 + f1 * di) ** 2  # the cancellation-free normalised difference
     g = grad.to(acc).reshape(N, 1, H, W) if spatial else (grad.to(acc) / (H * W)).view(N, 1, 1, 1)
     return (diff2 * g).sum(dim=(0, 2, 3))
 
@@ -96,7 +102,7 @@ def _fake_forward(f0, f1, weight, spatial):
     N, _, H, W = f0.shape
     acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
     dist = f0.new_empty((N, 1, H, W) if spatial else (N,), dtype=acc)
-    return dist, f0.new_empty((4, N, H, W), dtype=acc)
+    return dist, f0.new_empty((5, N, H, W), dtype=acc)
 
 
 def _fake_backward(grad, f0, f1, weight, stats, spatial, need_f0, need_f1):

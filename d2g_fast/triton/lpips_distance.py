@@ -1,8 +1,9 @@
 """Triton kernels of the LatentLPIPS layer distance (same math as csrc/lpips_distance).
 
-A program owns BLOCK_P pixels and walks the channels in BLOCK_C slices, accumulating the five
-per-pixel sums of ``lpips_distance_math.h``; the (BLOCK_C, BLOCK_P) tiles follow the tensors'
-strides, so planar (NCHW) and channels_last inputs are both read in one pass.
+A program owns BLOCK_P pixels and walks the channels in BLOCK_C slices twice (the two-pass,
+cancellation-free math of ``lpips_distance_math.h``: norms, then the distance sums); the
+(BLOCK_C, BLOCK_P) tiles follow the tensors' strides, so planar (NCHW) and channels_last
+inputs are both read directly.
 """
 from __future__ import annotations
 
@@ -32,11 +33,27 @@ def _lpips_distance_fwd_kernel(
     a_pix = n * sa_n + h * sa_h + x * sa_w
     b_pix = n * sb_n + h * sb_h + x * sb_w
     acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # Pass 1: |a|^2, |b|^2, |b|^2 - |a|^2 (as sum (b - a)(b + a), without cancellation).
     s_aa = tl.zeros((BLOCK_P,), acc_dtype)
     s_bb = tl.zeros((BLOCK_P,), acc_dtype)
-    s_waa = tl.zeros((BLOCK_P,), acc_dtype)
-    s_wbb = tl.zeros((BLOCK_P,), acc_dtype)
-    s_wab = tl.zeros((BLOCK_P,), acc_dtype)
+    s_dd = tl.zeros((BLOCK_P,), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = (c < C)[:, None] & p_mask[None, :]
+        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        s_aa += tl.sum(a * a, axis=0)
+        s_bb += tl.sum(b * b, axis=0)
+        s_dd += tl.sum((b - a) * (b + a), axis=0)
+    ra = tl.sqrt(s_aa + EPS_)
+    rb = tl.sqrt(s_bb + EPS_)
+    i0 = 1.0 / ra
+    i1 = 1.0 / rb
+    di = s_dd * i0 * i1 / (ra + rb)  # i0 - i1 without cancellation
+    # Pass 2: d, s0, s1 accumulated directly from D = A - B = (a - b) i0 + b di.
+    s_d = tl.zeros((BLOCK_P,), acc_dtype)
+    s_0 = tl.zeros((BLOCK_P,), acc_dtype)
+    s_1 = tl.zeros((BLOCK_P,), acc_dtype)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         c_mask = c < C
@@ -44,26 +61,22 @@ def _lpips_distance_fwd_kernel(
         a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
         b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
         w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
-        s_aa += tl.sum(a * a, axis=0)
-        s_bb += tl.sum(b * b, axis=0)
-        s_waa += tl.sum(w * a * a, axis=0)
-        s_wbb += tl.sum(w * b * b, axis=0)
-        s_wab += tl.sum(w * a * b, axis=0)
-    i0 = 1.0 / tl.sqrt(s_aa + EPS_)
-    i1 = 1.0 / tl.sqrt(s_bb + EPS_)
-    cross = i0 * i1 * s_wab
-    s0 = i0 * i0 * s_waa - cross
-    s1 = i1 * i1 * s_wbb - cross
-    tl.store(map_ptr + p, s0 + s1, mask=p_mask)
+        D = (a - b) * i0[None, :] + b * di[None, :]
+        wD = w * D
+        s_d += tl.sum(wD * D, axis=0)
+        s_0 += tl.sum(wD * (a * i0[None, :]), axis=0)
+        s_1 -= tl.sum(wD * (b * i1[None, :]), axis=0)
+    tl.store(map_ptr + p, s_d, mask=p_mask)
     tl.store(stats_ptr + p, i0, mask=p_mask)
     tl.store(stats_ptr + P + p, i1, mask=p_mask)
-    tl.store(stats_ptr + 2 * P + p, s0, mask=p_mask)
-    tl.store(stats_ptr + 3 * P + p, s1, mask=p_mask)
+    tl.store(stats_ptr + 2 * P + p, di, mask=p_mask)
+    tl.store(stats_ptr + 3 * P + p, s_0, mask=p_mask)
+    tl.store(stats_ptr + 4 * P + p, s_1, mask=p_mask)
 
 
 @triton.jit
 def _lpips_distance_bwd_kernel(
-    self_ptr, other_ptr, out_ptr, w_ptr, pgrad_ptr, iself_ptr, iother_ptr, sself_ptr,
+    self_ptr, other_ptr, out_ptr, w_ptr, pgrad_ptr, iself_ptr, di_ptr, sself_ptr, di_sign,
     C, H, W, P,
     ss_n, ss_c, ss_h, ss_w, so_n, so_c, so_h, so_w, sd_n, sd_c, sd_h, sd_w,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -84,11 +97,10 @@ def _lpips_distance_bwd_kernel(
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
     g = tl.load(pgrad_ptr + p, mask=p_mask, other=0.0)[None, :]
     ia = tl.load(iself_ptr + p, mask=p_mask, other=0.0)[None, :]
-    ib = tl.load(iother_ptr + p, mask=p_mask, other=0.0)[None, :]
+    dia = di_sign * tl.load(di_ptr + p, mask=p_mask, other=0.0)[None, :]  # i_self - i_other
     sa = tl.load(sself_ptr + p, mask=p_mask, other=0.0)[None, :]
-    A = a * ia
-    B = b * ib
-    grad = 2.0 * g * ia * (w * (A - B) - A * sa)
+    D = (a - b) * ia + b * dia  # A_self - A_other, without cancellation
+    grad = 2.0 * g * ia * (w * D - a * ia * sa)
     dst = c[:, None] * sd_c + (n * sd_n + h * sd_h + x * sd_w)[None, :]
     tl.store(out_ptr + dst, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -110,7 +122,7 @@ def lpips_distance_triton(f0: torch.Tensor, f1: torch.Tensor, weight: torch.Tens
     acc = _acc_dtype(f0)
     w = weight.to(acc).contiguous()
     dist_map = poisoned_empty((N, 1, H, W), dtype=acc, device=f0.device)
-    stats = poisoned_empty((4, N, H, W), dtype=acc, device=f0.device)
+    stats = poisoned_empty((5, N, H, W), dtype=acc, device=f0.device)
     block_c, block_p = _blocks(C)
     grid = (triton.cdiv(P, block_p),)
     wrap_triton(_lpips_distance_fwd_kernel)[grid](
@@ -134,15 +146,16 @@ def lpips_distance_backward_triton(grad: torch.Tensor, f0: torch.Tensor, f1: tor
     block_c, block_p = _blocks(C)
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c))
     outs = []
-    for need, self_, other, i_self, i_other, s_self in (
-            (need_f0, f0, f1, stats[0], stats[1], stats[2]),
-            (need_f1, f1, f0, stats[1], stats[0], stats[3])):
+    # stats rows: [i0, i1, di = i0 - i1, s0, s1]; for f1 the sign of di flips.
+    for need, self_, other, i_self, di_sign, s_self in (
+            (need_f0, f0, f1, stats[0], 1.0, stats[3]),
+            (need_f1, f1, f0, stats[1], -1.0, stats[4])):
         if not need:
             outs.append(f0.new_empty((0,)))
             continue
         out = poisoned_empty_like(self_)
         wrap_triton(_lpips_distance_bwd_kernel)[grid](
-            self_, other, out, w, pixel_grad, i_self, i_other, s_self, C, H, W, P,
+            self_, other, out, w, pixel_grad, i_self, stats[2], s_self, di_sign, C, H, W, P,
             *self_.stride(), *other.stride(), *out.stride(), BLOCK_C=block_c, BLOCK_P=block_p)
         outs.append(out)
     return outs[0], outs[1]

@@ -1,5 +1,6 @@
 // CUDA kernels of the LatentLPIPS layer distance.
-// Forward: one read of both feature maps. With channel planes (NCHW) a thread column owns a
+// Forward: two passes over each pixel's channels (norms, then the distance sums, read again from
+// cache), the cancellation-free math of lpips_distance_math.h. With channel planes (NCHW) a thread column owns a
 // pixel and neighbouring threads read neighbouring pixels (coalesced); with channels innermost
 // (channels_last) a warp owns a pixel and its lanes read neighbouring channels, then reduce
 // with shuffles. Backward: one elementwise pass per input gradient, in the output's memory
@@ -28,48 +29,63 @@ constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
 template <typename acc_t>
-__device__ __forceinline__ void store_pixel(const Sums<acc_t>& s, int64_t p, int64_t plane, acc_t* map,
-                                            acc_t* stats) {
-  const PixelStats<acc_t> r = finalize(s);
-  map[p] = r.dist;
-  stats[p] = r.i0;
-  stats[plane + p] = r.i1;
-  stats[2 * plane + p] = r.s0;
-  stats[3 * plane + p] = r.s1;
+__device__ __forceinline__ void store_pixel(const Norms<acc_t>& nm, const DistSums<acc_t>& ds, int64_t p,
+                                            int64_t plane, acc_t* map, acc_t* stats) {
+  map[p] = ds.d;
+  stats[p] = nm.i0;
+  stats[plane + p] = nm.i1;
+  stats[2 * plane + p] = nm.di;
+  stats[3 * plane + p] = ds.s0;
+  stats[4 * plane + p] = ds.s1;
 }
 
 // Planar layout: blockDim = (pixels, channel groups). Threads along x read neighbouring pixels
 // (coalesced); the y groups split the channel loop (more loads in flight for deep layers with
-// few pixels) and are merged through shared memory.
+// few pixels) and are merged through shared memory, after each of the two passes (norms, then
+// the distance sums: the second pass reads the channels again, from cache). Every group merges
+// the norms in the same order, so all hold identical values.
 template <typename scalar_t, typename acc_t>
 __global__ void forward_planar(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Strides4 sa,
                                Strides4 sb, const acc_t* __restrict__ w, acc_t* __restrict__ map,
                                acc_t* __restrict__ stats, int64_t N, int64_t C, int64_t H, int64_t W) {
-  __shared__ Sums<acc_t> partial[kThreads];
+  __shared__ NormSums<acc_t> norm_partial[kThreads];
+  __shared__ DistSums<acc_t> dist_partial[kThreads];
   const int64_t plane = N * H * W;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = p < plane;
-  Sums<acc_t> s;
-  zero(s);
+  const int64_t x = active ? p % W : 0, h = active ? (p / W) % H : 0, n = active ? p / (W * H) : 0;
+  const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
+  const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
+  NormSums<acc_t> ns;
+  zero(ns);
   if (active) {
-    const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
-    const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
-    const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
 #pragma unroll 4
     for (int64_t c = threadIdx.y; c < C; c += blockDim.y)
-      accumulate(s, static_cast<acc_t>(pa[c * sa.c]), static_cast<acc_t>(pb[c * sb.c]), w[c]);
+      accumulate_norms(ns, static_cast<acc_t>(pa[c * sa.c]), static_cast<acc_t>(pb[c * sb.c]));
   }
-  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
-  partial[slot] = s;
+  norm_partial[threadIdx.y * blockDim.x + threadIdx.x] = ns;
+  __syncthreads();
+  NormSums<acc_t> tot = norm_partial[threadIdx.x];
+  for (unsigned g = 1; g < blockDim.y; ++g) merge(tot, norm_partial[g * blockDim.x + threadIdx.x]);
+  const Norms<acc_t> nm = finalize_norms(tot);
+  DistSums<acc_t> ds;
+  zero(ds);
+  if (active) {
+#pragma unroll 4
+    for (int64_t c = threadIdx.y; c < C; c += blockDim.y)
+      accumulate_dist(ds, static_cast<acc_t>(pa[c * sa.c]), static_cast<acc_t>(pb[c * sb.c]), w[c], nm);
+  }
+  dist_partial[threadIdx.y * blockDim.x + threadIdx.x] = ds;
   __syncthreads();
   if (threadIdx.y == 0 && active) {
-    for (unsigned g = 1; g < blockDim.y; ++g) merge(s, partial[g * blockDim.x + threadIdx.x]);
-    store_pixel(s, p, plane, map, stats);
+    for (unsigned g = 1; g < blockDim.y; ++g) merge(ds, dist_partial[g * blockDim.x + threadIdx.x]);
+    store_pixel(nm, ds, p, plane, map, stats);
   }
 }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  // Butterfly: every lane ends with the same value (IEEE addition is commutative).
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
@@ -86,16 +102,22 @@ __global__ void forward_warp_per_pixel(const scalar_t* __restrict__ a, const sca
   const int64_t x = p % W, h = (p / W) % H, n = p / (W * H);
   const scalar_t* pa = a + n * sa.n + h * sa.h + x * sa.w;
   const scalar_t* pb = b + n * sb.n + h * sb.h + x * sb.w;
-  Sums<acc_t> s;
-  zero(s);
+  NormSums<acc_t> ns;
+  zero(ns);
   for (int64_t c = lane; c < C; c += kWarp)
-    accumulate(s, static_cast<acc_t>(pa[c]), static_cast<acc_t>(pb[c]), w[c]);
-  s.aa = warp_sum(s.aa);
-  s.bb = warp_sum(s.bb);
-  s.waa = warp_sum(s.waa);
-  s.wbb = warp_sum(s.wbb);
-  s.wab = warp_sum(s.wab);
-  if (lane == 0) store_pixel(s, p, plane, map, stats);
+    accumulate_norms(ns, static_cast<acc_t>(pa[c]), static_cast<acc_t>(pb[c]));
+  ns.aa = warp_sum(ns.aa);
+  ns.bb = warp_sum(ns.bb);
+  ns.dd = warp_sum(ns.dd);
+  const Norms<acc_t> nm = finalize_norms(ns);
+  DistSums<acc_t> ds;
+  zero(ds);
+  for (int64_t c = lane; c < C; c += kWarp)
+    accumulate_dist(ds, static_cast<acc_t>(pa[c]), static_cast<acc_t>(pb[c]), w[c], nm);
+  ds.d = warp_sum(ds.d);
+  ds.s0 = warp_sum(ds.s0);
+  ds.s1 = warp_sum(ds.s1);
+  if (lane == 0) store_pixel(nm, ds, p, plane, map, stats);
 }
 
 // Backward, planar output: grid.x walks (n, c) planes, grid.y blocks of pixels within a plane,
@@ -104,17 +126,17 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_planar(const scalar_t* __restrict__ self_, const scalar_t* __restrict__ other,
                                 Strides4 ss, Strides4 so, scalar_t* __restrict__ out, Strides4 sout,
                                 const acc_t* __restrict__ w, const acc_t* __restrict__ pixel_grad,
-                                const acc_t* __restrict__ i_self, const acc_t* __restrict__ i_other,
+                                const acc_t* __restrict__ i_self, const acc_t* __restrict__ di, acc_t di_sign,
                                 const acc_t* __restrict__ s_self, int64_t C, int H, int W) {
   const int hw = blockIdx.y * blockDim.x + threadIdx.x;
   if (hw >= H * W) return;
   const int64_t n = blockIdx.x / C, c = blockIdx.x % C;
   const int h = hw / W, x = hw % W;
   const int64_t p = n * H * W + hw;
-  const acc_t g = grad_input<acc_t>(pixel_grad[p], w[c],
-                                    static_cast<acc_t>(self_[n * ss.n + c * ss.c + h * ss.h + x * ss.w]),
-                                    static_cast<acc_t>(other[n * so.n + c * so.c + h * so.h + x * so.w]),
-                                    i_self[p], i_other[p], s_self[p]);
+  const acc_t g = grad_one<acc_t>(pixel_grad[p], w[c],
+                                  static_cast<acc_t>(self_[n * ss.n + c * ss.c + h * ss.h + x * ss.w]),
+                                  static_cast<acc_t>(other[n * so.n + c * so.c + h * so.h + x * so.w]),
+                                  i_self[p], di_sign * di[p], s_self[p]);
   out[n * sout.n + c * sout.c + h * sout.h + x * sout.w] = static_cast<scalar_t>(g);
 }
 
@@ -123,9 +145,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_channels_inner(const scalar_t* __restrict__ self_, const scalar_t* __restrict__ other,
                                         Strides4 ss, Strides4 so, scalar_t* __restrict__ out, Strides4 sout,
                                         const acc_t* __restrict__ w, const acc_t* __restrict__ pixel_grad,
-                                        const acc_t* __restrict__ i_self, const acc_t* __restrict__ i_other,
-                                        const acc_t* __restrict__ s_self, int64_t N, int64_t C, int64_t H,
-                                        int64_t W) {
+                                        const acc_t* __restrict__ i_self, const acc_t* __restrict__ di,
+                                        acc_t di_sign, const acc_t* __restrict__ s_self, int64_t N, int64_t C,
+                                        int64_t H, int64_t W) {
   const int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   if (p >= N * H * W) return;
   const int lane = threadIdx.x % kWarp;
@@ -133,10 +155,10 @@ __global__ void backward_channels_inner(const scalar_t* __restrict__ self_, cons
   const scalar_t* ps = self_ + n * ss.n + h * ss.h + x * ss.w;
   const scalar_t* po = other + n * so.n + h * so.h + x * so.w;
   scalar_t* pd = out + n * sout.n + h * sout.h + x * sout.w;
-  const acc_t g = pixel_grad[p], ia = i_self[p], ib = i_other[p], sa = s_self[p];
+  const acc_t g = pixel_grad[p], ia = i_self[p], dia = di_sign * di[p], sa = s_self[p];
   for (int64_t c = lane; c < C; c += kWarp)
-    pd[c * sout.c] = static_cast<scalar_t>(grad_input<acc_t>(
-        g, w[c], static_cast<acc_t>(ps[c * ss.c]), static_cast<acc_t>(po[c * so.c]), ia, ib, sa));
+    pd[c * sout.c] = static_cast<scalar_t>(grad_one<acc_t>(
+        g, w[c], static_cast<acc_t>(ps[c * ss.c]), static_cast<acc_t>(po[c * so.c]), ia, dia, sa));
 }
 
 unsigned int blocks_for(int64_t work, int threads) {
@@ -193,25 +215,26 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* st = stats.const_data_ptr<acc_t>();
     const acc_t* pg = pixel_grad.const_data_ptr<acc_t>();
+    // stats rows: [i0, i1, di = i0 - i1, s0, s1]; for f1 the sign of di flips (i1 - i0).
     auto launch = [&](const at::Tensor& self_, const at::Tensor& other, at::Tensor& out, const acc_t* i_self,
-                      const acc_t* i_other, const acc_t* s_self) {
+                      acc_t di_sign, const acc_t* s_self) {
       const auto sd = strides_of(out);
       if (sd.c == 1 && C > 1) {
         backward_channels_inner<scalar_t, acc_t><<<blocks_for(plane * kWarp, kThreads), kThreads, 0, stream>>>(
             self_.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), strides_of(self_),
             strides_of(other), out.mutable_data_ptr<scalar_t>(), sd, w.const_data_ptr<acc_t>(), pg, i_self,
-            i_other, s_self, N, C, H, W);
+            st + 2 * plane, di_sign, s_self, N, C, H, W);
       } else {
         const dim3 grid(static_cast<unsigned>(N * C), blocks_for(H * W, kThreads));
         backward_planar<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
             self_.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(), strides_of(self_),
             strides_of(other), out.mutable_data_ptr<scalar_t>(), sd, w.const_data_ptr<acc_t>(), pg, i_self,
-            i_other, s_self, C, static_cast<int>(H), static_cast<int>(W));
+            st + 2 * plane, di_sign, s_self, C, static_cast<int>(H), static_cast<int>(W));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (need_f0) launch(f0, f1, g0, st, st + plane, st + 2 * plane);
-    if (need_f1) launch(f1, f0, g1, st + plane, st, st + 3 * plane);
+    if (need_f0) launch(f0, f1, g0, st, acc_t(1), st + 3 * plane);
+    if (need_f1) launch(f1, f0, g1, st + plane, acc_t(-1), st + 4 * plane);
   });
   return {g0, g1};
 }
