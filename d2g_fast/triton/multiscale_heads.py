@@ -59,8 +59,10 @@ def _heads_fwd_kernel(
     logit = tl.zeros((BLOCK_P,), acc_dtype) + tl.load(bias_ptr + head).to(acc_dtype)
     m1 = tl.zeros((BLOCK_P,), acc_dtype)
     m2 = tl.zeros((BLOCK_P,), acc_dtype)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    # Second pass in reverse slice order: the slices read last are the likeliest still cached.
+    slices = tl.cdiv(C, BLOCK_C)
+    for i in range(0, slices):
+        c = (slices - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         c_mask = c < C
         mask = c_mask[:, None] & p_mask[None, :]
         x = tl.load(f_ptr + c[:, None] * s_c + pix[None, :], mask=mask, other=0.0).to(acc_dtype)

@@ -11,15 +11,16 @@
 // per block, small maps with many channels split them into up to 32 groups (SD1.5 at batch 16:
 // 8x8 and 16x16 with C = 2560 take P = 8, G = 32, 80 channels per thread and 128 / 512 blocks;
 // 64x64 with C = 960 takes P = 32, G = 8), so that no thread walks more than about kMaxRounds
-// channels and the low-resolution heads are not long chains of dependent loads on a few SMs. Heads are ordered longest rounds
-// first so that their blocks start first and the short ones fill the tail.
+// channels and the low-resolution heads are not long chains of dependent loads on a few SMs.
+// Heads are ordered longest rounds first so that their blocks start first and the short ones
+// fill the tail.
 //
-// Forward (1 head launch + 1 finishing launch, after one zero-fill of the partial buffer): pass 1
-// over the channels gives the shifted moments, pass 2 the logit and the backward's channel means
-// m1, m2 (multiscale_heads_math.h); the pixel's stats (logit, mean, rstd, m1, m2) are written
-// once. Each block writes its loss sum (times head_weight / (N H W)) and logit sum (times
-// 1 / (H W)) to a (K, N, max_tiles) buffer that finish_forward_kernel reduces, in one block, to
-// the scores (K, N) and the loss.
+// Forward (1 head launch + 1 finishing launch, after one zero-fill of the partial buffer):
+// pass 1 over the channels gives the shifted moments, pass 2 (in reverse channel order, for
+// cache reuse) the logit and the backward's channel means m1, m2 (multiscale_heads_math.h); the
+// pixel's stats (logit, mean, rstd, m1, m2) are written once. Each block writes its loss sum
+// (times head_weight / (N H W)) and logit sum (times 1 / (H W)) to a (K, N, max_tiles) buffer
+// that finish_forward_kernel reduces, in one block, to the scores (K, N) and the loss.
 // Backward (1 head launch + 1 finishing launch): ONE pass over the channels writes the feature
 // gradient; the weight gradient of the block's pixels is reduced in shared memory, kChunk rounds
 // at a time (each thread stores its contribution, then all threads sum rows of P values), into
@@ -175,10 +176,14 @@ forward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ bia
   moments(sums[0], sums[1], shift, C, eps, mean, rstd);
 
   // Pass 2: logit, and the backward's m1 = mean_c(w silu'(xhat)), m2 = mean_c(w silu'(xhat) xhat).
+  // It walks the channels backwards: the planes pass 1 read last are the likeliest to be still
+  // in L1 / L2 (a block's P x C values outgrow its share of the caches; a forward sweep would
+  // find every one of them evicted).
   acc_t acc[3] = {0, 0, 0};
-  if (active) {
+  if (active && group < C) {
+    const int64_t last = group + (C - 1 - group) / G * G;  // this thread's last channel
 #pragma unroll 4
-    for (int64_t c = group; c < C; c += G) {
+    for (int64_t c = last; c >= 0; c -= G) {
       const acc_t xhat = (static_cast<acc_t>(f[c * HW]) - mean) * rstd;
       acc_t a, da;
       silu_and_grad(xhat, a, da);
