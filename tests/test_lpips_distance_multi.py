@@ -1,5 +1,6 @@
 """lpips_distance_multi: every layer in one call, cancellation-free. Every backend against the
 reference (d2g_fast/ref/lpips_distance.py), gradients, precision when f1 ~ f0, bad input."""
+import importlib
 import re
 
 import pytest
@@ -167,6 +168,23 @@ def test_gradient_gates(impl):
             assert_close(g, r, atol=1e-5, rtol=1e-5, name=f"grad of input {which}, layer {k}")
 
 
+@needs_ext
+def test_backward_computes_only_what_is_needed(monkeypatch):
+    """Only f0 requires grad (the loss's target branch f1 does not), weights frozen: the kernel
+    is asked for the f0 gradients only and no weight gradient is computed."""
+    module = importlib.import_module("d2g_fast.ops.lpips_distance")  # the function shadows the module name
+
+    calls = []
+    real = module._cpp_multi_backward
+    monkeypatch.setattr(module, "_cpp_multi_backward", lambda *a: calls.append(a[-2:]) or real(*a))
+    monkeypatch.setattr(module, "_multi_weight_grads", lambda *a: pytest.fail("weight gradient computed"))
+    f0s, f1s, ws = make_layers([(2, 9, 4, 5), (2, 4, 3, 3)], "contiguous")
+    leaves = [f.clone().requires_grad_(True) for f in f0s]
+    lpips_distance_multi(leaves, f1s, ws, impl="cpu").sum().backward()
+    assert calls == [(True, False)]
+    assert all(f.grad is not None for f in leaves)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_weight_gradient(impl):
     f0s, f1s, ws = make_layers([(2, 9, 4, 5), (2, 4, 3, 3)], ["contiguous", "channels_last"])
@@ -177,6 +195,10 @@ def test_weight_gradient(impl):
     r_grads = torch.autograd.grad(reference(f0s, f1s, r_leaves), r_leaves, g)
     for k, (a, b) in enumerate(zip(grads, r_grads)):
         assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"grad weights[{k}]")
+    # Only one layer's weights train: its gradient is right, the other is not asked for.
+    leaf = ws[1].clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(lpips_distance_multi(f0s, f1s, [ws[0], leaf], impl=impl), (leaf,), g)
+    assert_close(g1, r_grads[1], atol=1e-5, rtol=1e-5, name="grad weights[1] alone")
 
 
 @needs_ext
@@ -329,11 +351,16 @@ GPU_SHAPES = [(3, 64, 16, 16), (3, 128, 16, 16), (3, 256, 16, 16), (3, 512, 8, 8
               (3, 67, 13, 11), (3, 5, 7, 3), (3, 1, 1, 1), (3, 300, 3, 5)]
 
 
+# CUDA: every dtype x layout. Triton (JIT-compiled per stride pattern and dtype, slow to
+# compile): every dtype with the layouts cycled over the layers.
+GPU_CASES = [("cuda", d, l) for d in GPU_TOL for l in LAYOUTS + ["per-layer"]] + \
+    [pytest.param("triton", d, "per-layer", marks=pytest.mark.triton) for d in GPU_TOL]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", GPU_IMPLS)
-@pytest.mark.parametrize("dtype", list(GPU_TOL))
-@pytest.mark.parametrize("layout", LAYOUTS + [LAYOUTS])
+@pytest.mark.parametrize("impl,dtype,layout", GPU_CASES)
 def test_gpu_matches_reference(impl, dtype, layout):
+    layout = LAYOUTS if layout == "per-layer" else layout
     tol = GPU_TOL[dtype]
     f0s, f1s, ws = make_layers(GPU_SHAPES, layout, dtype=dtype, device="cuda")
     ws = [w.float() for w in ws]  # the loss passes float32 head weights with half features

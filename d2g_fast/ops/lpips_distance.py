@@ -213,14 +213,18 @@ def _multi_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*f0s, *f1s, *weights, output[1])
 
 
-def _multi_weight_grads(grad, f0s, f1s, stats):
-    """d dist / d weights[l], from the saved per-pixel norms (only when the weights train)."""
+def _multi_weight_grads(grad, f0s, f1s, stats, needed):
+    """d dist / d weights[l] for the layers that need it (None for the others), from the saved
+    per-pixel norms (only when the weights train)."""
     acc = stats.dtype
     grads, begin = [], 0
     for k, (a, b) in enumerate(zip(f0s, f1s)):
         N, _, H, W = a.shape
         st = stats[:, begin:begin + N * H * W].view(5, N, 1, H, W)
         begin += N * H * W
+        if not needed[k]:
+            grads.append(None)
+            continue
         a, b = a.to(acc), b.to(acc)
         D = (a - b) * st[0] + b * st[2]  # the cancellation-free normalised difference
         g = (grad[k].to(acc) / (H * W)).view(N, 1, 1, 1)
@@ -228,18 +232,28 @@ def _multi_weight_grads(grad, f0s, f1s, stats):
     return grads
 
 
+def _per_layer(needs, L):
+    # For a Tensor[] input, torch.library gives needs_input_grad as one bool per list element
+    # (a non-empty list of False is truthy: never test it directly).
+    return list(needs) if isinstance(needs, (list, tuple)) else [bool(needs)] * L
+
+
 def _make_multi_backward(backward_op):
     def backward(ctx, grad_dist, _grad_stats):
         L = ctx.num_layers
         saved = ctx.saved_tensors
         f0s, f1s, weights, stats = list(saved[:L]), list(saved[L:2 * L]), list(saved[2 * L:3 * L]), saved[-1]
-        need_f0, need_f1, need_w = ctx.needs_input_grad[:3]
-        g0 = g1 = gw = None
-        if need_f0 or need_f1:
-            g0, g1 = backward_op(grad_dist, f0s, f1s, weights, stats, bool(need_f0), bool(need_f1))
-        if need_w:
-            gw = [g.to(w.dtype) for g, w in zip(_multi_weight_grads(grad_dist, f0s, f1s, stats), weights)]
-        return (list(g0) if need_f0 else None), (list(g1) if need_f1 else None), gw
+        need_f0, need_f1, need_w = (_per_layer(n, L) for n in ctx.needs_input_grad[:3])
+        # Lists of one gradient (or None) per layer: the structure of the inputs.
+        g0 = g1 = gw = [None] * L
+        if any(need_f0) or any(need_f1):
+            r0, r1 = backward_op(grad_dist, f0s, f1s, weights, stats, any(need_f0), any(need_f1))
+            g0 = [g if need else None for g, need in zip(r0, need_f0)]
+            g1 = [g if need else None for g, need in zip(r1, need_f1)]
+        if any(need_w):
+            gw = [g.to(w.dtype) if need else None
+                  for g, w, need in zip(_multi_weight_grads(grad_dist, f0s, f1s, stats, need_w), weights, need_w)]
+        return g0, g1, gw
     return backward
 
 
@@ -259,12 +273,17 @@ def _fake_multi_backward(grad, f0s, f1s, weights, stats, need_f0, need_f1):
     return g0, g1
 
 
+def _cpp_multi_backward(*args):
+    # A module-level name (looked up per call), so tests can see which gradients were asked for.
+    return torch.ops.d2g_fast.lpips_distance_multi_backward(*args)
+
+
 if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "lpips_distance_multi"):
     torch.library.register_fake("d2g_fast::lpips_distance_multi")(_fake_multi_forward)
     torch.library.register_fake("d2g_fast::lpips_distance_multi_backward")(_fake_multi_backward)
     torch.library.register_autograd(
         "d2g_fast::lpips_distance_multi",
-        _make_multi_backward(lambda *a: torch.ops.d2g_fast.lpips_distance_multi_backward(*a)),
+        _make_multi_backward(lambda *a: _cpp_multi_backward(*a)),
         setup_context=_multi_setup_context)
 
 if _dispatch.triton_status()[0]:
