@@ -26,11 +26,16 @@
 // at a time (each thread stores its contribution, then all threads sum rows of P values), into
 // one partial row per block of (C + 1) values, the last one the bias gradient. A second kernel
 // sums the partial rows of every head.
+// Launches per call (up to kMaxHeads heads): forward 3 (zero-fill, heads, finish), backward 2
+// (heads, finish), plus a copy of any input that is not already contiguous NCHW in its working
+// dtype (channels_last features are copied by prepare(), and so is a grad_scores that comes
+// from an expand).
 // Bytes per call (fp32 features of F bytes, Q pixels): forward reads the features twice (the
 // second pass partly from L2) and writes 20 Q bytes of stats; backward reads the features once,
 // writes their gradient once, reads the stats (20 Q) and writes + reads the partial rows
-// (about F / P). No atomics anywhere: results are deterministic. No device-to-host copies: bias,
-// grad_loss and grad_scores are read by the kernels, head constants travel in the arguments.
+// (about F / P). SD1.5 at batch 16: F = 860 MB, 20 Q = 6.5 MB, partial rows 39 MB. No atomics
+// anywhere: results are deterministic. No device-to-host copies: bias, grad_loss and
+// grad_scores are read by the kernels, head constants travel in the arguments.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,7 +44,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "common/checks.h"
