@@ -195,14 +195,24 @@ multi_forward_kernel(const LayerTable<scalar_t, acc_t> t, acc_t* __restrict__ st
     part[(static_cast<int64_t>(layer_offset + k) * t.N + n) * max_tiles + tile] = total * t.inv_hw[k];
 }
 
+template <typename acc_t>
+struct PixelStats {
+  acc_t i0, i1, di, s0, s1;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ PixelStats<acc_t> load_stats(const acc_t* __restrict__ st, int64_t P, int64_t pix) {
+  return {st[pix], st[P + pix], st[2 * P + pix], st[3 * P + pix], st[4 * P + pix]};
+}
+
 template <typename scalar_t, typename acc_t, bool kA, bool kB>
 __device__ __forceinline__ void backward_element(const LayerTable<scalar_t, acc_t>& t, int k, int n, int64_t c,
-                                                 int h, int x, acc_t g, const acc_t* st, int64_t P, int64_t pix) {
+                                                 int h, int x, acc_t g, const PixelStats<acc_t>& ps) {
   const Strides4 sa = t.sa[k], sb = t.sb[k];
   acc_t g0, g1;
   grad_pair<acc_t>(g, t.w[k][c], static_cast<acc_t>(t.a[k][n * sa.n + c * sa.c + h * sa.h + x * sa.w]),
-                   static_cast<acc_t>(t.b[k][n * sb.n + c * sb.c + h * sb.h + x * sb.w]), st[pix], st[P + pix],
-                   st[2 * P + pix], st[3 * P + pix], st[4 * P + pix], g0, g1);
+                   static_cast<acc_t>(t.b[k][n * sb.n + c * sb.c + h * sb.h + x * sb.w]), ps.i0, ps.i1, ps.di,
+                   ps.s0, ps.s1, g0, g1);
   if (kA) {
     const Strides4 s = t.sga[k];
     t.ga[k][n * s.n + c * s.c + h * s.h + x * s.w] = static_cast<scalar_t>(g0);
@@ -230,16 +240,16 @@ multi_backward_kernel(const LayerTable<scalar_t, acc_t> t, const acc_t* __restri
     const int n = static_cast<int>(plane / C);
     const int64_t c = plane % C;
     const acc_t g = grad[(layer_offset + k) * t.N + n] * t.inv_hw[k];
-    backward_element<scalar_t, acc_t, kA, kB>(t, k, n, c, p / W, p % W, g, stats, P,
-                                              t.pix0[k] + static_cast<int64_t>(n) * HW + p);
+    const PixelStats<acc_t> ps = load_stats(stats, P, t.pix0[k] + static_cast<int64_t>(n) * HW + p);
+    backward_element<scalar_t, acc_t, kA, kB>(t, k, n, c, p / W, p % W, g, ps);
   } else {
     const int n = local / t.tiles[k];
     const int p = (local % t.tiles[k]) * kWarps + threadIdx.x / kWarp;
     if (p >= HW) return;
     const acc_t g = grad[(layer_offset + k) * t.N + n] * t.inv_hw[k];
-    const int64_t pix = t.pix0[k] + static_cast<int64_t>(n) * HW + p;
+    const PixelStats<acc_t> ps = load_stats(stats, P, t.pix0[k] + static_cast<int64_t>(n) * HW + p);
     for (int64_t c = threadIdx.x % kWarp; c < C; c += kWarp)
-      backward_element<scalar_t, acc_t, kA, kB>(t, k, n, c, p / W, p % W, g, stats, P, pix);
+      backward_element<scalar_t, acc_t, kA, kB>(t, k, n, c, p / W, p % W, g, ps);
   }
 }
 
