@@ -74,18 +74,6 @@ D2G_HOST_DEVICE acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp(-x));
 }
 
-template <typename acc_t>
-D2G_HOST_DEVICE acc_t silu(acc_t x) {
-  return x * sigmoid_normalised(x);
-}
-
-// d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)
-template <typename acc_t>
-D2G_HOST_DEVICE acc_t silu_grad(acc_t x) {
-  const acc_t s = sigmoid_normalised(x);
-  return s * (acc_t(1) + x * (acc_t(1) - s));
-}
-
 // log(1 + exp(x)) without overflow.
 template <typename acc_t>
 D2G_HOST_DEVICE acc_t softplus(acc_t x) {
