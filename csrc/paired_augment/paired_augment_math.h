@@ -50,9 +50,28 @@ D2G_HOST_DEVICE int source_index(int p, int m0, int padded, int size) {
 
 template <typename acc_t>
 struct AxisWeights {
+  int base;        // padded-input index of entry 0 (entry i reads padded pixel base + i)
   int src[kSpan];  // source indices (-1 = zero)
   acc_t w[kSpan];
 };
+
+// Far outside the upsampled image every tap is zero anyway: clamp the coordinate so the integer
+// conversion cannot overflow (this also maps NaN to a harmless value).
+D2G_HOST_DEVICE double clamp_coord(double a, int padded) {
+  if (!(a > -4.0)) return -4.0;
+  const double top = 2.0 * padded + 4.0;
+  return a > top ? top : a;
+}
+
+// Padded-input index of entry 0 of the span read at upsampled index a0 = floor(coordinate):
+// floor((a0 + 1) / 2) - 3 (the arithmetic shift floors).
+D2G_HOST_DEVICE int span_base(int a0) { return ((a0 + 1) >> 1) - 3; }
+
+// The same from an unclamped coordinate. Monotone in a, so the span bounds of a region of grid
+// points follow from its corners.
+D2G_HOST_DEVICE int span_base_at(double a, int padded) {
+  return span_base(static_cast<int>(floor(clamp_coord(a, padded))));
+}
 
 // Weights along one axis for a sampling coordinate `a` in pixel indices of the 2x upsampled
 // padded image U (bilinear between U[floor(a)] and U[floor(a) + 1]). f = normalised taps.
@@ -60,13 +79,12 @@ template <typename acc_t>
 D2G_HOST_DEVICE void axis_weights(double a, int m0, int size, int padded, const acc_t* f,
                                   AxisWeights<acc_t>& out) {
   const int up = 2 * padded;
-  // Far outside, every tap is zero anyway: clamp so the integer conversion cannot overflow.
-  if (!(a > -4.0)) a = -4.0;  // also maps NaN to a harmless value
-  if (a > up + 4.0) a = up + 4.0;
+  a = clamp_coord(a, padded);
   const double fl = floor(a);
   const int a0 = static_cast<int>(fl);
   const acc_t frac = static_cast<acc_t>(a - fl);
-  const int base = ((a0 + 1) >> 1) - 3;  // floor((a0 + 1) / 2) - 3 (arithmetic shift floors)
+  const int base = span_base(a0);
+  out.base = base;
 D2G_AUG_UNROLL
   for (int i = 0; i < kSpan; ++i) {
     out.w[i] = acc_t(0);
