@@ -273,6 +273,14 @@ def test_torch_compile_cpu():
         assert_close(ga[k], ga_r[k], atol=1e-6, name=f"compiled grad f0[{k}]")
 
 
+@pytest.mark.slow
+@needs_ext
+def test_torch_compile_inductor_cpu():
+    f0s, f1s, ws = make_layers([(2, 8, 5, 6), (2, 16, 3, 3)], ["contiguous", "channels_last"])
+    fn = torch.compile(lambda a, b: lpips_distance_multi(a, b, ws, impl="cpu") * 3.0, fullgraph=True)
+    assert_close(fn(f0s, f1s), reference(f0s, f1s, ws) * 3.0, atol=1e-5, name="inductor")
+
+
 @pytest.mark.parametrize("impl", ["ref", pytest.param("cpu", marks=needs_ext)])
 def test_bad_input_names_the_argument(impl):
     f0s, f1s, ws = make_layers([(2, 4, 3, 3), (2, 5, 2, 2)], "contiguous")
