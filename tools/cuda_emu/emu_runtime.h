@@ -1,8 +1,11 @@
 // Minimal CPU emulation of the CUDA execution model, for checking kernel logic on machines
 // without a GPU (see emulate.py): one std::thread per CUDA thread of a block, blocks one after
-// another, __syncthreads = a block barrier, __shfl_xor_sync = a per-warp exchange through memory
-// between two per-warp barriers, __shared__ = static (one copy, reused block after block).
+// another (x fastest, then y, then z), __syncthreads = a block barrier, __shfl_xor_sync /
+// __shfl_down_sync = a per-warp exchange through memory between two per-warp barriers, atomicAdd =
+// std::atomic_ref, __shared__ = static (one copy, reused block after block). Blocks are 1-D.
 #pragma once
+#include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <functional>
 #include <memory>
@@ -10,8 +13,15 @@
 #include <vector>
 
 struct EmuDim { unsigned x = 0, y = 0, z = 0; };
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using std::max;
+using std::min;
 inline thread_local EmuDim threadIdx;
 inline thread_local EmuDim blockIdx;
+inline EmuDim blockDim, gridDim;
 inline std::barrier<>* emu_block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
 inline double emu_shfl[32][32];
@@ -36,8 +46,26 @@ T __shfl_xor_sync(unsigned, T v, int offset) {
   return r;
 }
 
+template <typename T>
+T __shfl_down_sync(unsigned, T v, int offset) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  emu_shfl[w][l] = static_cast<double>(v);
+  emu_warp_barriers[w]->arrive_and_wait();
+  const T r = l + offset < 32 ? static_cast<T>(emu_shfl[w][l + offset]) : v;
+  emu_warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
 namespace emu {
-inline void launch(int blocks, int threads, const std::function<void()>& body) {
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  blockDim = {block.x, block.y, block.z};
+  gridDim = {grid.x, grid.y, grid.z};
   std::barrier<> block_barrier(threads);
   emu_block_barrier = &block_barrier;
   emu_warp_barriers.clear();
@@ -46,11 +74,15 @@ inline void launch(int blocks, int threads, const std::function<void()>& body) {
   for (int t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
       threadIdx.x = t;
-      for (int b = 0; b < blocks; ++b) {
-        blockIdx.x = b;
-        body();
-        block_barrier.arrive_and_wait();  // the block ends before the next one starts
-      }
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            blockIdx.z = bz;
+            body();
+            block_barrier.arrive_and_wait();  // the block ends before the next one starts
+          }
     });
   for (auto& th : pool) th.join();
 }

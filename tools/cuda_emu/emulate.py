@@ -12,7 +12,7 @@ anything the CUDA runtime would report (bad launch configurations, too much shar
 
 Conventions the rewrite relies on (those of csrc/*/cuda/*_kernel.cu): launches written
 ``kernel<T...><<<grid, block, 0, stream>>>(args);``, ``auto stream = c10::cuda::getCurrentCUDAStream();``,
-``const c10::cuda::CUDAGuard guard(...)``, ``C10_CUDA_KERNEL_LAUNCH_CHECK();`` and one
+``[const] c10::cuda::CUDAGuard guard(...)``, ``C10_CUDA_KERNEL_LAUNCH_CHECK();`` and one
 ``TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) { m.impl("op", &fn); ... }`` block.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 def emulated_source(cu_text: str, name: str) -> str:
     src = re.sub(r'#include <c10/cuda/[^>]*>\n', '', cu_text)
-    src = re.sub(r'const c10::cuda::CUDAGuard \w+\([^;]*\);', '', src)
+    src = re.sub(r'(const )?c10::cuda::CUDAGuard \w+\([^;]*\);', '', src)
     src = src.replace('auto stream = c10::cuda::getCurrentCUDAStream();', 'int stream = 0; (void)stream;')
     src = src.replace('C10_CUDA_KERNEL_LAUNCH_CHECK();', '')
     src = re.sub(r'(\w+<[\w, ]*>)<<<([^,]*), ([^,]*), 0, stream>>>\((.*?)\);',

@@ -306,19 +306,21 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = tid; i < kGradRegion * kGradRegion; i += kThreads) {
       const int hy = i / kGradRegion, hx = i % kGradRegion;
       const int qy = qy0 - kHalo + hy, qx = qx0 - kHalo + hx;
-      const bool valid = qx >= 0 && qy >= 0 && qx < s.W && qy < s.H &&
-                         (!cutout || cutout_keep(qx, qy, s.W, s.H, ccx, ccy, chx, chy));
-      const scalar_t* p = gbase + (valid ? qy * gin.sh + qx * gin.sw : 0);
+      // A cut-out pixel's masked gradient is zero, but with colour it still receives the
+      // sample-mean term (1 - c) * mean: the colour output of EVERY pixel depends on the mean.
+      const bool inside = qx >= 0 && qy >= 0 && qx < s.W && qy < s.H;
+      const bool keep = inside && (!cutout || cutout_keep(qx, qy, s.W, s.H, ccx, ccy, chx, chy));
+      const scalar_t* p = gbase + (keep ? qy * gin.sh + qx * gin.sw : 0);
       acc_t cmean = 0;
-      if (valid && colour) {
+      if (keep && colour) {
         for (int ch = 0; ch < s.C; ++ch) cmean += static_cast<acc_t>(p[ch * gin.sc]);
         cmean /= s.C;
       }
 #pragma unroll
       for (int cb = 0; cb < CB; ++cb) {
         acc_t v = 0;
-        if (valid && c0 + cb < s.C) {
-          v = static_cast<acc_t>(p[(c0 + cb) * gin.sc]);
+        if (inside && c0 + cb < s.C) {
+          if (keep) v = static_cast<acc_t>(p[(c0 + cb) * gin.sc]);
           if (colour) v = colour_adjoint(v, cmean, mean, c, sat);
         }
         scratch[cb][hy * kGradRegion + hx] = v;
