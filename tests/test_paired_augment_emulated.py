@@ -87,3 +87,50 @@ def test_emulated_cuda_half_precision(emulated_ops):
     params = AugmentParams.sample("bgco", n, h, w, num_channels=c,
                                   generator=torch.Generator().manual_seed(8))
     _compare(emulated_ops, params, (n, c, h, w), torch.bfloat16, 9, 2e-2)
+
+
+# The sampler's CUDA kernel with an explicit seed (the CUDA generator cannot be linked here: its
+# host branch is replaced by a check, the Philox state type by a stub).
+SAMPLER_REPLACEMENTS = [
+    (r'#include <ATen/cuda/[^>]*>\n', ''),
+    (r'if \(!seed\.has_value\(\)\) \{.*?philox_cuda_state\([^;]*;\s*\}',
+     'TORCH_CHECK(seed.has_value(), "emulated sampler: seed= only");'),
+]
+SAMPLER_PRELUDE = """
+#include <tuple>
+namespace at { struct PhiloxCudaState {};
+namespace cuda { namespace philox {
+inline std::tuple<uint64_t, uint64_t> unpack(PhiloxCudaState) { return {0, 0}; } } } }
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_sampler(tmp_path_factory):
+    pytest.importorskip("ninja")
+    spec = importlib.util.spec_from_file_location(
+        "cuda_emu", os.path.join(ROOT, "tools", "cuda_emu", "emulate.py"))
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    emu.load_emulated(os.path.join(ROOT, "csrc/paired_augment/cuda/augment_sampling_kernel.cu"),
+                      "d2g_emu_sampler",
+                      [os.path.join(ROOT, "csrc/paired_augment/paired_augment.cpp")],
+                      str(tmp_path_factory.mktemp("emu_sampler_build")),
+                      replacements=SAMPLER_REPLACEMENTS, prelude=SAMPLER_PRELUDE)
+    return torch.ops.d2g_emu_sampler
+
+
+@pytest.mark.parametrize("preset_flags,n", [(1 | 2 | 4 | 8, 5), (1 | 2, 300), (2 | 8, 1)])
+def test_emulated_cuda_sampler_matches_cpu_kernel(emulated_sampler, preset_flags, n):
+    """One block looping over the samples (N = 300 > 256 threads), the warp-shuffle and shared
+    reduction of the batch margins, the rows finished from them: equal to the CPU kernel for the
+    same seed (draws bitwise; the float64 affine columns to rounding)."""
+    c, h, w = 4, 29, 37
+    got = torch.full((n, 17), float("nan"), dtype=torch.float64)
+    want = torch.full((n, 17), float("nan"), dtype=torch.float64)
+    emulated_sampler.augment_params_sample_(got, c, h, w, preset_flags, 0.8, None, 1234)
+    torch.ops.d2g_fast.augment_params_sample_(want, c, h, w, preset_flags, 0.8, None, 1234)
+    assert torch.isfinite(got).all(), "emulated sampler left unwritten (NaN) entries"
+    assert torch.equal(got[:, 6:], want[:, 6:]), \
+        f"colour/cutout/margin columns differ: {(got[:, 6:] - want[:, 6:]).abs().max():.3g}"
+    err = ((got[:, :6] - want[:, :6]).abs().max() / want[:, :6].abs().max()).item()
+    assert err < 1e-12, f"affine columns: max rel err {err:.3g}"

@@ -11,7 +11,7 @@ only sometimes); device math (expf etc. are the host versions: __CUDA_ARCH__ is 
 anything the CUDA runtime would report (bad launch configurations, too much shared memory).
 
 Conventions the rewrite relies on (those of csrc/*/cuda/*_kernel.cu): launches written
-``kernel<T...><<<grid, block, 0, stream>>>(args);``, ``auto stream = c10::cuda::getCurrentCUDAStream();``,
+``kernel[<T...>]<<<grid, block, 0, stream>>>(args);``, ``auto stream = c10::cuda::getCurrentCUDAStream();``,
 ``[const] c10::cuda::CUDAGuard guard(...)``, ``C10_CUDA_KERNEL_LAUNCH_CHECK();`` and one
 ``TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) { m.impl("op", &fn); ... }`` block.
 """
@@ -24,12 +24,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def emulated_source(cu_text: str, name: str) -> str:
+def emulated_source(cu_text: str, name: str, replacements=(), prelude: str = "") -> str:
+    """``replacements``: extra (regex, replacement) pairs applied first, for CUDA-only host code
+    the emulation cannot link (e.g. the CUDA generator); ``prelude``: code put after the runtime."""
+    for pattern, repl in replacements:
+        cu_text, count = re.subn(pattern, repl, cu_text, flags=re.S)
+        if count == 0:
+            raise ValueError(f"replacement pattern {pattern!r} matched nothing")
     src = re.sub(r'#include <c10/cuda/[^>]*>\n', '', cu_text)
     src = re.sub(r'(const )?c10::cuda::CUDAGuard \w+\([^;]*\);', '', src)
     src = src.replace('auto stream = c10::cuda::getCurrentCUDAStream();', 'int stream = 0; (void)stream;')
     src = src.replace('C10_CUDA_KERNEL_LAUNCH_CHECK();', '')
-    src = re.sub(r'(\w+<[\w, ]*>)<<<([^,]*), ([^,]*), 0, stream>>>\((.*?)\);',
+    src = re.sub(r'(\w+(?:<[\w, ]*>)?)<<<([^,]*), ([^,]*), 0, stream>>>\((.*?)\);',
                  lambda m: f'emu::launch({m.group(2)}, {m.group(3)}, [&] {{ {m.group(1)}({m.group(4)}); }});',
                  src, flags=re.S)
     if '<<<' in src:
@@ -38,15 +44,16 @@ def emulated_source(cu_text: str, name: str) -> str:
     j = src.index('\n}', i)
     block = src[i:j].replace('TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m)', f'TORCH_LIBRARY({name}, m)')
     block = block.replace('m.impl(', 'm.def(')
-    return '#include "emu_runtime.h"\n' + src[:i] + block + src[j:]
+    return '#include "emu_runtime.h"\n' + prelude + "\n" + src[:i] + block + src[j:]
 
 
-def load_emulated(cu_path: str, name: str, extra_sources: list[str], build_dir: str) -> None:
+def load_emulated(cu_path: str, name: str, extra_sources: list[str], build_dir: str,
+                  replacements=(), prelude: str = "") -> None:
     from torch.utils.cpp_extension import load
     os.makedirs(build_dir, exist_ok=True)
     out = os.path.join(build_dir, f"{name}.cpp")
     with open(cu_path) as f:
-        text = emulated_source(f.read(), name)
+        text = emulated_source(f.read(), name, replacements, prelude)
     with open(out, "w") as f:
         f.write(text)
     load(name=name, sources=[out] + list(extra_sources),
