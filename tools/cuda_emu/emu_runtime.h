@@ -2,7 +2,8 @@
 // without a GPU (see emulate.py): one std::thread per CUDA thread of a block, blocks one after
 // another (x fastest, then y, then z), __syncthreads = a block barrier, __shfl_xor_sync /
 // __shfl_down_sync = a per-warp exchange through memory between two per-warp barriers, atomicAdd =
-// std::atomic_ref, __shared__ = static (one copy, reused block after block). Blocks are 1-D.
+// std::atomic_ref, __shared__ = static (one copy, reused block after block). Threads of 2-D and
+// 3-D blocks are numbered as in CUDA (x fastest) and grouped into warps by that linear index.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -21,6 +22,7 @@ using std::max;
 using std::min;
 inline thread_local EmuDim threadIdx;
 inline thread_local EmuDim blockIdx;
+inline thread_local int emu_linear_tid = 0;
 inline EmuDim blockDim, gridDim;
 inline std::barrier<>* emu_block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
@@ -38,7 +40,7 @@ inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int offset) {
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  const int w = emu_linear_tid / 32, l = emu_linear_tid % 32;
   emu_shfl[w][l] = static_cast<double>(v);
   emu_warp_barriers[w]->arrive_and_wait();
   const T r = static_cast<T>(emu_shfl[w][l ^ offset]);
@@ -48,7 +50,7 @@ T __shfl_xor_sync(unsigned, T v, int offset) {
 
 template <typename T>
 T __shfl_down_sync(unsigned, T v, int offset) {
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  const int w = emu_linear_tid / 32, l = emu_linear_tid % 32;
   emu_shfl[w][l] = static_cast<double>(v);
   emu_warp_barriers[w]->arrive_and_wait();
   const T r = l + offset < 32 ? static_cast<T>(emu_shfl[w][l + offset]) : v;
@@ -69,11 +71,15 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   std::barrier<> block_barrier(threads);
   emu_block_barrier = &block_barrier;
   emu_warp_barriers.clear();
-  for (int w = 0; w < (threads + 31) / 32; ++w) emu_warp_barriers.emplace_back(new std::barrier<>(32));
+  for (int w = 0; w < (threads + 31) / 32; ++w)  // a last partial warp has fewer lanes
+    emu_warp_barriers.emplace_back(new std::barrier<>(std::min(32, threads - 32 * w)));
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
-      threadIdx.x = t;
+      threadIdx.x = t % block.x;
+      threadIdx.y = (t / block.x) % block.y;
+      threadIdx.z = t / (block.x * block.y);
+      emu_linear_tid = t;
       for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
           for (unsigned bx = 0; bx < grid.x; ++bx) {

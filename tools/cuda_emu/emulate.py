@@ -24,6 +24,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside (), <> and {} (launch configurations like
+    ``blocks_for(n, k), kThreads, 0, stream``)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "(<{[":
+            depth += 1
+        elif ch in ")>}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _rewrite_launches(src: str) -> str:
+    """``kernel[<T...>]<<<grid, block, 0, stream>>>(args);`` -> ``emu::launch(grid, block, [&] {
+    kernel[<T...>](args); });``"""
+    out, pos = [], 0
+    head = re.compile(r'(\w+(?:<[\w,\s]*>)?)\s*<<<')
+    while True:
+        m = head.search(src, pos)
+        if not m:
+            out.append(src[pos:])
+            return "".join(out)
+        end_cfg = src.index(">>>", m.end())
+        cfg = _split_top_level(src[m.end():end_cfg])
+        if len(cfg) != 4 or cfg[2] != "0" or cfg[3] != "stream":
+            raise ValueError(f"a kernel launch is not written as kernel<...><<<grid, block, 0, stream>>>(...): "
+                             f"{src[m.start():end_cfg + 3]}")
+        if src[end_cfg + 3] != "(":
+            raise ValueError(f"expected '(' after the launch configuration of {m.group(1)}")
+        depth, i = 0, end_cfg + 3
+        while True:  # the matching ')' of the argument list
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        args = src[end_cfg + 4:i]
+        if src[i + 1] != ";":
+            raise ValueError(f"expected ';' after the launch of {m.group(1)}")
+        out.append(src[pos:m.start()])
+        out.append(f"emu::launch({cfg[0]}, {cfg[1]}, [&] {{ {m.group(1)}({args}); }});")
+        pos = i + 2
+
+
 def emulated_source(cu_text: str, name: str, replacements=(), prelude: str = "") -> str:
     """``replacements``: extra (regex, replacement) pairs applied first, for CUDA-only host code
     the emulation cannot link (e.g. the CUDA generator); ``prelude``: code put after the runtime."""
@@ -35,11 +82,7 @@ def emulated_source(cu_text: str, name: str, replacements=(), prelude: str = "")
     src = re.sub(r'(const )?c10::cuda::CUDAGuard \w+\([^;]*\);', '', src)
     src = src.replace('auto stream = c10::cuda::getCurrentCUDAStream();', 'int stream = 0; (void)stream;')
     src = src.replace('C10_CUDA_KERNEL_LAUNCH_CHECK();', '')
-    src = re.sub(r'(\w+(?:<[\w, ]*>)?)<<<([^,]*), ([^,]*), 0, stream>>>\((.*?)\);',
-                 lambda m: f'emu::launch({m.group(2)}, {m.group(3)}, [&] {{ {m.group(1)}({m.group(4)}); }});',
-                 src, flags=re.S)
-    if '<<<' in src:
-        raise ValueError("a kernel launch is not written as kernel<...><<<grid, block, 0, stream>>>(...)")
+    src = _rewrite_launches(src)
     i = src.index('TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) {')
     j = src.index('\n}', i)
     block = src[i:j].replace('TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m)', f'TORCH_LIBRARY({name}, m)')
