@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -93,6 +94,10 @@ def emulated_source(cu_text: str, name: str, replacements=(), prelude: str = "")
 def load_emulated(cu_path: str, name: str, extra_sources: list[str], build_dir: str,
                   replacements=(), prelude: str = "") -> None:
     from torch.utils.cpp_extension import load
+    # torch runs `ninja` from PATH: prefer the one installed next to this Python (the venv's).
+    bindir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bindir, "ninja")) and bindir not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ["PATH"]
     os.makedirs(build_dir, exist_ok=True)
     out = os.path.join(build_dir, f"{name}.cpp")
     with open(cu_path) as f:
