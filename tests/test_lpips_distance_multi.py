@@ -18,7 +18,8 @@ CPU_IMPLS = [pytest.param("cpu", marks=needs_ext), pytest.param("triton", marks=
 
 # The five LatentLPIPS taps of an 8x8 latent (pools 4 and 5 kept), and odd shapes.
 LPIPS_SMALL = [(2, 64, 8, 8), (2, 128, 8, 8), (2, 256, 8, 8), (2, 512, 4, 4), (2, 512, 2, 2)]
-ODD = [(3, 67, 13, 11), (3, 5, 7, 3), (3, 1, 1, 1), (3, 33, 2, 9), (3, 300, 3, 5)]
+ODD = [(3, 67, 13, 11), (3, 5, 7, 3), (3, 1, 1, 1), (3, 33, 2, 9), (3, 300, 3, 5),
+       (3, 300, 13, 9), (3, 64, 40, 16)]  # the last two: several CPU row blocks per sample, a short last one
 LAYOUTS = ["contiguous", "noncontiguous", "channels_last", "mixed"]
 
 
@@ -199,6 +200,23 @@ def test_weight_gradient(impl):
     leaf = ws[1].clone().requires_grad_(True)
     (g1,) = torch.autograd.grad(lpips_distance_multi(f0s, f1s, [ws[0], leaf], impl=impl), (leaf,), g)
     assert_close(g1, r_grads[1], atol=1e-5, rtol=1e-5, name="grad weights[1] alone")
+
+
+@needs_ext
+def test_cpu_result_does_not_depend_on_the_thread_count():
+    """Per-unit sums reduced in a fixed order: bit-identical with 1 and 2 threads."""
+    f0s, f1s, ws = make_layers(LPIPS_SMALL[:2] + ODD[-2:], LAYOUTS)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run("cpu", f0s, f1s, ws))
+    finally:
+        torch.set_num_threads(before)
+    (a, a0, a1), (b, b0, b1) = results
+    assert torch.equal(a, b), (a - b).abs().max()
+    assert all(torch.equal(x, y) for x, y in zip(a0 + a1, b0 + b1))
 
 
 @needs_ext

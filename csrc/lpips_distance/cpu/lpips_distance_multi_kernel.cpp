@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -40,24 +41,23 @@ struct Layer {
   const acc_t* w;
   int64_t C, H, W;
   int64_t pix0;  // this layer's first pixel in the stats rows
-  int64_t row0;  // this layer's first row (n, h) in the row-sum buffer
 };
 
 struct Chunk {
   int64_t layer, row_begin, row_end;
 };
 
-// Rows of every layer cut into chunks of about total / (threads * 8) element pairs each.
-std::vector<Chunk> make_chunks(const MultiArgs& m) {
+// Work units of every layer (units[k] of unit_cost[k] element pairs each) cut into chunks of
+// about total / (threads * 8) element pairs, so cheap and expensive layers balance.
+std::vector<Chunk> make_chunks(const std::vector<int64_t>& units, const std::vector<int64_t>& unit_cost) {
   int64_t total = 0;
-  for (int64_t k = 0; k < m.L; ++k) total += m.f0[k].numel();
+  for (size_t k = 0; k < units.size(); ++k) total += units[k] * unit_cost[k];
   const int64_t target = std::max<int64_t>(1, total / (int64_t(at::get_num_threads()) * 8));
   std::vector<Chunk> chunks;
-  for (int64_t k = 0; k < m.L; ++k) {
-    const auto& f = m.f0[k];
-    const int64_t rows = m.N * f.size(2), row_cost = f.size(1) * f.size(3);
-    const int64_t per_chunk = std::max<int64_t>(1, target / row_cost);
-    for (int64_t r = 0; r < rows; r += per_chunk) chunks.push_back({k, r, std::min(rows, r + per_chunk)});
+  for (size_t k = 0; k < units.size(); ++k) {
+    const int64_t per_chunk = std::max<int64_t>(1, target / std::max<int64_t>(1, unit_cost[k]));
+    for (int64_t r = 0; r < units[k]; r += per_chunk)
+      chunks.push_back({int64_t(k), r, std::min(units[k], r + per_chunk)});
   }
   return chunks;
 }
@@ -65,28 +65,28 @@ std::vector<Chunk> make_chunks(const MultiArgs& m) {
 template <typename scalar_t, typename acc_t>
 std::vector<Layer<scalar_t, acc_t>> make_layers(const MultiArgs& m) {
   std::vector<Layer<scalar_t, acc_t>> layers;
-  int64_t row0 = 0;
   for (int64_t k = 0; k < m.L; ++k) {
     const auto &a = m.f0[k], &b = m.f1[k];
     Layer<scalar_t, acc_t> l{a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), Strides4(a), Strides4(b)};
     l.w = m.w[k].const_data_ptr<acc_t>();
     l.C = a.size(1), l.H = a.size(2), l.W = a.size(3);
     l.pix0 = m.pixel_begin[k];
-    l.row0 = row0;
-    row0 += m.N * l.H;
     layers.push_back(l);
   }
   return layers;
 }
 
-// Planar rows: the sums of the row's W pixels in separate arrays (buf holds 6 W values).
+// Planar rows: the sums of the run's pixels in separate arrays (buf holds 6 * run values). A run
+// is one image row (run = W), or `rows` consecutive rows of planes contiguous along the rows
+// (run = rows * W, unit stride): longer unit-stride runs per channel, still small enough for
+// the second pass to find them in cache.
 template <typename scalar_t, typename acc_t, bool kUnit>
-acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, acc_t* st, int64_t P,
-                         acc_t* buf) {
-  const int64_t W = l.W;
+acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, int64_t rows, acc_t* st,
+                         int64_t P, acc_t* buf) {
+  const int64_t W = l.W * rows;
   const scalar_t* ra = l.a + n * l.sa.n + h * l.sa.h;
   const scalar_t* rb = l.b + n * l.sb.n + h * l.sb.h;
-  const int64_t pix = l.pix0 + (n * l.H + h) * W;
+  const int64_t pix = l.pix0 + (n * l.H + h) * l.W;
   acc_t *x0 = buf, *x1 = buf + W, *x2 = buf + 2 * W, *i0 = buf + 3 * W, *i1 = buf + 4 * W, *di = buf + 5 * W;
   std::fill(buf, buf + 3 * W, acc_t(0));
   for (int64_t c = 0; c < l.C; ++c)  // pass 1: |a|^2, |b|^2, |b|^2 - |a|^2
@@ -143,27 +143,46 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_multi_cpu(at::TensorList f0, a
   const MultiArgs m = prepare_multi("d2g_fast::lpips_distance_multi", f0, f1, weights);
   auto stats = alloc_multi_stats(m);
   auto dist = poisoned(at::empty({m.L, m.N}, m.f0[0].options().dtype(m.acc)));
-  const auto chunks = make_chunks(m);
+  // Work unit: a block of `rows_per_unit[k]` image rows of one sample. Blocks of several rows
+  // only for planar layers whose planes are contiguous along the rows; the block size depends on
+  // the shapes only, so the sums (reduced per unit in a fixed order) do not depend on the
+  // thread count.
+  std::vector<int64_t> rows_per_unit(m.L), units_per_sample(m.L), units(m.L), unit_cost(m.L), unit0(m.L);
+  int64_t total_units = 0, max_run = 1;
+  for (int64_t k = 0; k < m.L; ++k) {
+    const auto &a = m.f0[k], &b = m.f1[k];
+    const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
+    const bool channels_inner = a.stride(1) == 1 && b.stride(1) == 1 && C > 1;
+    const bool row_contiguous = a.stride(3) == 1 && b.stride(3) == 1 && a.stride(2) == W && b.stride(2) == W;
+    rows_per_unit[k] = channels_inner || !row_contiguous ? 1 : std::clamp<int64_t>(16384 / (C * W), 1, H);
+    units_per_sample[k] = (H + rows_per_unit[k] - 1) / rows_per_unit[k];
+    units[k] = m.N * units_per_sample[k];
+    unit_cost[k] = C * W * rows_per_unit[k];
+    unit0[k] = total_units;
+    total_units += units[k];
+    max_run = std::max(max_run, rows_per_unit[k] * W);
+  }
+  const auto chunks = make_chunks(units, unit_cost);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.dtype, "lpips_distance_multi_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto layers = make_layers<scalar_t, acc_t>(m);
     const int64_t P = m.pixels();
     acc_t* st = stats.mutable_data_ptr<acc_t>();
-    int64_t rows = 0, max_w = 1;
-    for (const auto& l : layers) rows += m.N * l.H, max_w = std::max(max_w, l.W);
-    std::vector<acc_t> row_sums(rows);
+    std::vector<acc_t> unit_sums(total_units);
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(6 * max_w);
+      std::vector<acc_t> buf(6 * max_run);
       for (int64_t i = begin; i < end; ++i) {
-        const auto& l = layers[chunks[i].layer];
+        const int64_t k = chunks[i].layer;
+        const auto& l = layers[k];
         const bool channels_inner = l.sa.c == 1 && l.sb.c == 1 && l.C > 1;
         const bool unit = l.sa.w == 1 && l.sb.w == 1;
-        for (int64_t r = chunks[i].row_begin; r < chunks[i].row_end; ++r) {
-          const int64_t n = r / l.H, h = r % l.H;
-          row_sums[l.row0 + r] =
+        for (int64_t u = chunks[i].row_begin; u < chunks[i].row_end; ++u) {
+          const int64_t n = u / units_per_sample[k], h = (u % units_per_sample[k]) * rows_per_unit[k];
+          const int64_t rows = std::min(rows_per_unit[k], l.H - h);
+          unit_sums[unit0[k] + u] =
               channels_inner ? forward_row_channels_inner(l, n, h, st, P)
-              : unit         ? forward_row_planar<scalar_t, acc_t, true>(l, n, h, st, P, buf.data())
-                             : forward_row_planar<scalar_t, acc_t, false>(l, n, h, st, P, buf.data());
+              : unit         ? forward_row_planar<scalar_t, acc_t, true>(l, n, h, rows, st, P, buf.data())
+                             : forward_row_planar<scalar_t, acc_t, false>(l, n, h, rows, st, P, buf.data());
         }
       }
     });
@@ -172,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_multi_cpu(at::TensorList f0, a
       const auto& l = layers[k];
       for (int64_t n = 0; n < m.N; ++n) {
         acc_t s = 0;
-        for (int64_t h = 0; h < l.H; ++h) s += row_sums[l.row0 + n * l.H + h];
+        for (int64_t u = 0; u < units_per_sample[k]; ++u) s += unit_sums[unit0[k] + n * units_per_sample[k] + u];
         out[k * m.N + n] = s / acc_t(l.H * l.W);
       }
     }
@@ -261,7 +280,21 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_distance_mult
   auto g1 = alloc_multi_grads(m.f1, need_f1);
   if (!need_f0 && !need_f1) return {g0, g1};
   const auto gcont = grad.to(m.acc).contiguous();
-  const auto chunks = make_chunks(m);
+  // Layers whose channel planes are contiguous in every tensor read or written go plane by
+  // plane: long unit-stride runs (prefetch-friendly), where short image rows of planar layers
+  // jump a whole plane between channels; the plane's stats stay in cache across channels.
+  std::vector<bool> whole_planes(m.L);
+  auto plane_contiguous = [](const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); };
+  for (int64_t k = 0; k < m.L; ++k)
+    whole_planes[k] = m.f0[k].size(1) > 1 && plane_contiguous(m.f0[k]) && plane_contiguous(m.f1[k]) &&
+                      (!need_f0 || plane_contiguous(g0[k])) && (!need_f1 || plane_contiguous(g1[k]));
+  std::vector<int64_t> units(m.L), unit_cost(m.L);
+  for (int64_t k = 0; k < m.L; ++k) {  // units: planes (n, c) or image rows (n, h)
+    const auto& f = m.f0[k];
+    units[k] = m.N * (whole_planes[k] ? f.size(1) : f.size(2));
+    unit_cost[k] = whole_planes[k] ? f.size(2) * f.size(3) : f.size(1) * f.size(3);
+  }
+  const auto chunks = make_chunks(units, unit_cost);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.dtype, "lpips_distance_multi_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto layers = make_layers<scalar_t, acc_t>(m);
@@ -276,6 +309,28 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_distance_mult
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = chunks[i].layer;
         const auto& l = layers[k];
+        if (whole_planes[k]) {
+          const int64_t HW = l.H * l.W;
+          for (int64_t r = chunks[i].row_begin; r < chunks[i].row_end; ++r) {
+            const int64_t n = r / l.C, c = r % l.C;
+            const acc_t g = gp[k * m.N + n] / acc_t(HW);  // derivative of the spatial mean
+            const int64_t pix = l.pix0 + n * HW;
+            auto run = [&](auto kA, auto kB) {
+              grad_row<scalar_t, acc_t, decltype(kA)::value, decltype(kB)::value>(
+                  l.a + n * l.sa.n + c * l.sa.c, l.b + n * l.sb.n + c * l.sb.c,
+                  need_f0 ? l.ga + n * l.sga.n + c * l.sga.c : nullptr,
+                  need_f1 ? l.gb + n * l.sgb.n + c * l.sgb.c : nullptr, HW, g, l.w[c], st + pix, st + P + pix,
+                  st + 2 * P + pix, st + 3 * P + pix, st + 4 * P + pix);
+            };
+            if (need_f0 && need_f1)
+              run(std::true_type{}, std::true_type{});
+            else if (need_f0)
+              run(std::true_type{}, std::false_type{});
+            else
+              run(std::false_type{}, std::true_type{});
+          }
+          continue;
+        }
         const bool channels_inner = (need_f0 ? l.sga.c : l.sgb.c) == 1 && l.C > 1;
         for (int64_t r = chunks[i].row_begin; r < chunks[i].row_end; ++r) {
           const int64_t n = r / l.H, h = r % l.H;
