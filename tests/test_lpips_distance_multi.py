@@ -205,7 +205,7 @@ def test_weight_gradient(impl):
 @needs_ext
 def test_cpu_result_does_not_depend_on_the_thread_count():
     """Per-unit sums reduced in a fixed order: bit-identical with 1 and 2 threads."""
-    f0s, f1s, ws = make_layers(LPIPS_SMALL[:2] + ODD[-2:], LAYOUTS)
+    f0s, f1s, ws = make_layers([(3,) + s[1:] for s in LPIPS_SMALL[:2]] + ODD[-2:], LAYOUTS)
     before = torch.get_num_threads()
     try:
         results = []
