@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -48,11 +49,12 @@ struct Chunk {
 };
 
 // Work units of every layer (units[k] of unit_cost[k] element pairs each) cut into chunks of
-// about total / (threads * 8) element pairs, so cheap and expensive layers balance.
+// about total / (threads * 16) element pairs; for_each_chunk hands them out dynamically, so
+// cheap and expensive layers balance across threads.
 std::vector<Chunk> make_chunks(const std::vector<int64_t>& units, const std::vector<int64_t>& unit_cost) {
   int64_t total = 0;
   for (size_t k = 0; k < units.size(); ++k) total += units[k] * unit_cost[k];
-  const int64_t target = std::max<int64_t>(1, total / (int64_t(at::get_num_threads()) * 8));
+  const int64_t target = std::max<int64_t>(1, total / (int64_t(at::get_num_threads()) * 16));
   std::vector<Chunk> chunks;
   for (size_t k = 0; k < units.size(); ++k) {
     const int64_t per_chunk = std::max<int64_t>(1, target / std::max<int64_t>(1, unit_cost[k]));
@@ -60,6 +62,17 @@ std::vector<Chunk> make_chunks(const std::vector<int64_t>& units, const std::vec
       chunks.push_back({int64_t(k), r, std::min(units[k], r + per_chunk)});
   }
   return chunks;
+}
+
+// Runs fn(chunk index) for every chunk on the intra-op threads, each thread taking the next
+// chunk when it is done (dynamic: the layers' costs per element differ). Every chunk writes
+// its own outputs, so the results do not depend on which thread ran what.
+template <typename F>
+void for_each_chunk(int64_t chunks, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < chunks; i = next.fetch_add(1)) fn(i);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -169,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_multi_cpu(at::TensorList f0, a
     const int64_t P = m.pixels();
     acc_t* st = stats.mutable_data_ptr<acc_t>();
     std::vector<acc_t> unit_sums(total_units);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(6 * max_run);
-      for (int64_t i = begin; i < end; ++i) {
+    for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
+      std::vector<acc_t> buf(6 * max_run);  // per chunk: a few dozen small allocations per call
+      {
         const int64_t k = chunks[i].layer;
         const auto& l = layers[k];
         const bool channels_inner = l.sa.c == 1 && l.sb.c == 1 && l.C > 1;
@@ -305,8 +318,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_distance_mult
     const int64_t P = m.pixels();
     const acc_t* st = stats.const_data_ptr<acc_t>();
     const acc_t* gp = gcont.const_data_ptr<acc_t>();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+    for_each_chunk(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
+      {
         const int64_t k = chunks[i].layer;
         const auto& l = layers[k];
         if (whole_planes[k]) {
@@ -329,7 +342,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lpips_distance_mult
             else
               run(std::false_type{}, std::true_type{});
           }
-          continue;
+          return;
         }
         const bool channels_inner = (need_f0 ? l.sga.c : l.sgb.c) == 1 && l.C > 1;
         for (int64_t r = chunks[i].row_begin; r < chunks[i].row_end; ++r) {
