@@ -194,3 +194,31 @@ def test_gpu_forward_and_backward_never_synchronise(impl):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", ["cpu", "ref"])
+def test_gradients_only_for_inputs_that_require_them(impl):
+    """Frozen heads and detached taps get no gradient (per list element: torch.library passes
+    needs_input_grad of a Tensor[] input as one bool per element), the others the right one."""
+    feats, ws, bias, target, _ = make_inputs(n=3)
+    k = len(feats)
+    hw = [1.0 / k] * k
+    need_f = [i % 2 == 0 for i in range(k)]
+    need_w = [i % 2 == 1 for i in range(k)]
+    feats = [f.clone().requires_grad_(n) for f, n in zip(feats, need_f)]
+    ws = [w.clone().requires_grad_(n) for w, n in zip(ws, need_w)]
+    loss, _ = multiscale_heads(feats, ws, bias, target, hw, impl=impl)
+    loss.backward()
+    ref_feats = [f.detach().double().requires_grad_(True) for f in feats]
+    ref_ws = [w.detach().double().requires_grad_(True) for w in ws]
+    ref_loss, _ = multiscale_heads(ref_feats, ref_ws, bias.double(), target.double(), hw, impl="ref")
+    ref_loss.backward()
+    for i in range(k):
+        if need_f[i]:
+            assert_close_scaled(feats[i].grad, ref_feats[i].grad, 2e-5, f"grad features[{i}]")
+        else:
+            assert feats[i].grad is None, f"features[{i}] does not require grad but got one"
+        if need_w[i]:
+            assert_close_scaled(ws[i].grad, ref_ws[i].grad, 2e-5, f"grad weights[{i}]")
+        else:
+            assert ws[i].grad is None, f"weights[{i}] does not require grad but got one"

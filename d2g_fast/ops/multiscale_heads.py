@@ -129,7 +129,11 @@ def _make_backward(backward_op):
         saved = ctx.saved_tensors
         features, weights = list(saved[:k]), list(saved[k:2 * k])
         bias, target, stats = saved[2 * k], saved[2 * k + 1], list(saved[2 * k + 2:])
-        need_f, need_w, need_b = ctx.needs_input_grad[:3]
+        # For the Tensor[] inputs torch.library gives one bool per element (a list of False is
+        # truthy: never test it directly).
+        need_f, need_w = (list(n) if isinstance(n, (list, tuple)) else [bool(n)] * k
+                          for n in ctx.needs_input_grad[:2])
+        need_b = bool(ctx.needs_input_grad[2])
         if grad_loss is None:
             grad_loss = torch.zeros((), dtype=stats[0].dtype, device=stats[0].device)
         if grad_scores is None:
@@ -142,7 +146,8 @@ def _make_backward(backward_op):
                                        ctx.eps, grad_loss, grad_scores)
         gf, gw, gb = backward_op(grad_loss, grad_scores, features, weights, target,
                                  ctx.head_weights, ctx.eps, stats)
-        return (list(gf) if need_f else None, list(gw) if need_w else None,
+        return ([g if need else None for g, need in zip(gf, need_f)],
+                [g if need else None for g, need in zip(gw, need_w)],
                 gb.to(ctx.bias_dtype) if need_b else None, None, None, None)
     return backward
 
