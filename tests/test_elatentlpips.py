@@ -477,3 +477,25 @@ def test_cuda_graph_capture_static_shapes():
     g_want = x_eager.grad
     assert rel_err(out.detach(), want) < 1e-5, f"replayed loss max rel err {rel_err(out.detach(), want):.3g}"
     assert rel_err(x.grad, g_want) < 1e-4
+
+
+@pytest.mark.parametrize("augment_sampler", ["host", "device"])
+def test_augmented_target_branch_runs_without_autograd(monkeypatch, augment_sampler):
+    """With augmentation, the target latent (no gradient) must still take the trunk without
+    autograd: the augmentation op's outputs must not hand it a requires_grad flag."""
+    model = make_model("sd15", augment="bg", augment_sampler=augment_sampler, precision="bf16")
+    seen = []
+    original = model.net.fast_features
+
+    def recording(x, *args, **kwargs):
+        seen.append((x.requires_grad, torch.is_grad_enabled()))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(model.net, "fast_features", recording)
+    x, y = latents(2, 4, 16, 16, seed=43)
+    x.requires_grad_(True)
+    model(x, y).sum().backward()
+    assert len(seen) == 2, seen
+    assert seen[0] == (True, True), f"generated branch: {seen[0]}"
+    assert seen[1] == (False, False), f"target branch ran with autograd: {seen[1]}"
+    assert x.grad is not None and x.grad.abs().sum() > 0

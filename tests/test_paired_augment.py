@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from d2g_fast import _ext
 from d2g_fast.augment_params import AugmentParams, compute_margins
 from d2g_fast.ops.paired_augment import paired_augment
 from d2g_fast.ref.paired_augment import paired_augment as ref_paired_augment
@@ -176,3 +177,28 @@ def test_bad_input_raises_naming_argument():
         AugmentParams.sample("bg", 2, 8, 8, debug_percentile=1.5)
     with pytest.raises(ValueError, match="impl"):
         paired_augment(x, y, params, impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+def test_output_needs_grad_only_where_its_input_does(impl):
+    """Each output depends on its own input only: with y not requiring grad (the target branch of
+    a loss) y_aug must not require grad either, or the loss would backpropagate through the whole
+    target branch for nothing; x's gradient is unchanged."""
+    if impl == "cpu" and not _ext.ext_loaded():
+        pytest.skip("needs the compiled CPU kernel")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 10, generator=g, requires_grad=True)
+    y = torch.randn(2, 4, 12, 10, generator=g)
+    params = AugmentParams.sample("bgco", 2, 12, 10, generator=torch.Generator().manual_seed(1))
+    x_aug, y_aug = paired_augment(x, y, params, impl=impl)
+    assert x_aug.requires_grad and not y_aug.requires_grad
+    (x_aug * y_aug).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = y.clone().requires_grad_(True)
+    x2_aug, y2_aug = paired_augment(x2, y2, params, impl=impl)
+    assert x2_aug.requires_grad and y2_aug.requires_grad
+    (x2_aug * y2_aug).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    assert y2.grad is not None and y2.grad.abs().sum() > 0
+    x_aug, y_aug = paired_augment(x.detach(), y2, params, impl=impl)
+    assert not x_aug.requires_grad and y_aug.requires_grad

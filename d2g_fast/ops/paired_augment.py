@@ -66,10 +66,20 @@ def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams, impl
     if params.is_identity:
         return x.clone(), y.clone()
     if backend == "ref":
-        return _ref.paired_augment(x, y, params)  # rebuilds host fields of device-drawn params
-    packed = params.packed(x.device, torch.float64)
-    op = torch.ops.d2g_fast.paired_augment_triton if backend == "triton" else torch.ops.d2g_fast.paired_augment
-    x_aug, y_aug = op(x, y, packed, params.flags())
+        x_aug, y_aug = _ref.paired_augment(x, y, params)  # rebuilds host fields of device-drawn params
+    else:
+        packed = params.packed(x.device, torch.float64)
+        op = (torch.ops.d2g_fast.paired_augment_triton if backend == "triton"
+              else torch.ops.d2g_fast.paired_augment)
+        x_aug, y_aug = op(x, y, packed, params.flags())
+    # Autograd marks every output of a custom op as requiring grad when any input does, but each
+    # output depends on its own input only: without this, the target branch of a loss (y needs no
+    # gradient) would run through autograd, with a whole backward pass through the trunk, for
+    # nothing.
+    if x_aug.requires_grad and not x.requires_grad:
+        x_aug = x_aug.detach()
+    if y_aug.requires_grad and not y.requires_grad:
+        y_aug = y_aug.detach()
     return x_aug, y_aug
 
 
