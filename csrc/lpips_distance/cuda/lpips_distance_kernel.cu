@@ -14,6 +14,7 @@
 
 #include "lpips_distance/lpips_distance.h"
 #include "lpips_distance/lpips_distance_math.h"
+#include "common/cuda_reduce.cuh"
 
 namespace d2g {
 namespace lpips {
@@ -81,13 +82,6 @@ __global__ void forward_planar(const scalar_t* __restrict__ a, const scalar_t* _
     for (unsigned g = 1; g < blockDim.y; ++g) merge(ds, dist_partial[g * blockDim.x + threadIdx.x]);
     store_pixel(nm, ds, p, plane, map, stats);
   }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  // Butterfly: every lane ends with the same value (IEEE addition is commutative).
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 template <typename scalar_t, typename acc_t>

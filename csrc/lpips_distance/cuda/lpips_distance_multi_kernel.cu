@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cuda_reduce.cuh"
 #include "lpips_distance/lpips_distance_math.h"
 #include "lpips_distance/lpips_distance_multi.h"
 
@@ -69,27 +70,6 @@ struct LayerTable {
   int block_begin[kMaxLayers + 1];
   acc_t inv_hw[kMaxLayers];  // 1 / (H W): the derivative of the spatial mean
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  // Butterfly: every lane ends with the same value (IEEE addition is commutative).
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum over the block; the result is valid in thread 0.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* smem) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  acc_t total = 0;
-  if (threadIdx.x == 0)
-    for (int i = 0; i < kWarps; ++i) total += smem[i];
-  return total;
-}
 
 template <typename Table>
 __device__ __forceinline__ int find_layer(const Table& t, int block) {
@@ -190,7 +170,7 @@ multi_forward_kernel(const LayerTable<scalar_t, acc_t> t, acc_t* __restrict__ st
       d_pixel = ds.d;
     }
   }
-  const acc_t total = block_sum(d_pixel, red);
+  const acc_t total = block_sum<kThreads>(d_pixel, red);
   if (threadIdx.x == 0)
     part[(static_cast<int64_t>(layer_offset + k) * t.N + n) * max_tiles + tile] = total * t.inv_hw[k];
 }

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cuda_reduce.cuh"
 #include "multiscale_heads/multiscale_heads.h"
 #include "multiscale_heads/multiscale_heads_math.h"
 
@@ -94,26 +95,6 @@ struct HeadTable {
 };
 
 static_assert(sizeof(HeadTable<double, double>) <= 4096, "kernel arguments must fit in 4 KB");
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum over the block; the result is valid in thread 0.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* smem) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  acc_t total = 0;
-  if (threadIdx.x == 0)
-    for (int i = 0; i < kWarps; ++i) total += smem[i];
-  return total;
-}
 
 // Sums each of the V values over the G channel groups of the thread's pixel; every thread gets
 // its pixel's totals (all in the same order, so the groups agree bit for bit).
@@ -212,8 +193,8 @@ forward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ bia
     st[4 * plane] = acc[2] * inv_c;
     loss = softplus(-target[w.n] * logit);
   }
-  const acc_t loss_sum = block_sum(loss, block_smem);
-  const acc_t logit_sum = block_sum(logit, block_smem);
+  const acc_t loss_sum = block_sum<kThreads>(loss, block_smem);
+  const acc_t logit_sum = block_sum<kThreads>(logit, block_smem);
   if (threadIdx.x == 0) {
     const int64_t slot = (static_cast<int64_t>(h.slot) * t.N + w.n) * max_tiles + w.tile;
     loss_part[slot] = loss_sum * h.loss_scale;
@@ -319,7 +300,7 @@ backward_kernel(const HeadTable<scalar_t, acc_t> t, const acc_t* __restrict__ ta
     if (seg == 0 && c < C) part_row[c] = s;
     __syncthreads();  // the buffer is rewritten by the next chunk
   }
-  const acc_t db = block_sum(group == 0 ? g : acc_t(0), block_smem);
+  const acc_t db = block_sum<kThreads>(group == 0 ? g : acc_t(0), block_smem);
   if (threadIdx.x == 0) part_row[C] = db;
 }
 
