@@ -27,3 +27,23 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def emulated_ops(tmp_path_factory, cu_file: str, name: str, extra_sources=(), **kwargs):
+    """Build a CUDA kernel file of csrc/ as a CPU extension through tools/cuda_emu and return its
+    op namespace ``torch.ops.<name>`` (paths relative to csrc/; kwargs: replacements, prelude)."""
+    import importlib.util
+    import os
+
+    import pytest
+    pytest.importorskip("ninja")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "cuda_emu", os.path.join(root, "tools", "cuda_emu", "emulate.py"))
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    csrc = os.path.join(root, "csrc")
+    emu.load_emulated(os.path.join(csrc, cu_file), name,
+                      [os.path.join(csrc, e) for e in extra_sources],
+                      str(tmp_path_factory.mktemp(name)), **kwargs)
+    return getattr(torch.ops, name)

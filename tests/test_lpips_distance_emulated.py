@@ -3,40 +3,26 @@ csrc/lpips_distance/cuda/), run on the CPU through tools/cuda_emu: their block s
 channel groups, warp per pixel), shared-memory merges, warp shuffles, layer tables and launch
 code, against the C++ CPU kernels (themselves tested against the reference), on machines
 without a GPU. Builds small extensions first (about 30 s each on 2 cores)."""
-import importlib.util
-import os
-
 import pytest
 import torch
+from d2g_helpers import emulated_ops
 
 from d2g_fast import _ext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not _ext.ext_loaded(), reason="needs the compiled CPU kernel")]
 
 
-def _load(tmp_path_factory, cu, name, extra):
-    pytest.importorskip("ninja")
-    spec = importlib.util.spec_from_file_location(
-        "cuda_emu", os.path.join(ROOT, "tools", "cuda_emu", "emulate.py"))
-    emu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emu)
-    emu.load_emulated(os.path.join(ROOT, "csrc/lpips_distance/cuda", cu), name,
-                      [os.path.join(ROOT, "csrc/lpips_distance", e) for e in extra],
-                      str(tmp_path_factory.mktemp(name)))
-    return getattr(torch.ops, name)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return _load(tmp_path_factory, "lpips_distance_kernel.cu", "d2g_emu_lpips", ["lpips_distance.cpp"])
+    return emulated_ops(tmp_path_factory, "lpips_distance/cuda/lpips_distance_kernel.cu",
+                        "d2g_emu_lpips", ["lpips_distance/lpips_distance.cpp"])
 
 
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory):
-    return _load(tmp_path_factory, "lpips_distance_multi_kernel.cu", "d2g_emu_lpips_multi",
-                 ["lpips_distance_multi.cpp"])
+    return emulated_ops(tmp_path_factory, "lpips_distance/cuda/lpips_distance_multi_kernel.cu",
+                        "d2g_emu_lpips_multi", ["lpips_distance/lpips_distance_multi.cpp"])
 
 
 def _feature(n, c, h, w, layout, seed, dtype=torch.float64):

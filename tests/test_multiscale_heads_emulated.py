@@ -2,32 +2,21 @@
 tools/cuda_emu (one thread per CUDA thread, real barriers and warp-shuffle exchange): their
 block layouts, shared-memory reductions, head tables and launch code against the reference, on
 machines without a GPU. Builds a small extension first (about 30 s on 2 cores)."""
-import importlib.util
-import os
-
 import pytest
 import torch
+from d2g_helpers import emulated_ops
 
 from d2g_fast.ref.multiscale_heads import multiscale_heads as heads_ref
 from test_multiscale_heads import make_inputs
 from test_multiscale_heads_layouts import GPU_SHAPES, REL_TOL, assert_close_scaled, expected_stats
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def emulated_ops(tmp_path_factory):
-    pytest.importorskip("ninja")
-    spec = importlib.util.spec_from_file_location(
-        "cuda_emu", os.path.join(ROOT, "tools", "cuda_emu", "emulate.py"))
-    emu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emu)
-    emu.load_emulated(os.path.join(ROOT, "csrc/multiscale_heads/cuda/multiscale_heads_kernel.cu"),
-                      "d2g_emu_msheads",
-                      [os.path.join(ROOT, "csrc/multiscale_heads/multiscale_heads.cpp")],
-                      str(tmp_path_factory.mktemp("emu_build")))
-    return torch.ops.d2g_emu_msheads
+def heads_ops(tmp_path_factory):
+    return emulated_ops(tmp_path_factory, "multiscale_heads/cuda/multiscale_heads_kernel.cu",
+                        "d2g_emu_msheads", ["multiscale_heads/multiscale_heads.cpp"])
 
 
 def check(ops, shapes, n, dtype=torch.float32, layout="contiguous", name=""):
@@ -52,24 +41,24 @@ def check(ops, shapes, n, dtype=torch.float32, layout="contiguous", name=""):
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_emulated_cuda_one_head_per_layout(emulated_ops, shape):
-    check(emulated_ops, [shape], n=1, name=f"head {shape}")
+def test_emulated_cuda_one_head_per_layout(heads_ops, shape):
+    check(heads_ops, [shape], n=1, name=f"head {shape}")
 
 
-def test_emulated_cuda_mixed_heads_odd_batch(emulated_ops):
-    check(emulated_ops, GPU_SHAPES[1:4] + GPU_SHAPES[8:], n=3, name="mixed")
+def test_emulated_cuda_mixed_heads_odd_batch(heads_ops):
+    check(heads_ops, GPU_SHAPES[1:4] + GPU_SHAPES[8:], n=3, name="mixed")
 
 
 @pytest.mark.parametrize("dtype,layout", [(torch.float64, "contiguous"), (torch.bfloat16, "contiguous"),
                                           (torch.float16, "noncontiguous"),
                                           (torch.float32, "channels_last")], ids=str)
-def test_emulated_cuda_dtypes_and_layouts(emulated_ops, dtype, layout):
-    check(emulated_ops, [(5, 7, 9), (70, 9, 8), (3, 1, 1)], n=2, dtype=dtype, layout=layout,
+def test_emulated_cuda_dtypes_and_layouts(heads_ops, dtype, layout):
+    check(heads_ops, [(5, 7, 9), (70, 9, 8), (3, 1, 1)], n=2, dtype=dtype, layout=layout,
           name=f"{dtype} {layout}")
 
 
-def test_emulated_cuda_more_heads_than_one_launch(emulated_ops):
+def test_emulated_cuda_more_heads_than_one_launch(heads_ops):
     g = torch.Generator().manual_seed(7)
     shapes = [(int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g)),
                int(torch.randint(1, 5, (1,), generator=g))) for _ in range(27)]
-    check(emulated_ops, shapes, n=2, name="27 heads")
+    check(heads_ops, shapes, n=2, name="27 heads")

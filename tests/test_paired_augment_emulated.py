@@ -3,33 +3,22 @@ tools/cuda_emu (one thread per CUDA thread, real barriers, atomics through std::
 their tiling, halo and shared-memory window logic, per-sample margins read from the parameter
 tensor and host launch code, against the C++ CPU kernel (itself tested against the reference),
 on machines without a GPU. Builds a small extension first (about 30 s on 2 cores)."""
-import importlib.util
-import os
-
 import pytest
 import torch
+from d2g_helpers import emulated_ops
 
 from d2g_fast import _ext
 from d2g_fast.augment_params import AugmentParams
 from test_paired_augment_kernels import _zoom_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not _ext.ext_loaded(), reason="needs the compiled CPU kernel")]
 
 
 @pytest.fixture(scope="module")
-def emulated_ops(tmp_path_factory):
-    pytest.importorskip("ninja")
-    spec = importlib.util.spec_from_file_location(
-        "cuda_emu", os.path.join(ROOT, "tools", "cuda_emu", "emulate.py"))
-    emu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emu)
-    emu.load_emulated(os.path.join(ROOT, "csrc/paired_augment/cuda/paired_augment_kernel.cu"),
-                      "d2g_emu_augment",
-                      [os.path.join(ROOT, "csrc/paired_augment/paired_augment.cpp")],
-                      str(tmp_path_factory.mktemp("emu_build")))
-    return torch.ops.d2g_emu_augment
+def augment_ops(tmp_path_factory):
+    return emulated_ops(tmp_path_factory, "paired_augment/cuda/paired_augment_kernel.cu",
+                        "d2g_emu_augment", ["paired_augment/paired_augment.cpp"])
 
 
 def _pair(shape, dtype, seed):
@@ -62,31 +51,31 @@ def _compare(ops, params, shape, dtype, seed, tol):
 # every official preset, plus geometry with cutout only: colour + cutout + geometry in the backward
 # is where the cut-out pixels' share of the colour mean was once dropped on the GPU
 @pytest.mark.parametrize("preset", ["b", "g", "c", "o", "co", "bg", "bgc", "bgco", "go"])
-def test_emulated_cuda_matches_cpu_kernel(emulated_ops, preset):
+def test_emulated_cuda_matches_cpu_kernel(augment_ops, preset):
     n, c, h, w = 2, 5, 37, 29  # odd sizes: partial tiles; C = 5: a partial channel chunk
     params = AugmentParams.sample(preset, n, h, w, num_channels=c,
                                   generator=torch.Generator().manual_seed(3))
-    _compare(emulated_ops, params, (n, c, h, w), torch.float64, 4, 1e-12)
+    _compare(augment_ops, params, (n, c, h, w), torch.float64, 4, 1e-12)
 
 
-def test_emulated_cuda_window_and_fallback(emulated_ops):
+def test_emulated_cuda_window_and_fallback(augment_ops):
     """Zoom-in, none, zoom-out within the shared window, and zoom-out beyond it (global atomics)."""
     n, c, h, w = 4, 3, 40, 36
     params = _zoom_params(n, h, w, [0.6, 1.0, 2.0, 3.5])
-    _compare(emulated_ops, params, (n, c, h, w), torch.float64, 5, 1e-12)
+    _compare(augment_ops, params, (n, c, h, w), torch.float64, 5, 1e-12)
 
 
-def test_emulated_cuda_float32_and_device_drawn_params(emulated_ops):
+def test_emulated_cuda_float32_and_device_drawn_params(augment_ops):
     n, c, h, w = 3, 4, 20, 23
     params = AugmentParams.sample_on_device("bgco", n, h, w, num_channels=c, device="cpu", seed=11)
-    _compare(emulated_ops, params, (n, c, h, w), torch.float32, 6, 2e-6)
+    _compare(augment_ops, params, (n, c, h, w), torch.float32, 6, 2e-6)
 
 
-def test_emulated_cuda_half_precision(emulated_ops):
+def test_emulated_cuda_half_precision(augment_ops):
     n, c, h, w = 2, 4, 18, 17
     params = AugmentParams.sample("bgco", n, h, w, num_channels=c,
                                   generator=torch.Generator().manual_seed(8))
-    _compare(emulated_ops, params, (n, c, h, w), torch.bfloat16, 9, 2e-2)
+    _compare(augment_ops, params, (n, c, h, w), torch.bfloat16, 9, 2e-2)
 
 
 # The sampler's CUDA kernel with an explicit seed (the CUDA generator cannot be linked here: its
@@ -106,17 +95,9 @@ inline std::tuple<uint64_t, uint64_t> unpack(PhiloxCudaState) { return {0, 0}; }
 
 @pytest.fixture(scope="module")
 def emulated_sampler(tmp_path_factory):
-    pytest.importorskip("ninja")
-    spec = importlib.util.spec_from_file_location(
-        "cuda_emu", os.path.join(ROOT, "tools", "cuda_emu", "emulate.py"))
-    emu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emu)
-    emu.load_emulated(os.path.join(ROOT, "csrc/paired_augment/cuda/augment_sampling_kernel.cu"),
-                      "d2g_emu_sampler",
-                      [os.path.join(ROOT, "csrc/paired_augment/paired_augment.cpp")],
-                      str(tmp_path_factory.mktemp("emu_sampler_build")),
-                      replacements=SAMPLER_REPLACEMENTS, prelude=SAMPLER_PRELUDE)
-    return torch.ops.d2g_emu_sampler
+    return emulated_ops(tmp_path_factory, "paired_augment/cuda/augment_sampling_kernel.cu",
+                        "d2g_emu_sampler", ["paired_augment/paired_augment.cpp"],
+                        replacements=SAMPLER_REPLACEMENTS, prelude=SAMPLER_PRELUDE)
 
 
 @pytest.mark.parametrize("preset_flags,n", [(1 | 2 | 4 | 8, 5), (1 | 2, 300), (2 | 8, 1)])
