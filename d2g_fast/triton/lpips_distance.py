@@ -18,6 +18,50 @@ EPS = 1e-8
 
 
 @triton.jit
+def _pixel_sums(a_ptr, b_ptr, w_ptr, a_pix, b_pix, pix_mask, C, sa_c, sb_c,
+                EPS_: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The cancellation-free two-pass math of lpips_distance_math.h for BLOCK_P pixels (their
+    offsets a_pix, b_pix): returns i0 = 1/|a|, i1 = 1/|b|, di = i0 - i1, the distance d and the
+    backward's s0, s1."""
+    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # Pass 1: |a|^2, |b|^2, |b|^2 - |a|^2 (as sum (b - a)(b + a), without cancellation).
+    s_aa = tl.zeros((BLOCK_P,), acc_dtype)
+    s_bb = tl.zeros((BLOCK_P,), acc_dtype)
+    s_dd = tl.zeros((BLOCK_P,), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = (c < C)[:, None] & pix_mask[None, :]
+        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        s_aa += tl.sum(a * a, axis=0)
+        s_bb += tl.sum(b * b, axis=0)
+        s_dd += tl.sum((b - a) * (b + a), axis=0)
+    ra = tl.sqrt(s_aa + EPS_)
+    rb = tl.sqrt(s_bb + EPS_)
+    i0 = 1.0 / ra
+    i1 = 1.0 / rb
+    di = s_dd * i0 * i1 / (ra + rb)  # i0 - i1 without cancellation
+    # Pass 2 (the channels again, from cache): d, s0, s1 accumulated directly from
+    # D = A - B = (a - b) i0 + b di.
+    s_d = tl.zeros((BLOCK_P,), acc_dtype)
+    s_0 = tl.zeros((BLOCK_P,), acc_dtype)
+    s_1 = tl.zeros((BLOCK_P,), acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        c_mask = c < C
+        mask = c_mask[:, None] & pix_mask[None, :]
+        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
+        D = (a - b) * i0[None, :] + b * di[None, :]
+        wD = w * D
+        s_d += tl.sum(wD * D, axis=0)
+        s_0 += tl.sum(wD * (a * i0[None, :]), axis=0)
+        s_1 -= tl.sum(wD * (b * i1[None, :]), axis=0)
+    return i0, i1, di, s_d, s_0, s_1
+
+
+@triton.jit
 def _lpips_distance_fwd_kernel(
     a_ptr, b_ptr, w_ptr, map_ptr, stats_ptr,
     C, H, W, P,
@@ -32,40 +76,8 @@ def _lpips_distance_fwd_kernel(
     n = p // (W * H)
     a_pix = n * sa_n + h * sa_h + x * sa_w
     b_pix = n * sb_n + h * sb_h + x * sb_w
-    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # Pass 1: |a|^2, |b|^2, |b|^2 - |a|^2 (as sum (b - a)(b + a), without cancellation).
-    s_aa = tl.zeros((BLOCK_P,), acc_dtype)
-    s_bb = tl.zeros((BLOCK_P,), acc_dtype)
-    s_dd = tl.zeros((BLOCK_P,), acc_dtype)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = (c < C)[:, None] & p_mask[None, :]
-        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        s_aa += tl.sum(a * a, axis=0)
-        s_bb += tl.sum(b * b, axis=0)
-        s_dd += tl.sum((b - a) * (b + a), axis=0)
-    ra = tl.sqrt(s_aa + EPS_)
-    rb = tl.sqrt(s_bb + EPS_)
-    i0 = 1.0 / ra
-    i1 = 1.0 / rb
-    di = s_dd * i0 * i1 / (ra + rb)  # i0 - i1 without cancellation
-    # Pass 2: d, s0, s1 accumulated directly from D = A - B = (a - b) i0 + b di.
-    s_d = tl.zeros((BLOCK_P,), acc_dtype)
-    s_0 = tl.zeros((BLOCK_P,), acc_dtype)
-    s_1 = tl.zeros((BLOCK_P,), acc_dtype)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        c_mask = c < C
-        mask = c_mask[:, None] & p_mask[None, :]
-        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
-        D = (a - b) * i0[None, :] + b * di[None, :]
-        wD = w * D
-        s_d += tl.sum(wD * D, axis=0)
-        s_0 += tl.sum(wD * (a * i0[None, :]), axis=0)
-        s_1 -= tl.sum(wD * (b * i1[None, :]), axis=0)
+    i0, i1, di, s_d, s_0, s_1 = _pixel_sums(a_ptr, b_ptr, w_ptr, a_pix, b_pix, p_mask, C, sa_c, sb_c,
+                                           EPS_, BLOCK_C, BLOCK_P)
     tl.store(map_ptr + p, s_d, mask=p_mask)
     tl.store(stats_ptr + p, i0, mask=p_mask)
     tl.store(stats_ptr + P + p, i1, mask=p_mask)
@@ -185,38 +197,8 @@ def _multi_fwd_kernel(
     x = q % W
     a_pix = n * sa_n + h * sa_h + x * sa_w
     b_pix = n * sb_n + h * sb_h + x * sb_w
-    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    s_aa = tl.zeros((BLOCK_P,), acc_dtype)
-    s_bb = tl.zeros((BLOCK_P,), acc_dtype)
-    s_dd = tl.zeros((BLOCK_P,), acc_dtype)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = (c < C)[:, None] & q_mask[None, :]
-        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        s_aa += tl.sum(a * a, axis=0)
-        s_bb += tl.sum(b * b, axis=0)
-        s_dd += tl.sum((b - a) * (b + a), axis=0)
-    ra = tl.sqrt(s_aa + EPS_)
-    rb = tl.sqrt(s_bb + EPS_)
-    i0 = 1.0 / ra
-    i1 = 1.0 / rb
-    di = s_dd * i0 * i1 / (ra + rb)  # i0 - i1 without cancellation
-    s_d = tl.zeros((BLOCK_P,), acc_dtype)
-    s_0 = tl.zeros((BLOCK_P,), acc_dtype)
-    s_1 = tl.zeros((BLOCK_P,), acc_dtype)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        c_mask = c < C
-        mask = c_mask[:, None] & q_mask[None, :]
-        a = tl.load(a_ptr + c[:, None] * sa_c + a_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        b = tl.load(b_ptr + c[:, None] * sb_c + b_pix[None, :], mask=mask, other=0.0).to(acc_dtype)
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)[:, None]
-        D = (a - b) * i0[None, :] + b * di[None, :]
-        wD = w * D
-        s_d += tl.sum(wD * D, axis=0)
-        s_0 += tl.sum(wD * (a * i0[None, :]), axis=0)
-        s_1 -= tl.sum(wD * (b * i1[None, :]), axis=0)
+    i0, i1, di, s_d, s_0, s_1 = _pixel_sums(a_ptr, b_ptr, w_ptr, a_pix, b_pix, q_mask, C, sa_c, sb_c,
+                                           EPS_, BLOCK_C, BLOCK_P)
     pix = pix0 + n * HW + q
     tl.store(stats_ptr + pix, i0, mask=q_mask)
     tl.store(stats_ptr + P + pix, i1, mask=q_mask)
