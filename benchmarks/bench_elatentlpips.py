@@ -19,6 +19,8 @@ Providers
                       weights) and run pixel LPIPS (lpips 0.1.4, VGG, random trunk); fp32
   pixel-lpips+vae-bf16  the same under bf16 autocast
 
+Ours run with ``check_inputs=False`` (no NaN-check device sync), as in a training loop.
+
 FLOPs: the trunk (13 3x3 convs) costs ``trunk_flops(C, H, W)`` per latent per forward
 (about 77 GFLOP at 4x64x64); a forward runs it on both inputs, the backward once more (input
 gradients of the prediction branch only; the trunk is frozen), so ``tflop_s`` of the latent
@@ -84,8 +86,11 @@ def _ours(channels: int, device, **kwargs):
     if key not in _MODELS:
         from d2g_fast import ELatentLPIPS
         torch.manual_seed(0)
+        # check_inputs=False: the NaN/Inf input check is a device sync per call, which a training
+        # loop turns off (the official package has no such check).
         _MODELS[key] = ELatentLPIPS(pretrained=False, pnet_rand=True, verbose=False,
-                                    encoder=ENCODER_OF_CHANNELS[channels], **kwargs).to(device)
+                                    encoder=ENCODER_OF_CHANNELS[channels], check_inputs=False,
+                                    **kwargs).to(device)
     return _MODELS[key]
 
 
