@@ -71,7 +71,10 @@ echo
 echo "===================== d2g_fast GPU check summary ====================="
 cat "$OUT/gpu.txt"
 for log in tests tests_triton; do
-  echo "$log: $(grep -E "passed|failed|error" "$OUT/$log.log" | tail -n 1)"
+  final=$(grep -E "^=+ .* in [0-9.]+s" "$OUT/$log.log" | tail -n 1)
+  # cut short by its box: count the per-test lines instead
+  [ -z "$final" ] && final="(cut short) $(grep -c " PASSED" "$OUT/$log.log") passed, $(grep -c " FAILED" "$OUT/$log.log") failed so far"
+  echo "$log: $final"
   grep -E "FAILED|ERROR" "$OUT/$log.log" | grep -v "^E " | head -n 20
 done
 printf "%-28s %6s %8s\n" step rc seconds
