@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, SkipCase
+from benchmarks.harness import Case, require_backend
 
 # Feature shapes of the five LatentLPIPS taps for a 64x64 latent (pools 4 and 5 kept).
 LAYERS = [(64, 64, 64), (128, 64, 64), (256, 64, 64), (512, 32, 32), (512, 16, 16)]
@@ -31,12 +31,8 @@ def _provider_fn(provider: str):
 
 def _make(provider, N, C, H, W, dtype, device, channels_last):
     def make():
-        from d2g_fast import _dispatch
         if provider in ("cpu", "cuda", "triton"):
-            try:
-                _dispatch.resolve_impl("lpips_distance", provider, torch.device(device))
-            except RuntimeError as exc:
-                raise SkipCase(str(exc))
+            require_backend("lpips_distance", provider, device)
         fn = _provider_fn(provider)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         a = torch.randn(N, C, H, W, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
@@ -72,13 +68,9 @@ def _multi_fn(provider: str):
 
 def _make_multi(provider, N, size, dtype, device, channels_last):
     def make():
-        from d2g_fast import _dispatch
         backend = provider[3:] if provider.startswith("5x-") else provider
         if backend != "ref":
-            try:
-                _dispatch.resolve_impl("lpips_distance_multi", backend, torch.device(device))
-            except RuntimeError as exc:
-                raise SkipCase(str(exc))
+            require_backend("lpips_distance_multi", backend, device)
         fn = _multi_fn(provider)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         shapes = [(N, C, H * size // 64, W * size // 64) for C, H, W in LAYERS]

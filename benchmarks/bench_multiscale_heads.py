@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, SkipCase
+from benchmarks.harness import Case, require_backend
 
 # (C, H, W) of the 13 taps of the SD1.5 discriminator for a 64x64 latent
 # (names: up{i}.before, up{i}.skip, up{i}.after for i = 0..3, then final).
@@ -31,13 +31,9 @@ SD15_HEADS = [
 
 def _make(provider, N, shapes, dtype, device):
     def make():
-        from d2g_fast import _dispatch
         from d2g_fast.ops import multiscale_heads
         if provider in ("cpu", "cuda", "triton"):
-            try:
-                _dispatch.resolve_impl("multiscale_heads", provider, torch.device(device))
-            except RuntimeError as exc:
-                raise SkipCase(str(exc))
+            require_backend("multiscale_heads", provider, device)
         # Drawn on the device: 215 M numbers (SD1.5, N = 16) take seconds on the host, and this
         # file runs in a time box on the GPU machine.
         g = torch.Generator(device=device).manual_seed(0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, SkipCase
+from benchmarks.harness import Case, SkipCase, require_backend
 
 
 def _official_module(preset: str, device: str):
@@ -52,14 +52,10 @@ def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, dev
             probe = torch.randn(N, C, H, W, device=device, dtype=dtype)
             fn = _official_fn(preset, device, probe, probe)
         else:
-            from d2g_fast import _dispatch
             from d2g_fast.augment_params import device_sampler_available
             from d2g_fast.nn import PairedAugment
             impl, _, rng = provider.partition("+")
-            try:
-                _dispatch.resolve_impl("paired_augment", impl, torch.device(device))
-            except RuntimeError as exc:
-                raise SkipCase(str(exc))
+            require_backend("paired_augment", impl, device)
             if impl == "triton" and not hasattr(torch.ops.d2g_fast, "paired_augment_triton"):
                 raise SkipCase("no Triton paired_augment kernel registered")
             if rng == "devrng":

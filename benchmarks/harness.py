@@ -19,6 +19,15 @@ class SkipCase(Exception):
     """Raised by ``Case.make`` when a provider cannot run here (package missing, no GPU...)."""
 
 
+def require_backend(op: str, impl: str, device: str) -> None:
+    """Raise SkipCase (with the reason) when backend ``impl`` of ``op`` cannot run on ``device``."""
+    from d2g_fast import _dispatch  # noqa: PLC0415 (the harness imports without the package)
+    try:
+        _dispatch.resolve_impl(op, impl, torch.device(device))
+    except RuntimeError as exc:
+        raise SkipCase(str(exc)) from None
+
+
 @dataclass
 class Case:
     op: str
