@@ -329,6 +329,11 @@ class Teacher:
         return self._encode_sdxl(texts, max_length) if self.is_sdxl else \
             self._encode_sd(texts, max_length)
 
+    def time_ids(self, n: int) -> torch.Tensor:
+        """SDXL's added time ids [n, 6] for this teacher's resolution (no crop), as the
+        SDXL pipeline builds them; for a trainer that reads stored prompt embeddings."""
+        return self._time_ids(n)
+
     def _time_ids(self, n: int) -> torch.Tensor:
         ids = [self.height, self.width, 0, 0, self.height, self.width]
         proj_dim = self.text_encoder_2.config.projection_dim
