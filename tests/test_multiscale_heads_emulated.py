@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def heads_ops(tmp_path_factory):
     return emulated_ops(tmp_path_factory, "multiscale_heads/cuda/multiscale_heads_kernel.cu",
-                        "d2g_emu_msheads", ["multiscale_heads/multiscale_heads.cpp"])
+                        "d2g_emu_multiscale_heads", ["multiscale_heads/multiscale_heads.cpp"])
 
 
 def check(ops, shapes, n, dtype=torch.float32, layout="contiguous", name=""):

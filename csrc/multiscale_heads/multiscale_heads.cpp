@@ -4,7 +4,7 @@
 #include "multiscale_heads/multiscale_heads_math.h"
 
 namespace d2g {
-namespace msheads {
+namespace multiscale_heads {
 
 Prepared prepare(const char* op, at::TensorList features, at::TensorList weights,
                  const at::Tensor& target, at::ArrayRef<double> head_weights, double eps) {
@@ -93,5 +93,5 @@ std::vector<at::Tensor> alloc_stats(const Prepared& p) {
   return stats;
 }
 
-}  // namespace msheads
+}  // namespace multiscale_heads
 }  // namespace d2g

@@ -5,7 +5,7 @@
 #include <vector>
 
 namespace d2g {
-namespace msheads {
+namespace multiscale_heads {
 
 // Arguments of one call after the checks shared by every backend: features as contiguous
 // NCHW tensors of one dtype, weights / target in the accumulation dtype.
@@ -30,5 +30,5 @@ void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_sco
 // poisoned under D2G_POISON.
 std::vector<at::Tensor> alloc_stats(const Prepared& p);
 
-}  // namespace msheads
+}  // namespace multiscale_heads
 }  // namespace d2g

@@ -26,7 +26,7 @@
 #include "common/macros.h"
 
 namespace d2g {
-namespace msheads {
+namespace multiscale_heads {
 
 constexpr int64_t kStatRows = 5;  // logit, mean, rstd, m1, m2 (see above)
 
@@ -115,5 +115,5 @@ D2G_HOST_DEVICE acc_t feature_grad(acc_t g_rstd, acc_t w_dsilu, acc_t xhat, acc_
   return g_rstd * (w_dsilu - m1 - xhat * m2);
 }
 
-}  // namespace msheads
+}  // namespace multiscale_heads
 }  // namespace d2g

@@ -19,7 +19,7 @@
 #include "multiscale_heads/multiscale_heads_math.h"
 
 namespace d2g {
-namespace msheads {
+namespace multiscale_heads {
 namespace {
 
 constexpr int64_t kTile = 64;
@@ -249,5 +249,5 @@ TORCH_LIBRARY_IMPL(d2g_fast, CPU, m) {
   m.impl("multiscale_heads_backward", &multiscale_heads_backward_cpu);
 }
 
-}  // namespace msheads
+}  // namespace multiscale_heads
 }  // namespace d2g

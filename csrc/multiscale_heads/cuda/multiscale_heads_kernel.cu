@@ -52,7 +52,7 @@
 #include "multiscale_heads/multiscale_heads_math.h"
 
 namespace d2g {
-namespace msheads {
+namespace multiscale_heads {
 namespace {
 
 constexpr int kThreads = 256;
@@ -515,5 +515,5 @@ TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) {
   m.impl("multiscale_heads_backward", &multiscale_heads_backward_cuda);
 }
 
-}  // namespace msheads
+}  // namespace multiscale_heads
 }  // namespace d2g
