@@ -17,6 +17,9 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "collect": "d2g_fast.teacher.collect_cmd",
     "verify": "d2g_fast.teacher.verify_cmd",
+    "distill": "d2g_fast.train.distill_cmd",
+    "export": "d2g_fast.train.export_cmd",
+    "sample": "d2g_fast.train.sample_cmd",
     "demo": "d2g_fast.demo",
 }
 

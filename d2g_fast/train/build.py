@@ -1,0 +1,246 @@
+"""Build a run: check the inputs, load the teacher and the pairs, make G, D, the losses and the
+optimisers. Everything that can be refused is refused here, before any training."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from d2g_fast.train.config import TrainConfig
+from d2g_fast.train.distributed import Processes
+from d2g_fast.train.generator import OneStepGenerator, generator_prediction_type
+
+
+@dataclass
+class Run:
+    """Everything a training step touches."""
+    config: TrainConfig
+    device: torch.device
+    procs: Processes
+    teacher: object                      # d2g_fast.teacher.Teacher (text encoders, configs)
+    generator: OneStepGenerator
+    ema: OneStepGenerator | None
+    discriminator: torch.nn.Module
+    d_loss: object                       # d2g_fast.losses.DiscriminatorLoss
+    lpips: torch.nn.Module               # ELatentLPIPS
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    dataset: object = None               # PairDataset (None when batches come from elsewhere)
+    num_train: int = 0                   # pairs [0, num_train) train, the rest are held out
+    g_forward: object = None             # G, or torch.compile(G)
+    d_params: list = field(default_factory=list)  # D's trainable parameters
+    counters: dict = field(default_factory=lambda: {"nonfinite_in_a_row": 0,
+                                                    "nonfinite_skipped": 0,
+                                                    "device_seconds": 0.0})
+
+    @property
+    def global_batch(self) -> int:
+        c = self.config
+        return c.batch_size * c.grad_accum * self.procs.world
+
+    @property
+    def micro_batches(self) -> int:
+        return self.config.grad_accum * self.procs.world
+
+
+# ------------------------------------------------------------------------------ inputs
+def check_teacher_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"teacher (--teacher): no such folder {path!r}")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"teacher (--teacher): {path!r} is not a diffusers pipeline folder "
+                         f"(no model_index.json)")
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
+        raise ValueError(f"teacher (--teacher): {path!r} has no UNet (unet/config.json missing)")
+
+
+def open_pairs(path: str, teacher, config: TrainConfig, world: int):
+    """The pair store, checked: complete, from this teacher, big enough for the batch."""
+    from d2g_fast.data import PairDataset, StoreError
+    from d2g_fast.data.store import MANIFEST
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"pairs (--pairs): no such folder {path!r}")
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ValueError(f"pairs (--pairs): {path!r} is not a pair store (no {MANIFEST}); make "
+                         f"one with d2g collect")
+    try:
+        dataset = PairDataset(path, check="size")
+    except StoreError as exc:
+        raise ValueError(f"pairs (--pairs): {exc}") from exc
+    if len(dataset) == 0:
+        raise ValueError(f"pairs (--pairs): {path!r} holds no pairs")
+    stored = dataset.manifest["config"]
+    if teacher_sha256(teacher, config.teacher, stored.get("dtype", "float32")) != \
+            stored.get("teacher_sha256"):
+        raise ValueError(f"pairs (--pairs): {path!r} was collected from another teacher (its "
+                         f"manifest's teacher identity differs from --teacher {config.teacher!r})")
+    if tuple(stored["latent_shape"]) != tuple(teacher.latent_shape):
+        raise ValueError(f"pairs (--pairs): latents {stored['latent_shape']} do not match the "
+                         f"teacher's {list(teacher.latent_shape)}")
+    num_train = len(dataset) - config.val_pairs
+    if num_train < 1:
+        raise ValueError(f"val_pairs (--val-pairs): {config.val_pairs} held-out pairs leave no "
+                         f"training pairs in a store of {len(dataset)}")
+    global_batch = config.batch_size * config.grad_accum * world
+    if global_batch > num_train:
+        raise ValueError(f"batch_size (--batch-size): the global batch of {global_batch} "
+                         f"(batch size x grad accumulation x processes) is larger than the "
+                         f"{num_train} training pairs of the store")
+    return dataset, num_train
+
+
+def teacher_sha256(teacher, folder: str, store_dtype: str) -> str:
+    """The teacher's identity as the collector computed it: over the weights in the dtype the
+    pairs were collected in (a float16 collection of a float32 training teacher still matches)."""
+    from d2g_fast.teacher import Teacher
+
+    if str(teacher.dtype).replace("torch.", "") == store_dtype:
+        return teacher.identity()["sha256"]
+    other = Teacher.from_pretrained(folder, dtype=store_dtype, device="cpu",
+                                    resolution=(teacher.height, teacher.width))
+    return other.identity()["sha256"]
+
+
+# ------------------------------------------------------------------------------ models
+def make_generator(teacher, config: TrainConfig) -> OneStepGenerator:
+    sched = teacher.base_scheduler
+    timestep = config.timestep
+    if timestep is None:
+        timestep = int(sched.config.num_train_timesteps) - 1
+    prediction = generator_prediction_type(sched.config.get("prediction_type", "epsilon"),
+                                           config.parameterization)
+    unet = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return OneStepGenerator(unet, sched.alphas_cumprod, timestep, prediction)
+
+
+def make_discriminator(teacher, config: TrainConfig):
+    from d2g_fast.models import DiffusionDiscriminator
+
+    return DiffusionDiscriminator.from_unet(
+        teacher.unet.float(), gradient_checkpointing=config.gradient_checkpointing,
+        mixed_precision="bf16" if config.precision == "bf16" else "no")
+
+
+def lpips_encoder(teacher, config: TrainConfig) -> str:
+    if config.lpips_encoder:
+        return config.lpips_encoder
+    return "sdxl" if teacher.is_sdxl else "sd15"
+
+
+def make_lpips(teacher, config: TrainConfig):
+    """E-LatentLPIPS, frozen, in eval mode; weights from --lpips-path, --lpips-dir /
+    $D2G_ELATENTLPIPS_DIR, or random with --lpips-random."""
+    from d2g_fast.nn.elatentlpips import ELatentLPIPS
+    from d2g_fast.nn.elatentlpips_io import CHECKPOINT_DIR_ENV, heads_filename
+
+    augment = None if config.augment == "none" else config.augment
+    encoder = lpips_encoder(teacher, config)
+    common = dict(augment=augment, precision=config.precision, verbose=False,
+                  check_inputs=False)
+    if config.lpips_random:
+        return ELatentLPIPS(pretrained=False, pnet_rand=True, encoder=encoder, **common)
+    if config.lpips_path:
+        if not os.path.isfile(config.lpips_path):
+            raise FileNotFoundError(f"lpips_path (--lpips-path): no such file "
+                                    f"{config.lpips_path!r}")
+        if config.lpips_path.endswith(".safetensors"):
+            return ELatentLPIPS.from_safetensors(config.lpips_path, **common)
+        return ELatentLPIPS(pretrained=True, heads_path=config.lpips_path, encoder=encoder,
+                            **common)
+    folder = config.lpips_dir or os.environ.get(CHECKPOINT_DIR_ENV, "")
+    if not folder:
+        raise ValueError("lpips_dir (--lpips-dir): E-LatentLPIPS weights are needed: pass "
+                         "--lpips-dir DIR (the official files), --lpips-path FILE, set "
+                         f"{CHECKPOINT_DIR_ENV}, or --lpips-random for a random (toy) loss")
+    path = os.path.join(folder, heads_filename(encoder))
+    twin = path[:-len(".pth")] + ".safetensors"
+    path = twin if os.path.isfile(twin) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"lpips_dir (--lpips-dir): {path!r} is missing (the tuned "
+                                f"E-LatentLPIPS file for encoder {encoder!r})")
+    return ELatentLPIPS(pretrained=True, heads_path=path, encoder=encoder, **common)
+
+
+def make_optimizers(generator, discriminator, config: TrainConfig):
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=config.lr_g, betas=config.betas_g,
+                              weight_decay=config.weight_decay)
+    opt_d = torch.optim.AdamW(trainable_parameters(discriminator),
+                              lr=config.lr_d, betas=config.betas_d,
+                              weight_decay=config.weight_decay)
+    return opt_g, opt_d
+
+
+def trainable_parameters(module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def make_ema(generator: OneStepGenerator, config: TrainConfig) -> OneStepGenerator | None:
+    if config.ema_decay <= 0:
+        return None
+    ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    return ema
+
+
+# ------------------------------------------------------------------------------ the run
+def load_teacher(config: TrainConfig, device: torch.device):
+    from d2g_fast.teacher import Teacher
+
+    check_teacher_folder(config.teacher)
+    teacher = Teacher.from_pretrained(config.teacher, dtype="float32", device="cpu")
+    return teacher
+
+
+def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Processes | None = None,
+              device: torch.device | str | None = None) -> Run:
+    """Make every piece of a run.
+
+    Args:
+        config: the validated configuration (its teacher/pairs paths are used only when
+            ``teacher`` / ``dataset`` are not given).
+        teacher: a :class:`d2g_fast.teacher.Teacher` (default: loaded from ``config.teacher``).
+        dataset: a pair dataset; None with a given teacher means "batches come from the caller"
+            (benchmarks); None without a teacher opens ``config.pairs``.
+        procs, device: this process (default: one process on ``config.device``).
+    Returns:
+        a :class:`Run` on ``device``.
+    """
+    procs = procs or Processes()
+    if device is None:
+        device = config.device if config.device != "auto" else \
+            ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    num_train = 0
+    if teacher is None:
+        teacher = load_teacher(config, device)
+        dataset, num_train = open_pairs(config.pairs, teacher, config, procs.world)
+    elif dataset is not None:
+        num_train = len(dataset) - config.val_pairs
+    generator = make_generator(teacher, config)
+    discriminator = make_discriminator(teacher, config)
+    lpips = make_lpips(teacher, config)
+    # From here on the teacher only encodes text (its UNet stays with it: Teacher reads its
+    # device and SDXL's added-condition layout from it).
+    teacher.to(device=device)
+    generator.to(device)
+    discriminator.to(device)
+    lpips.to(device)
+    ema = make_ema(generator, config)
+    opt_g, opt_d = make_optimizers(generator, discriminator, config)
+    g_forward = torch.compile(generator) if config.compile else generator
+    return Run(config=config, device=device, procs=procs, teacher=teacher, generator=generator,
+               ema=ema, discriminator=discriminator,
+               d_loss=make_d_loss(config), lpips=lpips, opt_g=opt_g, opt_d=opt_d,
+               dataset=dataset, num_train=num_train, g_forward=g_forward,
+               d_params=trainable_parameters(discriminator))
+
+
+def make_d_loss(config: TrainConfig):
+    from d2g_fast.losses import DiscriminatorLoss
+
+    return DiscriminatorLoss(r1_gamma=config.r1_gamma, r1_interval=config.r1_interval,
+                             mix_fraction=config.mix_fraction)

@@ -1,0 +1,26 @@
+"""``d2g export``: a trained run as a one-step diffusers pipeline folder."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a distillation run as a diffusers pipeline folder that samples in one step"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run folder of d2g distill (--out)")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step to export (default: the newest)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="export G's raw weights instead of their EMA")
+
+
+def run(args: argparse.Namespace) -> int:
+    from d2g_fast.teacher.collect_cmd import quiet_model_loading
+    from d2g_fast.train.export import export_pipeline
+
+    quiet_model_loading()
+    out = export_pipeline(args.run_dir, args.out, step=args.step, use_ema=not args.no_ema)
+    print(f"d2g export: wrote {out}: DiffusionPipeline.from_pretrained(...)(prompt, "
+          f"num_inference_steps=1, guidance_scale=1.0)")
+    return 0

@@ -1,0 +1,244 @@
+"""The training loop: resume, read micro-batches, step, log, sample, checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from d2g_fast.train import checkpoint as ckpt
+from d2g_fast.train.build import Run, build_run
+from d2g_fast.train.config import TrainConfig
+from d2g_fast.train.data import MicroBatchSampler, PairOrder
+from d2g_fast.train.distributed import Processes, start_processes, stop_processes
+from d2g_fast.train.log import (MetricsLog, bar_postfix, decode_latents, image_grid,
+                                progress_bar, save_png)
+from d2g_fast.train.step import conditioning, train_step
+
+CONFIG_FILE = "config.json"
+# Settings a resumed run must share with the checkpoint: they decide what the run computes.
+RECIPE_FIELDS = ("seed", "batch_size", "parameterization", "timestep", "val_pairs")
+
+
+# ------------------------------------------------------------------------------ run folder
+def prepare_run_dir(config: TrainConfig, procs: Processes) -> str:
+    from d2g_fast.data.store import ensure_writable
+
+    out = os.path.abspath(config.out)
+    if procs.is_main:
+        ensure_writable(out)
+        ckpt.remove_incomplete(out)
+    procs.barrier()
+    return out
+
+
+def find_resume_point(config: TrainConfig, run_dir: str) -> str | None:
+    """The checkpoint folder to continue from, or None for a fresh start."""
+    if config.resume == "none":
+        if ckpt.list_checkpoints(run_dir):
+            raise ValueError(f"resume (--resume): {run_dir!r} already holds checkpoints; use "
+                             f"--resume auto to continue it, or choose a new --out")
+        return None
+    if config.resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    path = config.resume
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"resume (--resume): no such checkpoint folder {path!r}")
+    if not os.path.isfile(os.path.join(path, ckpt.COMPLETE)):
+        raise ValueError(f"resume (--resume): {path!r} is not a complete checkpoint folder")
+    return path
+
+
+def check_resume_compatible(saved: dict, config: TrainConfig, global_batch: int) -> list[str]:
+    """Refuse a resume that would change what the run computes; return the harmless changes."""
+    old = saved["config"]
+    for name in RECIPE_FIELDS:
+        if old.get(name) != getattr(config, name):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}): the checkpoint was trained "
+                             f"with {old.get(name)!r}, this run asks for {getattr(config, name)!r}"
+                             f"; resume with the same value or start a new --out")
+    if saved.get("global_batch") != global_batch:
+        raise ValueError(f"batch_size (--batch-size): the checkpoint's global batch was "
+                         f"{saved.get('global_batch')}, this run's is {global_batch} (batch size x "
+                         f"grad accumulation x processes); keep it equal to resume")
+    skip = set(RECIPE_FIELDS) | {"resume", "out", "progress"}
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
+            if k not in skip and old.get(k) != v]
+
+
+def write_config(run_dir: str, config: TrainConfig) -> None:
+    from d2g_fast.data.store import atomic_write_json
+
+    atomic_write_json(os.path.join(run_dir, CONFIG_FILE), config.to_dict())
+
+
+# ------------------------------------------------------------------------------ pieces
+def make_loader(run: Run, start_step: int):
+    c = run.config
+    sampler = MicroBatchSampler(PairOrder(run.num_train, c.seed), start_step, c.max_steps,
+                                c.batch_size, c.grad_accum, run.procs.rank, run.procs.world)
+    return torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler,
+                                       num_workers=c.num_workers,
+                                       persistent_workers=c.num_workers > 0)
+
+
+@torch.no_grad()
+def validate(run: Run) -> float | None:
+    """Mean E-LatentLPIPS (no augmentation) of G on the held-out pairs, over all processes."""
+    if run.config.val_pairs <= 0 or run.dataset is None:
+        return None
+    held_out = list(range(run.num_train, len(run.dataset)))
+    mine = held_out[run.procs.rank::run.procs.world]
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)
+    bs = run.config.batch_size
+    for start in range(0, len(mine), bs):
+        items = [run.dataset[i] for i in mine[start:start + bs]]
+        batch = torch.utils.data.default_collate(items)
+        ehs, added = conditioning(run, batch)
+        fake = run.generator(batch["noise"].to(run.device), ehs, added)
+        d = run.lpips(fake, batch["latent"].to(run.device), ensembling=False)
+        total[0] += d.double().sum()
+        total[1] += d.shape[0]
+    run.procs.sum_(total)
+    return float(total[0] / total[1])
+
+
+class SampleWriter:
+    """PNG grids of (EMA) G's samples for fixed prompts and noise, decoded by the teacher's VAE."""
+
+    def __init__(self, run: Run, run_dir: str):
+        self.run, self.folder = run, os.path.join(run_dir, "samples")
+        c = run.config
+        self.prompts = list(c.sample_prompts) or list(run.dataset.prompts[:8])
+        gen = torch.Generator().manual_seed(c.seed)
+        self.noise = torch.randn((len(self.prompts), *run.teacher.latent_shape), generator=gen)
+        self.vae = None
+        self.failed = None
+
+    def _load_vae(self):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.run.config.teacher, subfolder="vae",
+                                             local_files_only=True).to(self.run.device).eval()
+
+    @torch.no_grad()
+    def write(self, step: int) -> str | None:
+        if self.failed:
+            return None
+        if self.vae is None:
+            try:
+                self.vae = self._load_vae()
+            except Exception as exc:  # noqa: BLE001 - samples are optional, training goes on
+                self.failed = f"{type(exc).__name__}: {exc}"
+                print(f"d2g distill: sample grids disabled: the teacher's VAE cannot be loaded "
+                      f"({self.failed})")
+                return None
+        run = self.run
+        model = run.ema if run.ema is not None else run.generator
+        ehs, added = conditioning(run, {"prompt": self.prompts})
+        latents = model(self.noise.to(run.device), ehs, added)
+        images = decode_latents(self.vae, latents)
+        path = os.path.join(self.folder, f"{ckpt.checkpoint_name(step)}.png")
+        save_png(image_grid(images, columns=min(4, len(self.prompts))), path)
+        return path
+
+
+def checkpoint_state(run: Run, step: int) -> dict:
+    c = run.config
+    return {"config": c.to_dict(), "global_batch": run.global_batch, "world": run.procs.world,
+            "data_position": PairOrder(run.num_train, c.seed).position(step, run.global_batch),
+            "counters": dict(run.counters),
+            "generator": {"timestep": run.generator.timestep,
+                          "prediction_type": run.generator.prediction_type,
+                          "parameterization": c.parameterization},
+            "teacher": os.path.abspath(c.teacher),
+            "teacher_sha256": run.teacher.identity()["sha256"]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(config: TrainConfig, log=print) -> dict:
+    """Run (or continue) the distillation described by ``config``; returns a summary dict."""
+    config.validate()
+    procs, device = start_processes(config.device)
+    try:
+        return _train(config, procs, device, log)
+    finally:
+        stop_processes()
+
+
+def _train(config: TrainConfig, procs: Processes, device: torch.device, log) -> dict:
+    run_dir = prepare_run_dir(config, procs)
+    resume_from = find_resume_point(config, run_dir)
+    run = build_run(config, procs=procs, device=device)
+    start_step = 0
+    if resume_from is not None:
+        saved = ckpt.read_state(resume_from)
+        changes = check_resume_compatible(saved, config, run.global_batch)
+        state = ckpt.load_checkpoint(run, resume_from)
+        start_step = int(state["step"])
+        run.counters.update(state["counters"])
+        run.counters["nonfinite_in_a_row"] = 0
+        if procs.is_main:
+            log(f"d2g distill: resuming from {resume_from} (step {start_step})"
+                + (f"; changed settings: {'; '.join(changes)}" if changes else ""))
+    elif procs.is_main:
+        log(f"d2g distill: starting {run_dir} ({run.global_batch} pairs per step on "
+            f"{procs.world} process(es), {run.num_train} training pairs)")
+    metrics_log = samples = None
+    if procs.is_main:
+        write_config(run_dir, config)
+        metrics_log = MetricsLog(run_dir, start_step if resume_from else None)
+        if config.sample_every:
+            samples = SampleWriter(run, run_dir)
+    bar = progress_bar(config.max_steps, start_step, config.progress and procs.is_main)
+    loader_iter = iter(make_loader(run, start_step))
+    last = {}
+    for step in range(start_step, config.max_steps):
+        batches = [next(loader_iter) for _ in range(config.grad_accum)]
+        _sync(device)
+        t0 = time.perf_counter()
+        last = train_step(run, batches, step)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        run.counters["device_seconds"] += seconds * procs.world
+        done = step + 1
+        if done % config.log_every == 0 or done == config.max_steps:
+            val = validate(run)
+            if metrics_log is not None:
+                metrics_log.append({**last, "step": done, "val_e_latentlpips": val,
+                                    "nonfinite_skipped": run.counters["nonfinite_skipped"],
+                                    "samples_per_s": run.global_batch / seconds,
+                                    "device_hours": run.counters["device_seconds"] / 3600})
+        if samples is not None and done % config.sample_every == 0:
+            samples.write(done)
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            ckpt.save_checkpoint(run, run_dir, done, checkpoint_state(run, done))
+            if procs.is_main:
+                ckpt.prune_checkpoints(run_dir, config.keep_checkpoints)
+        bar.update(1)
+        bar.set_postfix(bar_postfix(last), refresh=False)
+    bar.close()
+    if metrics_log is not None:
+        metrics_log.close()
+    summary = {"run_dir": run_dir, "steps": config.max_steps, "resumed_from": resume_from,
+               "last": last, "device_hours": run.counters["device_seconds"] / 3600,
+               "checkpoint": ckpt.latest_checkpoint(run_dir)}
+    if procs.is_main:
+        log(f"d2g distill: done, {config.max_steps} steps, "
+            f"{summary['device_hours']:.4f} device-hours; checkpoint {summary['checkpoint']}")
+    return summary
+
+
+def read_run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run_dir: {run_dir!r} is not a d2g distill run folder (no "
+                                f"{CONFIG_FILE})")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

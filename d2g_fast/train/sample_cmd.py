@@ -1,0 +1,62 @@
+"""``d2g sample``: PNGs from a one-step student pipeline folder (written by ``d2g export``)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "write PNG samples of a one-step student (a folder written by d2g export)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pipeline folder written by d2g export")
+    p.add_argument("--prompts", required=True,
+                   help="a prompt file (.txt one per line, .json, .jsonl) or a prompt text")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--seed", type=int, default=0, help="image i uses the seed SEED + i")
+    p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="cuda, cpu; auto: cuda when available")
+
+
+def read_prompts(source: str) -> list[str]:
+    from d2g_fast.data.prompts import load_prompts
+
+    return load_prompts(source) if os.path.isfile(source) else [source]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from d2g_fast.data.store import atomic_write_json, ensure_writable
+    from d2g_fast.teacher.collect_cmd import quiet_model_loading
+    from d2g_fast.train.export import read_student_info
+
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError("num (--num) and batch_size (--batch-size): must be >= 1")
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise FileNotFoundError(f"model (--model): {args.model!r} is not a pipeline folder; "
+                                f"export a run first with d2g export RUN_DIR --out DIR")
+    if read_student_info(args.model) is None:
+        print(f"d2g sample: note: {args.model} has no d2g_student.json; sampling it in one step "
+              f"anyway")
+    quiet_model_loading()
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p for p in read_prompts(args.prompts) for _ in range(args.num)]
+    out = ensure_writable(args.out)
+    names = {}
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(args.seed + start + k)
+                for k in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=1, guidance_scale=1.0, generator=gens).images
+        for k, image in enumerate(images):
+            name = f"{start + k:05d}.png"
+            image.save(os.path.join(out, name))
+            names[name] = chunk[k]
+    atomic_write_json(os.path.join(out, "prompts.json"), names)
+    print(f"d2g sample: {len(names)} images in {out}")
+    return 0

@@ -1,0 +1,203 @@
+"""One optimiser step of the distillation: G's step and D's step on a global batch.
+
+For every micro-batch of the step (this process's share of them):
+  1. G: x = G(z, c); loss = E-LatentLPIPS(x, teacher latent) + lambda_GAN * L_GAN(D(x, z, c)),
+     D frozen (no D gradients); the GAN term is off during the warm-up.
+  2. D: non-saturating loss on (teacher latent: real) vs (x detached, some replaced by
+     mismatched real latents: fake), lazy single-sample R1 on R1 steps.
+Both losses are divided by the number of micro-batches of the step; after the last micro-batch
+the gradients are averaged over processes, the step is skipped everywhere if any loss was not
+finite, gradients are clipped, AdamW steps G and D, and the EMA follows G.
+
+Interleaving G's and D's micro-steps is the same as two phases: D's backward never reaches G
+(its inputs are detached) and G's never reaches D's parameters (frozen), and neither optimiser
+steps before the last micro-batch. The random draws of a micro-batch (augmentation,
+mix-and-match) are seeded from (seed, step, micro-batch number), so a resumed run and a run on
+another number of processes draw the same numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from d2g_fast.train.data import micro_batch_seed
+
+# metrics.csv columns filled by a step, in order; the step sums them over micro-batches and
+# processes and divides by the micro-batch count.
+LOSS_KEYS = ("e_latentlpips", "g_gan", "d_loss", "d_gan", "r1", "d_real", "d_fake")
+
+
+def autocast(run):
+    if run.config.precision == "bf16":
+        return torch.autocast(device_type=run.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def conditioning(run, batch: dict) -> tuple[torch.Tensor, dict | None]:
+    """(encoder_hidden_states [B, L, D] float32, added_cond_kwargs or None) of a batch: the
+    stored prompt embeddings when the store holds them, else the teacher's text encoder(s)."""
+    teacher = run.teacher
+    if "prompt_embeds" in batch:
+        ehs = batch["prompt_embeds"].to(run.device, torch.float32)
+        added = None
+        if teacher.is_sdxl:
+            added = {"text_embeds": batch["pooled_prompt_embeds"].to(run.device, torch.float32),
+                     "time_ids": teacher.time_ids(ehs.shape[0]).to(run.device, torch.float32)}
+        return ehs, added
+    with torch.no_grad():
+        cond = teacher.encode_prompts(list(batch["prompt"]), guided=False)
+    added = None
+    if cond.added_cond_kwargs:
+        added = {k: v.float() for k, v in cond.added_cond_kwargs.items()}
+    return cond.encoder_hidden_states.float(), added
+
+
+def gan_active(run, step: int) -> bool:
+    return run.config.lambda_gan > 0 and step >= run.config.warmup_steps
+
+
+def generator_micro_step(run, noise, target, ehs, added, step: int, scale: float):
+    """G's loss on one micro-batch, backpropagated (times ``scale``). Returns (fake detached,
+    {"e_latentlpips": tensor, "g_gan": tensor or None})."""
+    from d2g_fast.losses import generator_loss
+
+    for p in run.d_params:
+        p.requires_grad_(False)
+    try:
+        with autocast(run):
+            fake = run.g_forward(noise, ehs, added)
+        regression = run.lpips(fake, target).mean()
+        loss = regression
+        gan = None
+        if gan_active(run, step):
+            gan = generator_loss(run.discriminator, fake, noise, ehs, added)
+            loss = loss + run.config.lambda_gan * gan
+        (loss * scale).backward()
+    finally:
+        for p in run.d_params:
+            p.requires_grad_(True)
+    return fake.detach(), {"e_latentlpips": regression.detach(),
+                           "g_gan": None if gan is None else gan.detach()}
+
+
+def discriminator_micro_step(run, real, fake, noise, ehs, added, step: int, scale: float,
+                             generator: torch.Generator):
+    """D's loss on one micro-batch, backpropagated (times ``scale``)."""
+    out = run.d_loss(run.discriminator, real, fake, noise, ehs, added, step=step,
+                     generator=generator)
+    (out.loss * scale).backward()
+    return {"d_loss": out.loss.detach(), "d_gan": out.gan_loss.detach(),
+            "r1": None if out.r1_penalty is None else out.r1_penalty.detach(),
+            "d_real": out.real_score.mean(), "d_fake": out.fake_score.mean()}
+
+
+def micro_step(run, batch: dict, step: int, micro: int) -> dict:
+    """G's and D's micro-steps on one micro-batch; returns the losses as tensors."""
+    seed = micro_batch_seed(run.config.seed, step, micro)
+    torch.manual_seed(seed)  # the augmentation draws (host or device sampler)
+    draws = torch.Generator().manual_seed(seed)  # mix-and-match
+    noise = batch["noise"].to(run.device, torch.float32)
+    target = batch["latent"].to(run.device, torch.float32)
+    ehs, added = conditioning(run, batch)
+    scale = 1.0 / run.micro_batches
+    fake, g_logs = generator_micro_step(run, noise, target, ehs, added, step, scale)
+    d_logs = discriminator_micro_step(run, target, fake, noise, ehs, added, step, scale, draws)
+    return {**g_logs, **d_logs}
+
+
+def _sum_logs(logs: list[dict], run) -> dict:
+    """Mean of every loss over all micro-batches of all processes (one all-reduce)."""
+    values = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=run.device)
+    present = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=run.device)
+    for entry in logs:
+        for k, key in enumerate(LOSS_KEYS):
+            v = entry.get(key)
+            if v is not None:
+                values[k] += v.double()
+                present[k] += 1
+    run.procs.sum_(values)
+    run.procs.sum_(present)
+    return {key: (float(values[k] / present[k]) if present[k] > 0 else None)
+            for k, key in enumerate(LOSS_KEYS)}
+
+
+def _clip(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    return float(norm)
+
+
+def update_ema(run) -> None:
+    if run.ema is None:
+        return
+    with torch.no_grad():
+        ema_params = list(run.ema.parameters())
+        params = list(run.generator.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - run.config.ema_decay)
+
+
+def apply_updates(run, losses: dict) -> dict:
+    """Average gradients, skip on NaN/Inf, clip, step both optimisers and the EMA."""
+    from d2g_fast.train.distributed import average_gradients
+
+    g_params = list(run.generator.parameters())
+    d_params = run.d_params
+    average_gradients(g_params, run.procs)
+    average_gradients(d_params, run.procs)
+    finite = all(v is None or math.isfinite(v) for v in losses.values())
+    if finite:
+        grad_norm_g = _clip(g_params, run.config.grad_clip)
+        grad_norm_d = _clip(d_params, run.config.grad_clip)
+        finite = math.isfinite(grad_norm_g) and math.isfinite(grad_norm_d)
+    else:
+        grad_norm_g = grad_norm_d = float("nan")
+    if finite:
+        run.opt_g.step()
+        run.opt_d.step()
+        update_ema(run)
+        run.counters["nonfinite_in_a_row"] = 0
+    else:
+        run.counters["nonfinite_in_a_row"] += 1
+        run.counters["nonfinite_skipped"] += 1
+    run.opt_g.zero_grad(set_to_none=True)
+    run.opt_d.zero_grad(set_to_none=True)
+    return {"grad_norm_g": grad_norm_g, "grad_norm_d": grad_norm_d, "skipped": not finite}
+
+
+def train_step(run, batches: list[dict] | dict, step: int) -> dict:
+    """One optimiser step on this process's micro-batches of step ``step``.
+
+    Args:
+        run: from :func:`d2g_fast.train.build_run`.
+        batches: this process's ``grad_accum`` micro-batches (a single dict when grad_accum is
+            1): {"noise": [B, C, h, w], "latent": [B, C, h, w], "prompt": list of B str} and
+            optionally "prompt_embeds" [B, L, D] (+ "pooled_prompt_embeds" [B, P] for SDXL).
+        step: the step number (decides warm-up, R1 and the random draws).
+    Returns:
+        the step's metrics (floats; None where a loss did not run this step), including
+        "samples" (the global batch) and "skipped".
+    """
+    if isinstance(batches, dict):
+        batches = [batches]
+    if len(batches) != run.config.grad_accum:
+        raise ValueError(f"train_step: {len(batches)} micro-batches for grad_accum "
+                         f"{run.config.grad_accum}")
+    run.generator.train()
+    run.discriminator.train()
+    logs = []
+    for a, batch in enumerate(batches):
+        micro = a * run.procs.world + run.procs.rank
+        logs.append(micro_step(run, batch, step, micro))
+    losses = _sum_logs(logs, run)
+    update = apply_updates(run, losses)
+    if run.counters["nonfinite_in_a_row"] >= run.config.max_nonfinite:
+        raise FloatingPointError(
+            f"{run.counters['nonfinite_in_a_row']} steps in a row had a NaN/Inf loss or gradient "
+            f"(last losses {losses}); stopping (max_nonfinite, --max-nonfinite). Lower the "
+            f"learning rates (--lr-g/--lr-d), try --precision fp32, or check the pairs "
+            f"(d2g verify)")
+    return {**losses, **update, "samples": run.global_batch}
