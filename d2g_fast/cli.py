@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "d2g_fast.train.export_cmd",
     "sample": "d2g_fast.train.sample_cmd",
     "demo": "d2g_fast.demo",
+    "bench": "d2g_fast.bench.cli",
 }
 
 
