@@ -1,0 +1,234 @@
+"""``d2g eval``: FID (clean-fid), CLIP score and an optional second Fréchet distance of a local
+diffusers pipeline under a pinned protocol, resumable and torchrun-aware.
+
+The real protocol (GigaGAN / DMD2: 30k COCO2014-val captions, 256 px, LANCZOS, clean-fid vs
+val2014, CLIP ViT-B/32), with weight files fetched once where there is network access:
+  inception-2015-12-05.pt     https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/
+  clip-vit-base-patch32/      CLIPModel + CLIPProcessor of openai/clip-vit-base-patch32, save_pretrained
+  captions.txt                the 30k COCO2014-val captions, one per line, in the protocol's order
+  val2014/ or val2014.npz     the reference images (or statistics saved by an earlier run)
+
+  torchrun --nproc-per-node 8 -m d2g_fast.cli eval --model sd15/ --steps 50 --guidance 7.5 \\
+      --captions captions.txt --reference val2014/ --inception-weights inception-2015-12-05.pt \\
+      --clip clip-vit-base-patch32/ --out eval-teacher/
+  d2g eval --model student/ --steps 1 --guidance 0 ... --reference eval-teacher/reference-stats.npz \\
+      --out eval-student/
+  d2g compare eval-teacher/ eval-student/
+
+The tests run the same command on tiny stand-ins (a tiny pipeline, a tiny TorchScript network in
+place of Inception, a tiny CLIP folder).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+HELP = "evaluate a pipeline: FID, CLIP score (pinned protocol, offline, resumable)"
+REFERENCE_STATS = "reference-stats.npz"
+STATS = "stats.npz"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from d2g_fast.eval.protocol import PROTOCOLS
+
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (a teacher, "
+                   "or a one-step student exported by d2g export)")
+    p.add_argument("--captions", required=True, help="caption file: one per line, or .json/.jsonl "
+                   "(image i uses caption i)")
+    p.add_argument("--reference", required=True, help="reference statistics (.npz with mu, "
+                   "sigma) or a folder of reference images")
+    p.add_argument("--out", required=True, help="evaluation folder (shards, report); rerun the "
+                   "same command to resume")
+    p.add_argument("--inception-weights", required=True,
+                   help="local TorchScript Inception file (clean-fid's inception-2015-12-05.pt)")
+    p.add_argument("--clip", default=None, help="local transformers CLIP folder for the CLIP "
+                   "score (omit to skip it)")
+    p.add_argument("--extra-features", default=None, help="local transformers vision model folder "
+                   "(e.g. DINOv2) for a second Fréchet distance (optional)")
+    p.add_argument("--protocol", default="coco30k-gigagan", choices=list(PROTOCOLS),
+                   help="named protocol; --num/--resolution/--seed changes make it 'custom'")
+    p.add_argument("--num", type=int, default=None, help="images (default: the protocol's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="evaluation resolution after centre crop + resize (default: protocol's)")
+    p.add_argument("--seed", type=int, default=None, help="base seed (default: protocol's)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (1 for a student)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale (0 or 1: none, as for a student)")
+    p.add_argument("--gen-resolution", type=int, default=None,
+                   help="generation size in pixels (default: the pipeline's native size)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the pipeline's dtype")
+    p.add_argument("--label", default=None, help="name in reports (default: the model folder)")
+
+
+def _check_arguments(args) -> None:
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
+    if args.gen_resolution is not None and args.gen_resolution < 8:
+        raise ValueError(f"--gen-resolution: must be >= 8, got {args.gen_resolution}")
+    if not os.path.exists(args.reference):
+        raise FileNotFoundError(f"--reference: no such file or folder {args.reference!r}")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model: no such folder {args.model!r}")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "clean-fid", "numpy", "scipy", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _reference_statistics(args, protocol, inception, extra, out: str, batch_size: int) -> dict:
+    """Statistics of the reference: read from an .npz, or computed from an image folder with the
+    protocol's crop/resize and the same extractors (then saved as reference-stats.npz)."""
+    import numpy as np
+
+    from d2g_fast.eval.frechet import feature_statistics, load_statistics, save_statistics
+    from d2g_fast.eval.generate import load_image_folder
+
+    if os.path.isfile(args.reference):
+        stats = load_statistics(args.reference, "--reference")
+        if extra is not None and "extra_mu" not in stats:
+            raise ValueError(f"--reference: {args.reference!r} has no extra_mu/extra_sigma for "
+                             f"--extra-features; pass the reference image folder instead")
+        return stats
+    images = load_image_folder(args.reference, protocol, "--reference")
+    chunks = range(0, len(images), batch_size)
+    feats = np.concatenate([inception(images[i:i + batch_size]) for i in chunks])
+    stats = dict(zip(("mu", "sigma"), feature_statistics(feats)))
+    if extra is not None:
+        extra_feats = np.concatenate([extra(images[i:i + batch_size]) for i in chunks])
+        stats.update(zip(("extra_mu", "extra_sigma"), feature_statistics(extra_feats)))
+    stats["num_images"] = np.array(len(images))
+    save_statistics(os.path.join(out, REFERENCE_STATS), **stats)
+    return stats
+
+
+def _metrics(arrays: dict, ref: dict, out: str) -> dict:
+    from d2g_fast.eval.frechet import (feature_statistics, frechet_distance_from_stats,
+                                       save_statistics)
+
+    mu, sigma = feature_statistics(arrays["inception"])
+    if ref["mu"].shape != mu.shape:
+        raise ValueError(f"--reference: statistics of dimension {ref['mu'].shape[0]}, but "
+                         f"--inception-weights gives {mu.shape[0]}-D features")
+    metrics = {"fid": frechet_distance_from_stats(mu, sigma, ref["mu"], ref["sigma"]),
+               "clip_score": None, "fd_extra": None, "num_images": int(len(arrays["index"]))}
+    stats = {"mu": mu, "sigma": sigma}
+    if "clip_score" in arrays:
+        metrics["clip_score"] = float(arrays["clip_score"].mean())
+    if "extra" in arrays:
+        emu, esigma = feature_statistics(arrays["extra"])
+        metrics["fd_extra"] = frechet_distance_from_stats(emu, esigma, ref["extra_mu"],
+                                                          ref["extra_sigma"])
+        stats.update(extra_mu=emu, extra_sigma=esigma)
+    save_statistics(os.path.join(out, STATS), **stats)
+    return metrics
+
+
+def _sum_over_ranks(values: list[int], world: int) -> list[int]:
+    import torch
+
+    if world <= 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def run(args) -> int:
+    import torch
+
+    from d2g_fast.data.store import (ensure_writable, plan_shards, remove_stale_temporaries,
+                                     sha256_file)
+    from d2g_fast.eval import generate as gen
+    from d2g_fast.eval.features import (INCEPTION_RESIZE, ClipScorer, HFImageFeatures,
+                                        InceptionFeatures, folder_sha256)
+    from d2g_fast.eval.protocol import captions_sha256, load_captions, resolve_protocol
+    from d2g_fast.eval.report import FORMAT, VERSION, write_report
+    from d2g_fast.teacher.collect import device_name, init_distributed
+
+    t0 = time.perf_counter()
+    # 1. Protocol, captions and cheap argument checks, before any model is loaded.
+    protocol = resolve_protocol(args.protocol, num_images=args.num, resolution=args.resolution,
+                                seed=args.seed)
+    captions = load_captions(args.captions, protocol.num_images)
+    _check_arguments(args)
+    out = ensure_writable(args.out)
+    dist, device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    log = print if dist.rank == 0 else (lambda *a, **k: None)
+
+    # 2. Feature extractors and the identities of every file the numbers depend on.
+    inception = InceptionFeatures(args.inception_weights, device)
+    clip = ClipScorer(args.clip, protocol.clip_prefix, device) if args.clip else None
+    extra = HFImageFeatures(args.extra_features, device) if args.extra_features else None
+    reference_sha = (sha256_file(args.reference) if os.path.isfile(args.reference)
+                     else folder_sha256(args.reference))
+    protocol = dataclasses.replace(
+        protocol, captions_sha256=captions_sha256(captions),
+        fid_library=f"clean-fid {_versions()['clean-fid']}", fid_resize=INCEPTION_RESIZE,
+        inception_sha256=inception.sha256, reference_sha256=reference_sha,
+        clip_sha256=clip.sha256 if clip else None,
+        extra_features_sha256=extra.sha256 if extra else None)
+
+    # 3. The model and the folder's configuration (what the shards' contents depend on).
+    pipe = gen.load_pipeline(args.model, torch.device(device), getattr(torch, args.dtype))
+    size = args.gen_resolution or gen.native_resolution(pipe)
+    model = {"path": os.path.abspath(args.model), "sha256": folder_sha256(args.model),
+             "steps": args.steps, "guidance": args.guidance, "generation_resolution": size,
+             "dtype": args.dtype}
+    shard_protocol = {k: v for k, v in protocol.to_dict().items() if k != "reference_sha256"}
+    config = {"protocol": shard_protocol, "model": model, "batch_size": args.batch_size,
+              "shard_size": args.shard_size}
+    config_hash = gen.check_config(out, config)
+    if dist.rank == 0:
+        os.makedirs(os.path.join(out, gen.SHARDS), exist_ok=True)
+        remove_stale_temporaries(os.path.join(out, gen.SHARDS))  # left by a killed run
+        gen.write_config(out, config, config_hash)
+    dist.barrier()
+
+    # 4. This rank's missing shards.
+    plan = plan_shards(protocol.num_images, args.shard_size)
+    made, reused = gen.run_shards(
+        out, plan, rank=dist.rank, world=dist.world, config_hash=config_hash, log=log,
+        pipe=pipe, captions=captions, protocol=protocol, steps=args.steps,
+        guidance=args.guidance, size=size, batch_size=args.batch_size, inception=inception,
+        clip=clip, extra=extra)
+    made, reused = _sum_over_ranks([made, reused], dist.world)
+    log(f"shards: {made} made, {reused} already done (of {len(plan)})")
+    dist.barrier()
+    if dist.rank != 0:
+        return 0
+
+    # 5. Metrics against the reference, and the report.
+    ref = _reference_statistics(args, protocol, inception, extra, out, args.batch_size)
+    metrics = _metrics(gen.read_shards(out, plan, config_hash), ref, out)
+    report = {
+        "format": FORMAT, "version": VERSION,
+        "label": args.label or os.path.basename(os.path.normpath(args.model)),
+        "protocol": protocol.to_dict(), "model": model, "metrics": metrics,
+        "reference": {"path": os.path.abspath(args.reference),
+                      "kind": "statistics" if os.path.isfile(args.reference) else "images"},
+        "run": {"device": device_name(device), "world_size": dist.world,
+                "batch_size": args.batch_size, "shard_size": args.shard_size,
+                "shards": len(plan), "shards_made": made, "shards_reused": reused,
+                "seconds": round(time.perf_counter() - t0, 2)},
+        "environment": _versions()}
+    json_path, md_path = write_report(out, report)
+    clip_text = "" if metrics["clip_score"] is None else f", CLIP score {metrics['clip_score']:.4f}"
+    log(f"FID {metrics['fid']:.4f}{clip_text} over {metrics['num_images']} images; "
+        f"report: {md_path}")
+    return 0
