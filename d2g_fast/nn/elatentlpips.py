@@ -20,6 +20,11 @@ reproduced (see tests/test_elatentlpips_parity.py). Differences, all deliberate:
   without autograd, and the five layer distances go through ONE call of the fused
   ``d2g_fast.ops.lpips_distance_multi`` op (one kernel launch on the GPU, cancellation-free
   math; ``spatial=True`` keeps the per-layer ``lpips_distance`` op for the maps). ``impl="ref"`` runs the plain reference path instead.
+- Any latent space: ``encoder`` may be a name outside the five official ones when the weights
+  file (ours, safetensors) records its latent channels and normalisation (see
+  :mod:`d2g_fast.nn.elatentlpips_io`; ``d2g lpips train-trunk`` / ``calibrate`` write such files),
+  or when ``latent_channels`` (and ``normalization``) are passed. ``width_div`` builds a narrower
+  trunk (every conv width divided by it), read from the file's metadata too.
 - Inputs are checked (type, dtype, shape, channel count, NaN/Inf) with errors naming the
   argument. The NaN/Inf check needs a device sync; ``check_inputs=False`` turns it off, and
   it is skipped under ``torch.compile`` tracing and CUDA-graph capture.
@@ -29,14 +34,15 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from d2g_fast.nn.latent_vgg import TAP_CHANNELS, LatentVGG16BN, trunk_state_dict_from_classifier
+from d2g_fast.nn import elatentlpips_io as io
+from d2g_fast.nn.elatentlpips_io import heads_filename, trunk_filename  # noqa: F401 (public names)
+from d2g_fast.nn.latent_vgg import TAP_CHANNELS, LatentVGG16BN, check_width_div, tap_channels
 
 # Latent channels and the (shift, scale) of ``normalize=True`` per encoder: the VAE's own
 # latent scaling, x_model = (x_raw - shift) * scale.
@@ -56,22 +62,6 @@ NUM_LAYERS = len(TAP_CHANNELS)
 # Inputs smaller than this lose the last tap to the two max-pools.
 MIN_SPATIAL = 4
 EPS = 1e-8
-
-CHECKPOINT_DIR_ENV = "D2G_ELATENTLPIPS_DIR"
-CHECKPOINT_SOURCE = ("the authors of E-LatentLPIPS publish them at "
-                     "https://huggingface.co/Mingguksky/elatentlpips (folder elatentlpips_ckpt/)")
-SAFETENSORS_FORMAT = "d2g_fast.elatentlpips"
-SAFETENSORS_VERSION = "1"
-
-
-def trunk_filename(encoder: str, net: str = "vgg16") -> str:
-    """File name of the official ImageNet-trained latent trunk for ``encoder``."""
-    return f"{encoder}_latent_{net}.pth.tar"
-
-
-def heads_filename(encoder: str, net: str = "vgg16") -> str:
-    """File name of the official tuned module (trunk + calibrated heads) for ``encoder``."""
-    return f"{encoder}_latest_{net}_tuned.pth"
 
 
 class LinearHead(nn.Module):
@@ -100,13 +90,38 @@ class LinearHead(nn.Module):
         return self.model(diff)
 
 
-def _load_torch_file(path: Path) -> dict:
-    # weights_only=True: a checkpoint is data, never code to run.
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
-def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
+def resolve_latent_spec(encoder: str, files, latent_channels: int | None = None,
+                        normalization: tuple[float, float] | None = None,
+                        width_div: int | None = None) -> io.LatentSpec:
+    """Latent channels, normalisation and trunk width for ``encoder``: the arguments when given,
+    else the official table for the five known names, else what the first of our safetensors
+    ``files`` records (width: argument, file, 1). A file recording another channel count than a
+    known name is then rejected by the loader. ValueError when the channel count is known from
+    none of them."""
+    recorded = next((s for s in map(io.spec_of_file, files) if s.latent_channels is not None),
+                    io.LatentSpec())
+    channels = _first(latent_channels, ENCODER_CHANNELS.get(encoder), recorded.latent_channels)
+    if channels is None:
+        raise ValueError(
+            f"ELatentLPIPS: encoder must be one of {tuple(ENCODER_CHANNELS)} or come with a weights "
+            f"file that records its latent channels (heads_path= / trunk_path= a d2g_fast "
+            f".safetensors file, e.g. from 'd2g lpips calibrate'), or pass latent_channels=; "
+            f"got encoder {encoder!r} and no such file")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise ValueError(f"ELatentLPIPS: latent_channels must be a positive int, got {channels!r}")
+    if normalization is None:
+        normalization = _first(ENCODER_NORMALIZATION.get(encoder), recorded.normalization)
+    if normalization is not None:
+        if len(normalization) != 2 or not float(normalization[1]) > 0:
+            raise ValueError("ELatentLPIPS: normalization must be (shift, scale) with scale > 0, "
+                             f"got {normalization!r}")
+        normalization = (float(normalization[0]), float(normalization[1]))
+    width = check_width_div(_first(width_div, recorded.width_div, 1), "ELatentLPIPS")
+    return io.LatentSpec(encoder, channels, width, normalization)
 
 
 class ELatentLPIPS(nn.Module):
@@ -128,7 +143,10 @@ class ELatentLPIPS(nn.Module):
     (where the augmentation parameters are drawn, see :class:`d2g_fast.nn.PairedAugment`:
     "auto" draws on the GPU for CUDA latents, with no host synchronisation and CUDA-graph safe,
     and on the host otherwise; "host" always reproduces the official pipeline's draws for the
-    same CPU seed).
+    same CPU seed). ``latent_channels`` / ``normalization`` ((shift, scale) of
+    ``normalize=True``) / ``width_div`` override what the encoder name or the weights file
+    says (see :func:`resolve_latent_spec`); an encoder name outside the official five needs them
+    from one of the two.
     """
 
     def __init__(self, pretrained: bool = True, net: str = "vgg16", elatentlpips: bool = True,
@@ -139,13 +157,14 @@ class ELatentLPIPS(nn.Module):
                  heads_path: str | os.PathLike | None = None,
                  precision: str = "fp32", channels_last: bool | None = None,
                  negative_weights: str = "clamp", impl: str = "auto", check_inputs: bool = True,
-                 tune_heads: bool | None = None, augment_sampler: str = "auto"):
+                 tune_heads: bool | None = None, augment_sampler: str = "auto",
+                 latent_channels: int | None = None,
+                 normalization: tuple[float, float] | None = None, width_div: int | None = None):
         super().__init__()
         if net not in ("vgg", "vgg16"):
             raise NotImplementedError(f"ELatentLPIPS: net={net!r} is not available; only 'vgg16'")
-        if encoder not in ENCODER_CHANNELS:
-            raise ValueError(f"ELatentLPIPS: encoder must be one of {tuple(ENCODER_CHANNELS)}, "
-                             f"got {encoder!r}")
+        if not isinstance(encoder, str) or not encoder:
+            raise ValueError(f"ELatentLPIPS: encoder must be a non-empty name, got {encoder!r}")
         if augment is not None and augment not in AUGMENT_PRESETS:
             raise ValueError(f"ELatentLPIPS: augment must be None or one of {AUGMENT_PRESETS}, "
                              f"got {augment!r}")
@@ -162,6 +181,14 @@ class ELatentLPIPS(nn.Module):
             raise ValueError(f"ELatentLPIPS: augment_sampler must be one of {SAMPLERS}, "
                              f"got {augment_sampler!r}")
 
+        heads_file = trunk_file = None
+        if pretrained and elatentlpips:
+            heads_file = heads_path or io.env_checkpoint_path(heads_filename(encoder))
+        if not pnet_rand:
+            trunk_file = trunk_path or io.env_checkpoint_path(trunk_filename(encoder))
+        spec = resolve_latent_spec(encoder, (heads_file, trunk_file), latent_channels,
+                                   normalization, width_div)
+
         self.pnet_type = "vgg16"
         self.pnet_tune = pnet_tune
         self.pnet_rand = pnet_rand
@@ -170,9 +197,12 @@ class ELatentLPIPS(nn.Module):
         self.encoder = encoder
         self.augment_preset = augment
         self.use_dropout = use_dropout
-        self.chns = list(TAP_CHANNELS)
+        self.width_div = spec.width_div
+        self.chns = list(tap_channels(spec.width_div))
         self.L = NUM_LAYERS
-        self.latent_channels = ENCODER_CHANNELS[encoder]
+        self.latent_channels = spec.latent_channels
+        # (shift, scale) of normalize=True; None when neither the name nor a file tells it.
+        self.normalization = spec.normalization
         self.precision = precision
         # channels_last pays off with bf16 (oneDNN / cuDNN tensor-core kernels); fp32 keeps the
         # official layout by default (on the CPU fp32 channels_last measured no faster).
@@ -187,7 +217,7 @@ class ELatentLPIPS(nn.Module):
                   f"loss: trunk [{net}], spatial [{'on' if spatial else 'off'}], encoder "
                   f"[{encoder}], augment [{augment}], precision [{precision}]")
 
-        self.net = LatentVGG16BN(self.latent_channels, requires_grad=True)
+        self.net = LatentVGG16BN(self.latent_channels, requires_grad=True, width_div=self.width_div)
         if elatentlpips:
             for k, c in enumerate(self.chns):
                 self.add_module(f"lin{k}", LinearHead(c, use_dropout=use_dropout))
@@ -199,11 +229,11 @@ class ELatentLPIPS(nn.Module):
         self.register_load_state_dict_post_hook(ELatentLPIPS._after_load_hook)
 
         if pretrained and elatentlpips:
-            self.load_checkpoint(heads_path or self._checkpoint_path(
-                heads_filename(encoder), "heads_path", "tuned module (trunk + calibrated heads)"))
+            self.load_checkpoint(heads_file or io.checkpoint_path(
+                encoder, heads_filename(encoder), "heads_path", "tuned module (trunk + calibrated heads)"))
         elif not pnet_rand:
-            self.load_trunk_checkpoint(trunk_path or self._checkpoint_path(
-                trunk_filename(encoder), "trunk_path", "ImageNet-trained latent trunk"))
+            self.load_trunk_checkpoint(trunk_file or io.checkpoint_path(
+                encoder, trunk_filename(encoder), "trunk_path", "ImageNet-trained latent trunk"))
         self.net.requires_grad_(pnet_tune)
         # Frozen heads in eval mode (the loss use): no head-weight gradient pass per step and no
         # .grad piling up on them. Calibrating the heads is training mode (eval_mode=False).
@@ -218,54 +248,15 @@ class ELatentLPIPS(nn.Module):
             self.eval()
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_path(self, filename: str, argument: str, what: str) -> Path:
-        folder = os.environ.get(CHECKPOINT_DIR_ENV, "").strip()
-        if not folder:
-            raise FileNotFoundError(
-                f"ELatentLPIPS(encoder={self.encoder!r}): the {what} file {filename!r} is needed "
-                f"and no location was given: pass {argument}=<path> or set {CHECKPOINT_DIR_ENV} "
-                f"to a folder holding it ({CHECKPOINT_SOURCE}; d2g_fast never downloads). For "
-                f"random weights use pretrained=False, pnet_rand=True.")
-        base = Path(folder) / filename
-        safetensors_twin = base.with_suffix(".safetensors") if base.suffix == ".pth" else None
-        if safetensors_twin is not None and safetensors_twin.is_file():
-            return safetensors_twin
-        return base
-
-    def _check_file(self, path: Path, what: str) -> Path:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ELatentLPIPS(encoder={self.encoder!r}): {what} file not found: {str(path)!r}. "
-                f"Expected {heads_filename(self.encoder)!r} (tuned module) or "
-                f"{trunk_filename(self.encoder)!r} (trunk); {CHECKPOINT_SOURCE}. "
-                f"d2g_fast never downloads.")
-        return path
-
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a whole-module checkpoint: the official ``*_tuned.pth`` or our safetensors."""
-        path = self._check_file(Path(path), "checkpoint")
-        if path.suffix == ".safetensors":
-            self.load_safetensors(path)
-            return
-        sd = _load_torch_file(path)
-        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-            sd = sd["state_dict"]
-        self.load_official_state_dict(sd)
-        if self.verbose:
-            print(f"Loaded E-LatentLPIPS trunk and heads from {path}")
+        io.load_checkpoint(self, path)
 
     def load_trunk_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load the official ImageNet-classifier checkpoint (``*_latent_vgg16.pth.tar``) into
-        the trunk, strictly (the classifier head in it is dropped)."""
-        path = self._check_file(Path(path), "trunk checkpoint")
-        ckpt = _load_torch_file(path)
-        sd = ckpt["state_dict"] if isinstance(ckpt, Mapping) and "state_dict" in ckpt else ckpt
-        self.net.load_state_dict(trunk_state_dict_from_classifier(sd), strict=True)
-        if self.verbose:
-            acc = ckpt.get("best_acc1") if isinstance(ckpt, Mapping) else None
-            print(f"Loaded latent VGG16-BN trunk from {path}"
-                  + (f" | top-1 acc.: {float(acc):.2f}" if acc is not None else ""))
+        """Load a trunk strictly: the official ImageNet-classifier checkpoint
+        (``*_latent_vgg16.pth.tar``, the classifier head in it is dropped) or our safetensors
+        (a trained-trunk file or the trunk part of a module file)."""
+        io.load_trunk_checkpoint(self, path)
 
     def _canonical_heads(self, sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
         """Rename head keys to this module's dropout layout and fill both ``lin<k>`` and
@@ -295,51 +286,36 @@ class ELatentLPIPS(nn.Module):
     def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load an official ``ELatentLPIPS.state_dict()`` (any dropout layout, with or without
         ``module.`` prefixes and ``augment.*`` buffers)."""
-        sd = self._canonical_heads(_strip_module_prefix(state_dict))
+        sd = self._canonical_heads(io.strip_module_prefix(state_dict))
         return self.load_state_dict(sd, strict=strict)
 
     def official_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
         """This module's weights in the official layout (without augmentation buffers)."""
         return OrderedDict((k, v) for k, v in self.state_dict().items() if not k.startswith("augment."))
 
-    def save_safetensors(self, path: str | os.PathLike) -> None:
-        """Save trunk and heads as safetensors (shared ``lins.*`` duplicates left out)."""
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.official_state_dict().items()
-                   if not k.startswith("lins.")}
-        save_file(tensors, str(path), metadata={
-            "format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "encoder": self.encoder,
-            "latent_channels": str(self.latent_channels), "net": self.pnet_type,
-            "elatentlpips": str(int(bool(self.elatentlpips)))})
+    def save_safetensors(self, path: str | os.PathLike, **extra_metadata) -> None:
+        """Save trunk and heads as safetensors, with the latent channels, width and
+        normalisation in the metadata (see :mod:`d2g_fast.nn.elatentlpips_io`)."""
+        io.save_module_safetensors(self, path, **extra_metadata)
 
     def load_safetensors(self, path: str | os.PathLike, strict: bool = True):
         """Load a file written by :meth:`save_safetensors`."""
-        from safetensors import safe_open  # noqa: PLC0415
-
-        path = self._check_file(Path(path), "safetensors")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != SAFETENSORS_FORMAT:
-            raise ValueError(f"{str(path)!r} is not a d2g_fast E-LatentLPIPS safetensors file "
-                             f"(metadata format={meta.get('format')!r})")
-        if meta.get("encoder") not in (None, self.encoder) and \
-                ENCODER_CHANNELS.get(meta.get("encoder")) != self.latent_channels:
-            raise ValueError(f"{str(path)!r} holds an E-LatentLPIPS for encoder "
-                             f"{meta.get('encoder')!r}, this module is for {self.encoder!r}")
-        return self.load_official_state_dict(sd, strict=strict)
+        return io.load_module_safetensors(self, path, strict=strict)
 
     @classmethod
     def from_safetensors(cls, path: str | os.PathLike, **kwargs) -> "ELatentLPIPS":
-        """Build a module from our safetensors file (encoder taken from its metadata)."""
-        from safetensors import safe_open  # noqa: PLC0415
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-        kwargs.setdefault("encoder", meta.get("encoder", "sd15"))
+        """Build a module from our safetensors module file: encoder name, latent channels, width
+        and normalisation come from its metadata (keyword arguments override)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ELatentLPIPS.from_safetensors: file not found: {str(path)!r}")
+        meta = io.read_safetensors_metadata(path)
+        spec = io.spec_from_metadata(meta)
+        kwargs.setdefault("encoder", spec.encoder or "sd15")
         kwargs.setdefault("verbose", False)
         kwargs.setdefault("elatentlpips", meta.get("elatentlpips", "1") == "1")
+        kwargs.setdefault("latent_channels", spec.latent_channels)
+        kwargs.setdefault("normalization", spec.normalization)
+        kwargs.setdefault("width_div", spec.width_div)
         model = cls(pretrained=False, pnet_rand=True, **kwargs)
         model.load_safetensors(path)
         return model
@@ -441,7 +417,11 @@ class ELatentLPIPS(nn.Module):
         """
         self._validate(in0, in1)
         if normalize:
-            shift, scale = ENCODER_NORMALIZATION[self.encoder]
+            if self.normalization is None:
+                raise ValueError(f"ELatentLPIPS: normalize=True needs the VAE normalisation of "
+                                 f"encoder {self.encoder!r}, which no weights file recorded; pass "
+                                 "normalization=(shift, scale) when building the module")
+            shift, scale = self.normalization
             in0 = (in0 - shift) * scale if shift else in0 * scale
             in1 = (in1 - shift) * scale if shift else in1 * scale
 

@@ -16,6 +16,10 @@ Fast path (:meth:`LatentVGG16BN.fast_features`), used in eval mode:
   - the folded weights are cached per (device, dtype, memory format) and rebuilt when any
     parameter or buffer changes in place (tracked through tensor version counters);
   - optional channels_last memory format and bfloat16 compute (fp32 stays the default).
+
+Width option: ``width_div`` (1, 2, 4 or 8) divides every conv width, so the taps have
+``tap_channels(width_div)`` channels. 1 is the official layout (about 15 M parameters); narrow
+trunks are for small latent worlds where the weights must stay small (width_div=8: ~0.23 M).
 """
 from __future__ import annotations
 
@@ -31,14 +35,31 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 # ``features`` indices where the five slices end (exclusive), i.e. the feature taps.
 SLICE_ENDS = (7, 14, 24, 34, 44)
 TAP_CHANNELS = (64, 128, 256, 512, 512)
+# Allowed divisors of every conv width (all VGG widths are multiples of 8).
+WIDTH_DIVS = (1, 2, 4, 8)
 # The first three max-pools are identities in the latent trunk (latents are already 8x smaller
 # than pixels); pools 4 and 5 stay.
 NUM_REMOVED_POOLS = 3
 NUM_FEATURES = 44
 
 
-def build_latent_vgg16_bn_layers(in_channels: int) -> list[nn.Module]:
-    """The 44 ``features`` layers of the latent VGG16-BN, in torchvision's order."""
+def check_width_div(width_div: int, where: str = "LatentVGG16BN") -> int:
+    """``width_div`` if it is one of :data:`WIDTH_DIVS`, else a ValueError naming it."""
+    if isinstance(width_div, bool) or width_div not in WIDTH_DIVS:
+        raise ValueError(f"{where}: width_div must be one of {WIDTH_DIVS}, got {width_div!r}")
+    return int(width_div)
+
+
+def tap_channels(width_div: int = 1) -> tuple[int, ...]:
+    """Channels of the five taps for a trunk whose conv widths are divided by ``width_div``."""
+    check_width_div(width_div, "tap_channels")
+    return tuple(c // width_div for c in TAP_CHANNELS)
+
+
+def build_latent_vgg16_bn_layers(in_channels: int, width_div: int = 1) -> list[nn.Module]:
+    """The 44 ``features`` layers of the latent VGG16-BN, in torchvision's order, with every
+    conv width divided by ``width_div``."""
+    check_width_div(width_div)
     layers: list[nn.Module] = []
     channels = in_channels
     pools_seen = 0
@@ -48,12 +69,13 @@ def build_latent_vgg16_bn_layers(in_channels: int) -> list[nn.Module]:
             layers.append(nn.Identity() if pools_seen <= NUM_REMOVED_POOLS
                           else nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            conv = nn.Conv2d(channels, item, kernel_size=3, padding=1)
+            width = item // width_div
+            conv = nn.Conv2d(channels, width, kernel_size=3, padding=1)
             # torchvision's VGG initialisation, so random trunks behave like torchvision ones.
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(conv.bias)
-            layers += [conv, nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
-            channels = item
+            layers += [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels = width
     assert len(layers) == NUM_FEATURES
     return layers
 
@@ -69,12 +91,14 @@ class LatentVGG16BN(nn.Module):
     everything); :meth:`fast_features` is the folded inference path.
     """
 
-    def __init__(self, in_channels: int = 4, requires_grad: bool = False):
+    def __init__(self, in_channels: int = 4, requires_grad: bool = False, width_div: int = 1):
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"LatentVGG16BN: in_channels must be a positive int, got {in_channels!r}")
         self.in_channels = in_channels
-        layers = build_latent_vgg16_bn_layers(in_channels)
+        self.width_div = check_width_div(width_div)
+        self.tap_channels = tap_channels(width_div)
+        layers = build_latent_vgg16_bn_layers(in_channels, width_div)
         start = 0
         for k, end in enumerate(SLICE_ENDS, start=1):
             block = nn.Sequential(OrderedDict((str(i), layers[i]) for i in range(start, end)))
@@ -172,7 +196,8 @@ class LatentVGG16BN(nn.Module):
         return tuple(taps)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}"
+        return f"in_channels={self.in_channels}" + (
+            f", width_div={self.width_div}" if self.width_div != 1 else "")
 
 
 def _strip_prefix(key: str, prefix: str) -> str:
