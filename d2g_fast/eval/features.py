@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -97,7 +98,9 @@ class InceptionFeatures:
 
         self.device = torch.device(device)
         try:
-            self.base = torch.jit.load(weights_file, map_location=self.device).eval()
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is this file's format
+                warnings.simplefilter("ignore", FutureWarning)
+                self.base = torch.jit.load(weights_file, map_location=self.device).eval()
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{what}: {weights_file!r} is not a TorchScript file: {exc}") from exc
         self.resize = build_resizer("clean")

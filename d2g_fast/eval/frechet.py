@@ -52,7 +52,7 @@ def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2):
     |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), computed by clean-fid in
-    float64. A singular product (N < D) is handled as clean-fid does: the square root is retried
+    float64 (feature dimension D >= 2). A singular product (N < D) is handled as clean-fid does: the square root is retried
     with 1e-6 added to both diagonals (a warning says so).
 
     Args:
@@ -65,13 +65,18 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
+    if d < 2:  # clean-fid unpacks scipy's sqrtm(..., disp=False), which returns no pair for 1x1
+        raise ValueError(f"mu1: feature dimension must be >= 2, got {d}")
     for name, arr, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)),
                              ("sigma1", sigma1, (d, d)), ("sigma2", sigma2, (d, d))):
         if arr.shape != shape:
             raise ValueError(f"{name}: expected shape {shape} (feature dimension {d} from mu1), "
                              f"got {arr.shape}")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # clean-fid prints its singular-product notice
+    # clean-fid prints its singular-product notice, and calls sqrtm(disp=False), deprecated
+    # since SciPy 1.16 (hence scipy<1.18 in the Makefile).
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The `disp` argument", DeprecationWarning)
         value = cleanfid_frechet(mu1, sigma1, mu2, sigma2, eps=SINGULAR_OFFSET)
     if printed.getvalue().strip():
         warnings.warn(f"clean-fid: {printed.getvalue().strip()}", RuntimeWarning, stacklevel=2)

@@ -38,10 +38,10 @@ def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
                                 f"(no model_index.json)")
     with open(index_file, encoding="utf-8") as f:
         components = json.load(f)
-    kwargs = {"torch_dtype": dtype, "local_files_only": True}
+    kwargs = {"local_files_only": True}
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(folder, **kwargs).to(device)
+    pipe = DiffusionPipeline.from_pretrained(folder, **kwargs).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

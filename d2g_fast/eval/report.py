@@ -20,6 +20,8 @@ def _fmt(value) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
+    if isinstance(value, str) and value != value.strip():
+        return repr(value)  # keeps a prefix's trailing space visible
     return str(value)
 
 
