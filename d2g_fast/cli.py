@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "d2g_fast.train.export_cmd",
     "sample": "d2g_fast.train.sample_cmd",
     "demo": "d2g_fast.demo",
+    "lpips": "d2g_fast.lpips.cli",
     "eval": "d2g_fast.eval.eval_cmd",
     "compare": "d2g_fast.eval.compare_cmd",
     "bench": "d2g_fast.bench.cli",
