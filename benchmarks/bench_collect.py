@@ -13,7 +13,8 @@ pairs' noise to the final latents on the host:
                             D2G_BENCH_COMPILE=1; compiling the full UNet takes about a minute)
 Same device, dtype, batch, steps and guidance for every provider. GPU: the SD1.5 UNet and CLIP
 text encoder architectures with random weights (no download), fp16, 64x64 latents, 50 steps.
-Quick/CPU: the tiny SD model. pairs/s = B / median time; device-days per million pairs =
+Quick/CPU: the tiny SD model. The providers are built by d2g_fast.bench.collect_speed (shared with
+`d2g bench gpu-days`). pairs/s = B / median time; device-days per million pairs =
 1e6 / (pairs/s) / 86400. Run this file directly for that table:
 
     python benchmarks/bench_collect.py --device cuda [--batch 4 8] [--compile]
@@ -31,62 +32,27 @@ if __package__ in (None, ""):
 
 from benchmarks.harness import Case, SkipCase  # noqa: E402
 
-GUIDANCE = 8.0
+from d2g_fast.bench.collect_speed import GUIDANCE  # noqa: E402
 
-
-def _components(device: str, quick: bool, dtype):
-    from d2g_fast.testing import tiny
-    if quick:
-        comps = tiny.tiny_sd_components()
-        for name in ("unet", "text_encoder", "vae"):
-            comps[name].to(device=device, dtype=dtype)
-        return comps
-    return tiny.sd15_shaped_components(device=device, dtype=dtype)
+# The runner's "x ref" column is the speed-up over the provider named "ref": diffusers here.
+_PROVIDER_OF = {"ref": "diffusers", "ours": "ours", "ours-graphs": "ours-graphs",
+                "ours-compiled": "ours-compiled"}
 
 
 def _make(provider: str, device: str, quick: bool, batch: int, steps: int, dtype):
     def make():
-        from d2g_fast.data.prompts import load_prompts
-        from d2g_fast.data.seeding import batch_noise
-        from d2g_fast.teacher import Teacher
+        from d2g_fast.bench import archs
+        from d2g_fast.bench.collect_speed import make_collect_fn, unavailable_reason
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise SkipCase("no GPU")
-        if provider == "ours-graphs" and not device.startswith("cuda"):
-            raise SkipCase("CUDA graphs need a GPU")
-        if provider == "ours-compiled" and (not device.startswith("cuda")
-                                            or os.environ.get("D2G_BENCH_COMPILE") != "1"):
+        if provider == "ours-compiled" and os.environ.get("D2G_BENCH_COMPILE") != "1":
             raise SkipCase("opt-in on GPUs: D2G_BENCH_COMPILE=1")
-        comps = _components(device, quick, dtype)
-        prompts = load_prompts(None)[:batch]
-        if provider == "ref":
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline(**comps)
-            pipe.set_progress_bar_config(disable=True)
-            shape = (comps["unet"].config.in_channels, comps["unet"].config.sample_size,
-                     comps["unet"].config.sample_size)
-
-            def run():
-                noise = batch_noise(0, range(batch), shape).to(device, dtype)
-                return pipe(prompts, latents=noise, num_inference_steps=steps,
-                            guidance_scale=GUIDANCE, output_type="latent").images.cpu()
-            return {"fwd": run}
-
-        teacher = Teacher(comps["unet"], comps["text_encoder"], comps["tokenizer"],
-                          comps["scheduler"], vae_config=comps["vae"].config)
-        gpu = device.startswith("cuda")
-        teacher.optimize(channels_last=gpu, fuse_qkv=gpu, compile=provider == "ours-compiled",
-                         cuda_graphs=provider == "ours-graphs")
-        if provider == "ours-compiled":
-            teacher.sample(batch_noise(0, range(batch), teacher.latent_shape), prompts,
-                           steps=2, guidance=GUIDANCE)  # compile outside the timing
-
-        def run():
-            noise = batch_noise(0, range(batch), teacher.latent_shape)
-            return teacher.sample(noise, prompts, steps=steps, guidance=GUIDANCE,
-                                  scheduler="ddim").cpu()
-        return {"fwd": run}
+        reason = unavailable_reason(_PROVIDER_OF[provider], device)
+        if reason:
+            raise SkipCase(reason)
+        comps = archs.components("tiny" if quick else "sd15", device=device, dtype=dtype)
+        fn = make_collect_fn(_PROVIDER_OF[provider], comps, device=device, batch=batch,
+                             steps=steps)
+        return {"fwd": fn}
     return make
 
 

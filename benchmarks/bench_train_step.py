@@ -1,0 +1,101 @@
+"""The trainer's full distillation step (issue 10): fused kernels against D2G_IMPL=ref.
+
+One timed call = one optimiser step of ``d2g_fast.train.train_step`` on a synthetic batch: G
+forward + backward (E-LatentLPIPS + GAN), D forward + backward, AdamW on both, the EMA. Plain
+steps only (R1 runs on every 16th step; ``d2g bench gpu-days`` amortises it). Providers:
+  ref     D2G_IMPL=ref while the run is built and at every call: every op's PyTorch reference
+  fused   every op picks its fastest backend (impl "auto")
+with and without gradient checkpointing (G and D). Peak memory is the runner's peak above the
+built run (activations, gradients, optimiser states). samples/s = B / median step time.
+Shapes: CPU (and --quick) the tiny SD model, B=4, fp32; CUDA: the SD1.5 architecture (random
+weights, nothing downloaded), bf16, B=8. The builders live in d2g_fast.bench.train_speed.
+
+Largest per-GPU batch that fits (a search over out-of-memory, GPU only; capped to 80 GB so that
+an H200's figure holds for an 80 GB card):
+
+    python benchmarks/bench_train_step.py --max-batch [--memory-gb 80] [--arch sd15]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import Case, SkipCase  # noqa: E402
+
+
+def _make(arch: str, device: str, batch: int, precision: str, kernels: str, checkpointing: bool):
+    def make():
+        from d2g_fast.bench.train_speed import Unavailable, build_step
+        from d2g_fast.bench.train_speed import kernels as kernels_env
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SkipCase("no GPU")
+        try:
+            with kernels_env(kernels):
+                step_fn, run = build_step(arch, device=device, batch=batch, precision=precision,
+                                          gradient_checkpointing=checkpointing)
+        except Unavailable as exc:
+            raise SkipCase(str(exc)) from None
+        interval = run.config.r1_interval
+        plain_steps = (s for s in itertools.count(1) if s % interval)
+
+        def step():
+            with kernels_env(kernels):
+                return step_fn(next(plain_steps))
+        return {"fwd+bwd": step}
+    return make
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device.startswith("cuda") and not quick:
+        arch, batch, precision = "sd15", 8, "bf16"
+    else:
+        arch, batch, precision = "tiny", 4, "fp32"
+    out = []
+    for checkpointing in (False, True):
+        config = f"{arch} B={batch} {precision}{' grad-ckpt' if checkpointing else ''}"
+        for kernels in ("ref", "fused"):
+            out.append(Case(op="train_step", config=config, provider=kernels,
+                            make=_make(arch, device, batch, precision, kernels, checkpointing),
+                            note=f"samples/s = {batch}e3/median_ms; plain steps (no R1)"))
+    return out
+
+
+def main(argv=None) -> int:
+    from d2g_fast.bench.train_speed import largest_batch
+
+    p = argparse.ArgumentParser(description="largest per-GPU batch of the full training step")
+    p.add_argument("--max-batch", action="store_true", help="run the search (GPU only)")
+    p.add_argument("--arch", default="sd15")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--memory-gb", type=float, default=80.0,
+                   help="cap the process to this much GPU memory (0: no cap)")
+    args = p.parse_args(argv)
+    if not args.max_batch:
+        p.error("--max-batch: nothing else to do here; the timings run through benchmarks/run.py")
+    if not torch.cuda.is_available():
+        p.error("--max-batch needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if args.memory_gb > 0:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb / total))
+    print(f"# {torch.cuda.get_device_name()} ({total:.0f} GiB, capped to "
+          f"{args.memory_gb or total:.0f}) | torch {torch.__version__} | {args.arch} "
+          f"{args.precision}")
+    print("| gradient checkpointing | largest micro-batch (R1 step included) |")
+    print("|---|---|")
+    for checkpointing in (False, True):
+        b = largest_batch(args.arch, device="cuda", precision=args.precision,
+                          gradient_checkpointing=checkpointing)
+        print(f"| {'on' if checkpointing else 'off'} | {b} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
