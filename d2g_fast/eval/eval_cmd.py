@@ -11,6 +11,8 @@ val2014, CLIP ViT-B/32), with weight files fetched once where there is network a
   torchrun --nproc-per-node 8 -m d2g_fast.cli eval --model sd15/ --steps 50 --guidance 7.5 \\
       --captions captions.txt --reference val2014/ --inception-weights inception-2015-12-05.pt \\
       --clip clip-vit-base-patch32/ --out eval-teacher/
+  (--num-images / --resolution / --seed change the protocol's choices; the report then calls it
+  "custom", and d2g compare refuses to set it beside coco30k-gigagan numbers.)
   d2g eval --model student/ --steps 1 --guidance 0 ... --reference eval-teacher/reference-stats.npz \\
       --out eval-student/
   d2g compare eval-teacher/ eval-student/
@@ -48,8 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-features", default=None, help="local transformers vision model folder "
                    "(e.g. DINOv2) for a second Fréchet distance (optional)")
     p.add_argument("--protocol", default="coco30k-gigagan", choices=list(PROTOCOLS),
-                   help="named protocol; --num/--resolution/--seed changes make it 'custom'")
-    p.add_argument("--num", type=int, default=None, help="images (default: the protocol's)")
+                   help="named protocol; --num-images/--resolution/--seed changes make it 'custom'")
+    # --num alone is ambiguous on a torchrun command line (its --numa-binding): use --num-images.
+    p.add_argument("--num-images", "--num", dest="num", type=int, default=None,
+                   help="images (default: the protocol's); under torchrun spell it --num-images")
     p.add_argument("--resolution", type=int, default=None,
                    help="evaluation resolution after centre crop + resize (default: protocol's)")
     p.add_argument("--seed", type=int, default=None, help="base seed (default: protocol's)")

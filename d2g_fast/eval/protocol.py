@@ -76,7 +76,7 @@ def resolve_protocol(name: str, **overrides) -> Protocol:
     if choices != PROTOCOLS[name]:
         name = CUSTOM
     if int(choices["num_images"]) < 2:
-        raise ValueError(f"--num: need at least 2 images, got {choices['num_images']}")
+        raise ValueError(f"--num-images: need at least 2 images, got {choices['num_images']}")
     if int(choices["resolution"]) < 1:
         raise ValueError(f"--resolution: must be positive, got {choices['resolution']}")
     if choices["resize_filter"] not in RESIZE_FILTERS:
@@ -98,7 +98,7 @@ def image_seed(seed: int, index: int) -> int:
 
 def load_captions(path: str, num_images: int) -> list[str]:
     """The first ``num_images`` captions of ``path`` (text: one per line; .json: a list or the
-    COCO captions layout; .jsonl). Errors name --captions (and --num when there are too few)."""
+    COCO captions layout; .jsonl). Errors name --captions (and --num-images when too few)."""
     from d2g_fast.data.prompts import load_prompts
 
     if not os.path.isfile(path):
@@ -109,5 +109,5 @@ def load_captions(path: str, num_images: int) -> list[str]:
         raise ValueError(str(exc).replace("prompts (--prompts)", "--captions")) from exc
     if len(captions) < num_images:
         raise ValueError(f"--captions: {path!r} holds {len(captions)} captions, fewer than "
-                         f"--num {num_images} (one caption per image)")
+                         f"--num-images {num_images} (one caption per image)")
     return captions[:num_images]
