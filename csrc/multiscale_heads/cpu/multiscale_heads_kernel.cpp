@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/macros.h"
 #include "multiscale_heads/multiscale_heads.h"
 #include "multiscale_heads/multiscale_heads_math.h"
 
@@ -59,7 +60,7 @@ std::vector<Task> make_tasks(const Prepared& p) {
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C, int64_t HW,
+D2G_CPU_CLONES void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C, int64_t HW,
                   acc_t eps, acc_t* const out[kStatRows], acc_t* loss_sum, acc_t* logit_sum) {
   acc_t s1[kTile], s2[kTile], shift[kTile], mean[kTile], rstd[kTile], logit[kTile], m1[kTile],
       m2[kTile];
@@ -113,7 +114,7 @@ void forward_task(const scalar_t* f, const acc_t* w, acc_t b, acc_t t, int64_t C
 
 // One pass over the features (the LayerNorm channel means come from the forward's m1, m2).
 template <typename scalar_t, typename acc_t>
-void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_t HW,
+D2G_CPU_CLONES void backward_task(const scalar_t* f, const acc_t* w, acc_t t, int64_t C, int64_t HW,
                    const acc_t* const in[kStatRows], acc_t grad_loss, acc_t loss_scale,
                    acc_t score_grad, scalar_t* df, acc_t* dw, acc_t* db) {
   acc_t g[kTile], g_rstd[kTile], mean[kTile], rstd[kTile], m1[kTile], m2[kTile];
