@@ -70,3 +70,16 @@ def write_reference_images(folder: str, n: int, seed: int = 0) -> str:
         img = Image.fromarray(base.astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
         img.save(os.path.join(folder, f"ref-{i:03d}.png"))
     return folder
+
+
+def save_tiny_dinov2(folder: str, seed: int = 0) -> str:
+    """A tiny random DINOv2 (32x32 images) with its image processor: the optional second space."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=4, mlp_ratio=2)
+    Dinov2Model(config).eval().save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                      ).save_pretrained(folder)
+    return folder

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from d2g_helpers import one_thread
-from eval_fixtures import (save_tiny_clip, save_tiny_inception, write_captions,
+from eval_fixtures import (save_tiny_clip, save_tiny_dinov2, save_tiny_inception, write_captions,
                            write_reference_images)
 
 from d2g_fast.cli import main
@@ -28,6 +28,7 @@ def fx(tmp_path_factory):
         paths = dict(pipe=save_tiny_sd_pipeline(str(d / "pipe")),
                      inception=save_tiny_inception(str(d / "inception.pt")),
                      clip=save_tiny_clip(str(d / "clip")),
+                     dinov2=save_tiny_dinov2(str(d / "dinov2")),
                      captions=write_captions(str(d / "captions.txt"), NUM),
                      reference=write_reference_images(str(d / "reference"), 20))
     return paths
@@ -183,6 +184,25 @@ def test_out_with_another_configuration_is_refused(fx, first, capsys):
     with one_thread():
         assert main(_args(fx, out, **{"--steps": "3"})) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_second_feature_space(fx, first, tmp_path, capsys):
+    from d2g_fast.eval import frechet_distance_from_stats, load_statistics
+
+    out = tmp_path / "extra"
+    report = _eval(fx, out, **{"--extra-features": fx["dinov2"]})
+    assert report["protocol"]["extra_features_sha256"]
+    assert report["metrics"]["fid"] == first[1]["metrics"]["fid"]  # Inception part unchanged
+    gen, ref = (load_statistics(str(out / name)) for name in ("stats.npz", "reference-stats.npz"))
+    assert gen["extra_mu"].shape == (32,)
+    assert report["metrics"]["fd_extra"] == frechet_distance_from_stats(
+        gen["extra_mu"], gen["extra_sigma"], ref["extra_mu"], ref["extra_sigma"]) > 0
+    # Statistics without the second space cannot serve as its reference.
+    with one_thread():
+        assert main(_args(fx, tmp_path / "no-extra", **{
+            "--extra-features": fx["dinov2"],
+            "--reference": os.path.join(first[0], "reference-stats.npz")})) == 2
+    assert "--reference" in capsys.readouterr().err
 
 
 def test_clip_score_plumbing_matches_manual_computation(fx):

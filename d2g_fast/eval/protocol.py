@@ -54,12 +54,6 @@ class Protocol:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def mismatches(self, other: dict) -> list[str]:
-        """Fields where ``other`` (a protocol dict from a report) differs from this one."""
-        mine = self.to_dict()
-        return [f"{k}: {mine.get(k)!r} vs {other.get(k)!r}"
-                for k in sorted(set(mine) | set(other)) if mine.get(k) != other.get(k)]
-
 
 def resolve_protocol(name: str, **overrides) -> Protocol:
     """The named protocol's choices with ``overrides`` (None values ignored). Changing any of the
