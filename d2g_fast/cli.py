@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "lpips": "d2g_fast.lpips.cli",
     "eval": "d2g_fast.eval.eval_cmd",
     "compare": "d2g_fast.eval.compare_cmd",
+    "toy": "d2g_fast.toy.cli",
     "bench": "d2g_fast.bench.cli",
 }
 

@@ -1,0 +1,1 @@
+"""The embedded toy text-to-image world (placeholder docstring, API below is filled in)."""
