@@ -17,6 +17,14 @@ from d2g_fast import _ext
 
 IMPLS = ("auto", "ref", "cpu", "cuda", "triton")
 
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend accumulates in and returns its float results in: float64 for
+    float64 inputs, else float32 (bfloat16 and float16 inputs too). The C++ twin is
+    ``accumulation_type`` in csrc/common/checks.h; tests/test_foundation_constants.py checks
+    that the compiled ops follow this rule."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 # Fastest-first order used by "auto" when an op declares none of its own.
 DEFAULT_CUDA_ORDER = ("cuda", "triton", "ref")
 

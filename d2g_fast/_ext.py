@@ -10,16 +10,29 @@ from __future__ import annotations
 import os
 import warnings
 
-import torch  # noqa: F401  (loads libc10/libtorch, which d2g_fast._C links against)
+import torch  # loads libc10/libtorch, which d2g_fast._C links against
+
+from d2g_fast import _build_record
 
 # Plain Python values only: the dispatch rule reads them inside torch.compile'd code, where
 # calls into a pybind11 module would break the graph.
-_STATE: dict = {"loaded": False, "error": None, "cuda": False, "archs": "", "warned": False}
+_STATE: dict = {"loaded": False, "error": None, "cuda": False, "archs": "", "warned": False,
+                "constants": {}}
 
 
 def _load() -> None:
     if os.environ.get("D2G_NO_EXT", "") not in ("", "0"):
         _STATE["error"] = "disabled by the environment variable D2G_NO_EXT"
+        return
+    # Checked before the import: loading an extension compiled for another torch can fail with
+    # an obscure undefined symbol or, worse, load and misbehave.
+    mismatch = _build_record.torch_mismatch(
+        _build_record.read(os.path.dirname(os.path.abspath(__file__))), torch.__version__)
+    if mismatch is not None:
+        _STATE["error"] = mismatch
+        _STATE["warned"] = True
+        warnings.warn(f"d2g_fast: {mismatch} Until then every op runs the slow pure-PyTorch "
+                      f"reference.", RuntimeWarning, stacklevel=2)
         return
     try:
         from d2g_fast import _C  # noqa: F401  (static initialisers register the ops)
@@ -29,6 +42,7 @@ def _load() -> None:
     _STATE["loaded"] = True
     _STATE["cuda"] = bool(_C.compiled_with_cuda())
     _STATE["archs"] = str(_C.cuda_archs())
+    _STATE["constants"] = dict(_C.constants())
 
 
 _load()
@@ -52,6 +66,16 @@ def cuda_archs() -> str:
     return _STATE["archs"]
 
 
+def constant(name: str) -> int:
+    """A constant the C++ kernels define (csrc/module.cpp lists them), e.g.
+    ``"multiscale_heads_stat_rows"``; only the compiled paths need them, so it raises when the
+    extension is not loaded."""
+    if not _STATE["loaded"]:
+        raise RuntimeError(f"d2g_fast: the constant {name!r} comes from the compiled extension, "
+                           f"which is not available ({_STATE['error']})")
+    return _STATE["constants"][name]
+
+
 def warn_missing_once(op: str) -> None:
     """Report the missing extension the first time an op has to fall back because of it."""
     if _STATE["warned"] or _STATE["loaded"]:
@@ -60,7 +84,7 @@ def warn_missing_once(op: str) -> None:
     warnings.warn(
         f"d2g_fast: the compiled extension d2g_fast._C is not available "
         f"({_STATE['error']}); '{op}' and every other op fall back to the slow pure-PyTorch "
-        f"reference. Rebuild with `pip install --no-build-isolation -e .` (see README.md) "
+        f"reference. Rebuild with `{_build_record.REBUILD_COMMAND}` (see README.md) "
         f"or pass impl='ref' to silence this.",
         RuntimeWarning,
         stacklevel=3,

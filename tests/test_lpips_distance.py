@@ -160,17 +160,36 @@ def test_bad_input_names_the_argument(impl):
 
 @needs_ext
 def test_cpp_boundary_checks_name_the_argument():
-    """Direct torch.ops calls skip the Python checks; the C++ ones must hold too."""
+    """Direct torch.ops calls skip the Python checks: the C++ ones that memory safety needs
+    still hold, name the argument and quote the violated condition."""
     f0, f1, w = make_inputs((2, 4, 3, 3))
-    with pytest.raises(RuntimeError, match="'weight' must have shape"):
+    with pytest.raises(RuntimeError, match=r"invalid argument 'weight': requires weight.dim\(\) == 1"):
         torch.ops.d2g_fast.lpips_distance(f0, f1, w[:3], False)
-    with pytest.raises(RuntimeError, match="'f1' must be a floating-point"):
+    with pytest.raises(RuntimeError, match="invalid argument 'f1'"):
         torch.ops.d2g_fast.lpips_distance(f0, f1.long(), w, False)
-    with pytest.raises(RuntimeError, match="empty batch"):
+    with pytest.raises(RuntimeError, match="invalid argument 'f1'"):
+        torch.ops.d2g_fast.lpips_distance(f0, f1[:, :3], w, False)
+    with pytest.raises(RuntimeError, match=r"invalid argument 'f0': requires .*numel\(\) > 0"):
         torch.ops.d2g_fast.lpips_distance(f0[:0], f1[:0], w, False)
     _, stats = torch.ops.d2g_fast.lpips_distance(f0, f1, w, False)
-    with pytest.raises(RuntimeError, match="'grad' must have shape"):
+    with pytest.raises(RuntimeError, match="invalid argument 'grad'"):
         torch.ops.d2g_fast.lpips_distance_backward(torch.ones(3), f0, f1, w, stats, False, True, True)
+    with pytest.raises(RuntimeError, match="invalid argument 'stats'"):
+        torch.ops.d2g_fast.lpips_distance_backward(torch.ones(2), f0, f1, w, stats[:4], False, True, True)
+
+
+@needs_ext
+def test_traced_direct_call_runs_the_python_checks():
+    """The fake kernel (what torch.compile and FakeTensor tracing run) applies the op's own
+    checks, with the same messages as the public op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    f0, f1, w = make_inputs((2, 4, 3, 3))
+    mode = FakeTensorMode()
+    a, b, bad_w = (mode.from_tensor(t) for t in (f0, f1, w[:3]))
+    with mode:
+        with pytest.raises(ValueError, match=r"'weight' must have shape \(C,\) or \(1, C, 1, 1\)"):
+            torch.ops.d2g_fast.lpips_distance(a, b, bad_w, False)
 
 
 @needs_ext

@@ -325,23 +325,36 @@ def test_bad_input_names_the_argument(impl):
 
 @needs_ext
 def test_cpp_boundary_checks_name_the_argument():
-    """Direct torch.ops calls skip the Python checks; the C++ ones must hold too."""
+    """Direct torch.ops calls skip the Python checks: the C++ ones that memory safety needs
+    still hold and name the argument."""
     f0s, f1s, ws = make_layers([(2, 4, 3, 3), (2, 5, 2, 2)], "contiguous")
     op = torch.ops.d2g_fast.lpips_distance_multi
-    with pytest.raises(RuntimeError, match=r"'weights\[1\]' must have shape"):
+    with pytest.raises(RuntimeError, match=r"invalid argument 'weights\[1\]'"):
         op(f0s, f1s, [ws[0], ws[1][:3]])
-    with pytest.raises(RuntimeError, match=r"'f1\[1\]' must be a floating-point"):
+    with pytest.raises(RuntimeError, match=r"invalid argument 'f1\[1\]'"):
         op(f0s, [f1s[0], f1s[1].long()], ws)
-    with pytest.raises(RuntimeError, match=r"'f0\[1\]' and 'f1\[1\]' must have the same shape"):
+    with pytest.raises(RuntimeError, match=r"invalid argument 'f1\[1\]'"):
         op(f0s, [f1s[0], f1s[1][:, :2]], ws)
-    with pytest.raises(RuntimeError, match=r"'f0\[1\]' has batch"):
+    with pytest.raises(RuntimeError, match=r"invalid argument 'f0\[1\]': requires .*a.size\(0\) == m.N"):
         op([f0s[0], f0s[1][:1]], [f1s[0], f1s[1][:1]], ws)
     _, stats = op(f0s, f1s, ws)
     back = torch.ops.d2g_fast.lpips_distance_multi_backward
-    with pytest.raises(RuntimeError, match="'grad' must have shape"):
+    with pytest.raises(RuntimeError, match="invalid argument 'grad'"):
         back(torch.ones(2), f0s, f1s, ws, stats, True, True)
-    with pytest.raises(RuntimeError, match="'stats' must be the contiguous"):
+    with pytest.raises(RuntimeError, match="invalid argument 'stats'"):
         back(torch.ones(2, 2), f0s, f1s, ws, stats[:, :-1], True, True)
+
+
+@needs_ext
+def test_traced_direct_call_runs_the_python_checks():
+    """The fake kernel applies the op's own checks, with the public op's messages."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    f0s, f1s, ws = make_layers([(2, 4, 3, 3), (2, 5, 2, 2)], "contiguous")
+    with FakeTensorMode() as mode:
+        a, b, w = ([mode.from_tensor(t) for t in seq] for seq in (f0s, f1s, ws))
+        with pytest.raises(ValueError, match=re.escape("'f0[1]' has batch 1 but 'f0[0]' has 2")):
+            torch.ops.d2g_fast.lpips_distance_multi([a[0], a[1][:1]], [b[0], b[1][:1]], w)
 
 
 def test_elatentlpips_uses_one_multi_layer_call(monkeypatch):

@@ -237,21 +237,36 @@ def test_bad_input_raises_naming_the_argument(impl):
 
 @needs_ext
 def test_cpp_boundary_checks_name_the_argument():
+    """Direct torch.ops calls skip the Python checks: the C++ ones that memory safety needs
+    still hold and name the argument."""
     feats, ws, bias, target, hw = make_inputs(n=3, shapes=[(5, 3, 2), (3, 2, 3)])
     op = torch.ops.d2g_fast.multiscale_heads
-    with pytest.raises(RuntimeError, match="weights"):
+    with pytest.raises(RuntimeError, match="invalid argument 'weights'"):
         op(feats, ws[:1], bias, target, hw[:2], 1e-5)
-    with pytest.raises(RuntimeError, match="bias"):
+    with pytest.raises(RuntimeError, match="invalid argument 'bias'"):
         op(feats, ws, torch.zeros(5), target, hw[:2], 1e-5)
-    with pytest.raises(RuntimeError, match="target"):
+    with pytest.raises(RuntimeError, match=r"invalid argument 'features\[0\]'"):
         op(feats, ws, bias, target[:2], hw[:2], 1e-5)
     loss, scores, stats = op(feats, ws, bias, target, hw[:2], 1e-5)
-    with pytest.raises(RuntimeError, match="stats"):
+    with pytest.raises(RuntimeError, match="invalid argument 'stats'"):
         torch.ops.d2g_fast.multiscale_heads_backward(loss.new_ones(()), torch.ones_like(scores), feats,
                                                      ws, target, hw[:2], 1e-5, stats[:1])
-    with pytest.raises(RuntimeError, match="grad_scores"):
+    with pytest.raises(RuntimeError, match="invalid argument 'grad_scores'"):
         torch.ops.d2g_fast.multiscale_heads_backward(loss.new_ones(()), torch.ones(3), feats, ws,
                                                      target, hw[:2], 1e-5, stats)
+
+
+@needs_ext
+def test_traced_direct_call_runs_the_python_checks():
+    """The fake kernel applies the op's own checks (eps is not a C++ memory check)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    feats, ws, bias, target, hw = make_inputs(n=3, shapes=[(5, 3, 2), (3, 2, 3)])
+    with FakeTensorMode() as mode:
+        args = [[mode.from_tensor(t) for t in feats], [mode.from_tensor(t) for t in ws],
+                mode.from_tensor(bias), mode.from_tensor(target)]
+        with pytest.raises(ValueError, match="'eps' must be positive"):
+            torch.ops.d2g_fast.multiscale_heads(*args, hw[:2], 0.0)
 
 
 @pytest.mark.triton
@@ -340,5 +355,7 @@ def test_more_channels_than_the_kernels_support_fall_back_or_raise():
     args = ([f], [w], torch.zeros(1), torch.tensor([1.0, -1.0]), [1.0])
     loss, _ = multiscale_heads(*args)  # auto: the reference
     assert_close(loss, heads_ref(*args)[0], atol=1e-6, name="auto with C > 7000")
-    with pytest.raises(RuntimeError, match=r"features\[0\]"):
+    with pytest.raises(ValueError, match=r"'features\[0\]' has 7001 channels"):
         multiscale_heads(*args, impl="cpu")
+    with pytest.raises(RuntimeError, match=r"invalid argument 'features\[0\]': requires f.size\(1\) <= kMaxChannelsCpu"):
+        torch.ops.d2g_fast.multiscale_heads(*args, 1e-5)

@@ -1,9 +1,27 @@
 #pragma once
 #include <ATen/ATen.h>
 
-// Argument checks at the C++ boundary. Every message names the argument and what was
-// expected, so a wrong call from any language reads the same.
+// Argument checks at the C++ boundary.
+//
+// Each op's arguments are validated once, with explanations, in Python (d2g_fast/ops/*.py: the
+// public op and the fake kernel, which every backend and the tracer pass through). The C++
+// entry points, callable directly as torch.ops.d2g_fast.*, keep only the checks that memory
+// safety needs (dtypes the kernels dispatch on, shapes they index, one device), written with
+// D2G_CHECK_ARG: the message names the argument and quotes the violated condition, so no rule
+// is written out twice.
+#define D2G_CHECK_ARG(cond, op, name)                                                          \
+  TORCH_CHECK(cond, op, ": invalid argument '", name, "': requires " #cond                     \
+              " (the Python op of the same name in d2g_fast.ops explains every argument)")
+
 namespace d2g {
+
+// The dtype every kernel accumulates in: float64 for float64 inputs, else float32 (bf16 and
+// fp16 inputs too). Its Python twin, for the reference and Triton paths and the fake kernels,
+// is d2g_fast._dispatch.accumulation_dtype; tests/test_foundation_constants.py checks that the
+// compiled ops follow it.
+inline at::ScalarType accumulation_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), op, ": '", name, "' is undefined");

@@ -5,16 +5,22 @@
 // For one pixel with channel vectors a, b and weights w:
 //   i0 = 1/sqrt(sum a^2 + eps), i1 = 1/sqrt(sum b^2 + eps), A = a*i0, B = b*i1
 //   d  = sum_c w_c (A_c - B_c)^2
-// History: the first kernels accumulated five sums in one pass and expanded
-// d = i0^2 Swaa - 2 i0 i1 Swab + i1^2 Swbb, which cancels catastrophically when f1 ~ f0 (relative
-// error ~ 1e-7 / |A - B|^2: about 20x the value itself for f1 = f0 (1 + 1e-4 noise) in float32).
-// Every kernel now uses the two-pass form below instead.
+// Why two passes: the one-pass expansion d = i0^2 Swaa - 2 i0 i1 Swab + i1^2 Swbb cancels
+// catastrophically when f1 ~ f0 (its relative error grows like eps_float / |A - B|^2), which is
+// exactly the regime of a converging loss. Every kernel uses the two-pass form below.
+#include <cstdint>
+
 #include "common/macros.h"
 
 namespace d2g {
 namespace lpips {
 
 constexpr double kEps = 1e-8;  // inside the square root, as in LPIPS' normalize_tensor
+
+// Per-pixel statistics the forward saves for the backward: [i0, i1, i0 - i1, s0, s1] (below),
+// the rows of the stats tensor of lpips_distance (5, N, H, W) and lpips_distance_multi
+// (5, total pixels). Python reads it through d2g_fast._C.constants().
+constexpr int64_t kStatRows = 5;
 
 // Two-pass, cancellation-free form.
 //

@@ -1,51 +1,45 @@
 #include "multiscale_heads/multiscale_heads.h"
 
+#include <string>
+
 #include "common/checks.h"
 #include "multiscale_heads/multiscale_heads_math.h"
 
 namespace d2g {
 namespace multiscale_heads {
 
+namespace {
+std::string item(const char* list, int64_t k) { return std::string(list) + "[" + std::to_string(k) + "]"; }
+}  // namespace
+
 Prepared prepare(const char* op, at::TensorList features, at::TensorList weights,
                  const at::Tensor& target, at::ArrayRef<double> head_weights, double eps) {
+  (void)eps;  // a numerical choice, not a memory one: checked in Python
   const int64_t K = static_cast<int64_t>(features.size());
-  TORCH_CHECK(K > 0, op, ": 'features' must hold at least one tensor");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == K, op, ": 'weights' must hold one tensor per "
-              "feature map (", K, "), got ", weights.size());
-  TORCH_CHECK(static_cast<int64_t>(head_weights.size()) == K, op, ": 'head_weights' must hold one "
-              "number per feature map (", K, "), got ", head_weights.size());
-  TORCH_CHECK(eps > 0, op, ": 'eps' must be positive, got ", eps);
-  check_floating(target, op, "target");
-  TORCH_CHECK(target.dim() == 1, op, ": 'target' must have shape (N,), got ", target.sizes());
+  D2G_CHECK_ARG(K > 0 && features[0].defined() && at::isFloatingType(features[0].scalar_type()),
+                op, "features");
+  D2G_CHECK_ARG(static_cast<int64_t>(weights.size()) == K, op, "weights");
+  D2G_CHECK_ARG(static_cast<int64_t>(head_weights.size()) == K, op, "head_weights");
+  const auto device = features[0].device();
+  D2G_CHECK_ARG(target.defined() && at::isFloatingType(target.scalar_type()) && target.dim() == 1 &&
+                    target.size(0) > 0 && target.device() == device, op, "target");
   Prepared p;
   p.K = K;
   p.N = target.size(0);
-  TORCH_CHECK(p.N > 0, op, ": 'target' has an empty batch (N = 0)");
-  const auto dtype = features[0].defined() ? features[0].scalar_type() : at::kFloat;
-  p.acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dtype = features[0].scalar_type();
+  p.acc = accumulation_type(dtype);
   for (int64_t k = 0; k < K; ++k) {
     const at::Tensor& f = features[k];
     const at::Tensor& w = weights[k];
-    check_floating(f, op, "features[k]");
-    check_floating(w, op, "weights[k]");
-    TORCH_CHECK(f.dim() == 4, op, ": 'features[", k, "]' must have shape (N, C, H, W), got ", f.sizes());
-    TORCH_CHECK(f.scalar_type() == dtype, op, ": every 'features' tensor must have the dtype of "
-                "'features[0]' (", dtype, "), 'features[", k, "]' has ", f.scalar_type());
-    TORCH_CHECK(f.size(0) == p.N, op, ": 'features[", k, "]' has batch ", f.size(0),
-                " but 'target' has ", p.N);
-    TORCH_CHECK(f.size(1) > 0 && f.size(2) > 0 && f.size(3) > 0, op, ": 'features[", k,
-                "]' must have C, H, W > 0, got ", f.sizes());
-    TORCH_CHECK(f.size(1) <= kMaxChannelsCpu, op, ": 'features[", k, "]' has ", f.size(1),
-                " channels; the kernels support at most ", kMaxChannelsCpu,
-                " (their SiLU exp is exact only for |LayerNorm output| < 84); use impl='ref'");
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == f.size(1), op, ": 'weights[", k,
-                "]' must have shape (C,) = (", f.size(1), ",), got ", w.sizes());
-    check_same_device(features[0], f, op, "features[0]", "features[k]");
-    check_same_device(features[0], w, op, "features[0]", "weights[k]");
+    D2G_CHECK_ARG(f.defined() && f.scalar_type() == dtype && f.dim() == 4 && f.size(0) == p.N &&
+                      f.numel() > 0 && f.device() == device, op, item("features", k));
+    // Not memory but exactness: exp_normalised has no range clamp (multiscale_heads_math.h).
+    D2G_CHECK_ARG(f.size(1) <= kMaxChannelsCpu, op, item("features", k));
+    D2G_CHECK_ARG(w.defined() && at::isFloatingType(w.scalar_type()) && w.dim() == 1 &&
+                      w.size(0) == f.size(1) && w.device() == device, op, item("weights", k));
     p.features.push_back(f.contiguous());
     p.weights.push_back(w.to(p.acc).contiguous());
   }
-  check_same_device(features[0], target, op, "features[0]", "target");
   p.target = target.to(p.acc).contiguous();
   p.loss_scale.resize(K);
   for (int64_t k = 0; k < K; ++k)
@@ -55,35 +49,27 @@ Prepared prepare(const char* op, at::TensorList features, at::TensorList weights
 
 void check_bias(const at::Tensor& bias, const Prepared& p) {
   static constexpr const char* op = "d2g_fast::multiscale_heads";
-  check_floating(bias, op, "bias");
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == p.K, op, ": 'bias' must have shape (K,) = (", p.K,
-              ",), got ", bias.sizes());
-  check_same_device(p.features[0], bias, op, "features[0]", "bias");
+  D2G_CHECK_ARG(bias.defined() && at::isFloatingType(bias.scalar_type()) && bias.dim() == 1 &&
+                    bias.size(0) == p.K && bias.device() == p.features[0].device(), op, "bias");
 }
 
 void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_scores,
                          at::TensorList stats, const Prepared& p) {
   static constexpr const char* op = "d2g_fast::multiscale_heads_backward";
-  check_floating(grad_loss, op, "grad_loss");
-  check_floating(grad_scores, op, "grad_scores");
-  TORCH_CHECK(grad_loss.numel() == 1, op, ": 'grad_loss' must be a scalar, got ", grad_loss.sizes());
-  TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == p.K && grad_scores.size(1) == p.N,
-              op, ": 'grad_scores' must have shape (K, N) = (", p.K, ", ", p.N, "), got ",
-              grad_scores.sizes());
-  TORCH_CHECK(static_cast<int64_t>(stats.size()) == p.K, op, ": 'stats' must hold one tensor per "
-              "head (", p.K, "), got ", stats.size());
+  const auto device = p.features[0].device();
+  D2G_CHECK_ARG(grad_loss.defined() && at::isFloatingType(grad_loss.scalar_type()) &&
+                    grad_loss.numel() == 1 && grad_loss.device() == device, op, "grad_loss");
+  D2G_CHECK_ARG(grad_scores.defined() && at::isFloatingType(grad_scores.scalar_type()) &&
+                    grad_scores.sizes() == at::IntArrayRef({p.K, p.N}) && grad_scores.device() == device,
+                op, "grad_scores");
+  D2G_CHECK_ARG(static_cast<int64_t>(stats.size()) == p.K, op, "stats");
   for (int64_t k = 0; k < p.K; ++k) {
     const auto& f = p.features[k];
     const auto& s = stats[k];
-    TORCH_CHECK(s.defined() && s.dim() == 4 && s.size(0) == kStatRows && s.size(1) == p.N &&
-                    s.size(2) == f.size(2) && s.size(3) == f.size(3) && s.is_contiguous() &&
-                    s.scalar_type() == p.acc,
-                op, ": 'stats[", k, "]' must be the contiguous (", kStatRows, ", N, H, W) ", p.acc,
-                " tensor returned by the forward, got ", s.sizes(), " ", s.scalar_type());
-    check_same_device(f, s, op, "features[k]", "stats[k]");
+    D2G_CHECK_ARG(s.defined() && s.sizes() == at::IntArrayRef({kStatRows, p.N, f.size(2), f.size(3)}) &&
+                      s.is_contiguous() && s.scalar_type() == p.acc && s.device() == device,
+                  op, item("stats", k));
   }
-  check_same_device(p.features[0], grad_loss, op, "features[0]", "grad_loss");
-  check_same_device(p.features[0], grad_scores, op, "features[0]", "grad_scores");
 }
 
 std::vector<at::Tensor> alloc_stats(const Prepared& p) {

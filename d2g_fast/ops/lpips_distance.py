@@ -1,24 +1,31 @@
-"""LatentLPIPS per-layer feature distance: the public op.
+"""LatentLPIPS per-layer feature distance: the public ops.
 
-``lpips_distance(f0, f1, weight, spatial=False, impl="auto")`` returns per sample
+``lpips_distance(f0, f1, weight, *, spatial=False, impl="auto")`` returns per sample
 ``mean_hw sum_c w_c (f0/|f0| - f1/|f1|)^2`` (|f| = sqrt(sum_c f^2 + 1e-8)), shape (N,), or the
 (N, 1, H, W) map with ``spatial=True``. Gradients flow to f0 and f1 (one elementwise pass each,
 from per-pixel statistics saved by the forward) and to ``weight`` when it requires one.
 Every backend uses the two-pass, cancellation-free math of csrc/lpips_distance/lpips_distance_math.h
 (the result keeps float32 relative precision when f1 is very close to f0).
 
-``lpips_distance_multi(f0s, f1s, weights, impl="auto")`` computes the (L, N) distances of several
+``lpips_distance_multi(f0s, f1s, weights, *, impl="auto")`` computes the (L, N) distances of several
 layers in one call (one kernel launch on the GPU): what E-LatentLPIPS uses for its five taps.
 
 Backends: "ref" (d2g_fast/ref), "cpu" and "cuda" (C++ op torch.ops.d2g_fast.lpips_distance),
 "triton" (torch.ops.d2g_fast.lpips_distance_triton). All are registered with torch.library
 (autograd + fake kernels) so they trace under torch.compile.
+
+Arguments are validated here, once: the public ops and the fake kernels (which every traced
+call passes through) run the same checks, whose messages name the argument; the C++ entry
+points keep only the checks that memory safety needs (csrc/common/checks.h).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from d2g_fast import _dispatch, _ext
+from d2g_fast._dispatch import accumulation_dtype
 from d2g_fast.ref.lpips_distance import lpips_distance as lpips_distance_ref
 from d2g_fast.ref.lpips_distance import lpips_distance_multi as lpips_distance_multi_ref
 
@@ -56,6 +63,20 @@ def _check_args(f0, f1, weight) -> torch.Tensor:
 
 def lpips_distance(f0: torch.Tensor, f1: torch.Tensor, weight: torch.Tensor, *,
                    spatial: bool = False, impl: str = "auto") -> torch.Tensor:
+    """LatentLPIPS distance of one layer: per pixel ``sum_c w_c (f0/|f0| - f1/|f1|)^2`` with
+    ``|f| = sqrt(sum_c f^2 + 1e-8)``, averaged over H, W unless ``spatial``.
+
+    Args:
+        f0 (Tensor[N, C, H, W]): features of the first image; any floating dtype and layout.
+        f1 (Tensor[N, C, H, W]): features of the second image; f0's shape, dtype and device.
+        weight (Tensor[C] or Tensor[1, C, 1, 1]): the per-channel weights (LPIPS' linear head).
+        spatial (bool): return the per-pixel map instead of its spatial mean.
+        impl (str): ``"auto" | "ref" | "cpu" | "cuda" | "triton"`` (see d2g_fast._dispatch).
+
+    Returns:
+        Tensor[N], or Tensor[N, 1, H, W] with ``spatial``: float32 (float64 for float64
+        inputs). Differentiable w.r.t. f0, f1 and weight.
+    """
     weight = _check_args(f0, f1, weight)
     backend = _dispatch.resolve_impl(OP, impl, f0.device)
     if backend == "ref":
@@ -98,11 +119,17 @@ def _make_backward(backward_op):
     return backward
 
 
+def _stat_rows() -> int:
+    """Rows of per-pixel statistics the C++ forward saves (kStatRows in lpips_distance_math.h)."""
+    return _ext.constant("lpips_distance_stat_rows")
+
+
 def _fake_forward(f0, f1, weight, spatial):
+    _check_args(f0, f1, weight)
     N, _, H, W = f0.shape
-    acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(f0.dtype)
     dist = f0.new_empty((N, 1, H, W) if spatial else (N,), dtype=acc)
-    return dist, f0.new_empty((5, N, H, W), dtype=acc)
+    return dist, f0.new_empty((_stat_rows(), N, H, W), dtype=acc)
 
 
 def _fake_backward(grad, f0, f1, weight, stats, spatial, need_f0, need_f1):
@@ -184,8 +211,18 @@ def _check_multi_args(f0s, f1s, weights) -> list[torch.Tensor]:
     return out
 
 
-def lpips_distance_multi(f0s, f1s, weights, *, impl: str = "auto") -> torch.Tensor:
-    """LatentLPIPS distance of L layers at once: (L, N), float32 (float64 for float64 inputs).
+def lpips_distance_multi(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
+                         weights: Sequence[torch.Tensor], *, impl: str = "auto") -> torch.Tensor:
+    """LatentLPIPS distance of L layers at once.
+
+    Args:
+        f0s (list of L Tensor[N, C_l, H_l, W_l]): features of the first image, one per layer.
+        f1s (list of L Tensor[N, C_l, H_l, W_l]): features of the second image, shaped as f0s.
+        weights (list of L Tensor[C_l] or Tensor[1, C_l, 1, 1]): per-channel weights.
+        impl (str): ``"auto" | "ref" | "cpu" | "cuda" | "triton"`` (see d2g_fast._dispatch).
+
+    Returns:
+        Tensor[L, N]: float32 (float64 for float64 inputs). Differentiable w.r.t. every input.
 
     Row l is ``lpips_distance(f0s[l], f1s[l], weights[l])``: per sample the spatial mean of
     ``sum_c w_c (f0/|f0| - f1/|f1|)^2`` with ``|f| = sqrt(sum_c f^2 + 1e-8)``. The layers may
@@ -220,13 +257,13 @@ def _multi_weight_grads(grad, f0s, f1s, stats, needed):
     grads, begin = [], 0
     for k, (a, b) in enumerate(zip(f0s, f1s)):
         N, _, H, W = a.shape
-        st = stats[:, begin:begin + N * H * W].view(5, N, 1, H, W)
+        layer_stats = stats[:, begin:begin + N * H * W].view(stats.shape[0], N, 1, H, W)
         begin += N * H * W
         if not needed[k]:
             grads.append(None)
             continue
         a, b = a.to(acc), b.to(acc)
-        D = (a - b) * st[0] + b * st[2]  # the cancellation-free normalised difference
+        D = (a - b) * layer_stats[0] + b * layer_stats[2]  # the cancellation-free normalised difference
         g = (grad[k].to(acc) / (H * W)).view(N, 1, 1, 1)
         grads.append((D * D * g).sum(dim=(0, 2, 3)))
     return grads
@@ -258,11 +295,12 @@ def _make_multi_backward(backward_op):
 
 
 def _multi_stats_shape(f0s):
-    return (5, sum(a.shape[0] * a.shape[2] * a.shape[3] for a in f0s))
+    return (_stat_rows(), sum(a.shape[0] * a.shape[2] * a.shape[3] for a in f0s))
 
 
 def _fake_multi_forward(f0s, f1s, weights):
-    acc = torch.float64 if f0s[0].dtype == torch.float64 else torch.float32
+    _check_multi_args(f0s, f1s, weights)
+    acc = accumulation_dtype(f0s[0].dtype)
     dist = f0s[0].new_empty((len(f0s), f0s[0].shape[0]), dtype=acc)
     return dist, f0s[0].new_empty(_multi_stats_shape(f0s), dtype=acc)
 

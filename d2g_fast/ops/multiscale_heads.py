@@ -1,6 +1,6 @@
 """Fused multi-scale discriminator heads: the public op.
 
-``multiscale_heads(features, weights, bias, target, head_weights, eps=1e-5, impl="auto")``
+``multiscale_heads(features, weights, bias, target, head_weights, eps=1e-5, *, impl="auto")``
 runs K readout heads (per pixel: LayerNorm over channels without affine -> SiLU -> 1x1 conv to
 one logit, ``weights[k]`` (C_k,), ``bias`` (K,)) and the non-saturating GAN loss
 
@@ -22,6 +22,10 @@ derivative is exact; plain training steps keep the fused backward. Tested with g
 Backends: "ref" (d2g_fast/ref), "cpu" and "cuda" (C++ op torch.ops.d2g_fast.multiscale_heads,
 all heads in one launch), "triton" (torch.ops.d2g_fast.multiscale_heads_triton, one launch per
 head). "auto" on a GPU takes cuda, then triton, then ref.
+
+Arguments are validated here, once: the public op and the fake kernels (which every traced call
+passes through) run the same checks, whose messages name the argument; the C++ entry points
+keep only the checks that memory safety needs (csrc/common/checks.h).
 """
 from __future__ import annotations
 
@@ -30,14 +34,36 @@ from typing import Sequence
 import torch
 
 from d2g_fast import _dispatch, _ext
+from d2g_fast._dispatch import accumulation_dtype
 from d2g_fast.ref.multiscale_heads import multiscale_heads as multiscale_heads_ref
 
 OP = "multiscale_heads"
-MAX_CHANNELS_KERNEL = 7000  # kMaxChannelsCpu in csrc/multiscale_heads/multiscale_heads_math.h
-# Per-pixel stats saved by the C++ forward for the backward: logit, mean, rstd, and the channel
-# means m1, m2 that make the backward one pass (kStatRows in multiscale_heads_math.h).
-STAT_ROWS = 5
 _CUDA_ORDER = ("cuda", "triton", "ref")
+# The C++ kernels (cpu, cuda) handle at most this many channels per head.
+_KERNEL_BACKENDS = ("cpu", "cuda")
+
+
+def max_channels_kernel() -> int:
+    """The most channels a head may have on the C++ kernels (kMaxChannelsCpu in
+    csrc/multiscale_heads/multiscale_heads_math.h: their fast SiLU exp has no range clamp and is
+    exact only while |LayerNorm output| <= sqrt(C - 1) < 84). Needs the extension."""
+    return _ext.constant("multiscale_heads_max_channels")
+
+
+def _stat_rows() -> int:
+    """Per-pixel stats the C++ forward saves for the backward: logit, mean, rstd, and the channel
+    means m1, m2 that make the backward one pass (kStatRows in multiscale_heads_math.h)."""
+    return _ext.constant("multiscale_heads_stat_rows")
+
+
+def _check_channels_for_kernels(features) -> None:
+    """The C++ kernels' channel limit, for an explicit impl='cpu' / 'cuda' or a traced call."""
+    for i, f in enumerate(features):
+        if f.shape[1] > max_channels_kernel():
+            raise ValueError(
+                f"{OP}: 'features[{i}]' has {f.shape[1]} channels; the C++ kernels (impl='cpu', "
+                f"'cuda') support at most {max_channels_kernel()} (their SiLU exp is exact only "
+                f"for |LayerNorm output| < 84); use impl='auto', 'ref' or 'triton'")
 
 
 def _check_args(features, weights, bias, target, head_weights, eps):
@@ -94,12 +120,32 @@ def _check_args(features, weights, bias, target, head_weights, eps):
 def multiscale_heads(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                      bias: torch.Tensor, target: torch.Tensor, head_weights: Sequence[float],
                      eps: float = 1e-5, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss: scalar, scores: (K, N)), float32 (float64 for float64 features)."""
+    """K discriminator readout heads and their non-saturating loss, in one call.
+
+    Args:
+        features (list of K Tensor[N, C_k, H_k, W_k]): the tapped feature maps; one floating
+            dtype, any layout.
+        weights (list of K Tensor[C_k]): each head's 1x1 logit weights.
+        bias (Tensor[K]): each head's logit bias.
+        target (Tensor[N]): +1 for real samples, -1 for fake ones.
+        head_weights (list of K float): each head's share of the loss.
+        eps (float): the LayerNorm epsilon (> 0).
+        impl (str): ``"auto" | "ref" | "cpu" | "cuda" | "triton"`` (see d2g_fast._dispatch);
+            "auto" takes the reference for heads wider than the C++ kernels support.
+
+    Returns:
+        (loss, scores): loss Tensor[] (the weighted sum over heads of the mean softplus
+        (-target * logit)) and scores Tensor[K, N] (spatial-mean logits), float32 (float64 for
+        float64 features). Differentiable w.r.t. features, weights and bias, twice.
+    """
     _check_args(features, weights, bias, target, head_weights, eps)
     head_weights = [float(w) for w in head_weights]
-    if impl == "auto" and max(f.shape[1] for f in features) > MAX_CHANNELS_KERNEL:
-        impl = "ref"  # the kernels' fast SiLU exp is exact only up to this many channels
     backend = _dispatch.resolve_impl(OP, impl, features[0].device, cuda_order=_CUDA_ORDER)
+    if backend in _KERNEL_BACKENDS:
+        if impl == "auto" and max(f.shape[1] for f in features) > max_channels_kernel():
+            backend = "ref"
+        else:
+            _check_channels_for_kernels(features)
     if backend == "ref":
         return multiscale_heads_ref(features, weights, bias, target, head_weights, float(eps))
     op = (torch.ops.d2g_fast.multiscale_heads_triton if backend == "triton"
@@ -174,11 +220,13 @@ def _reference_backward(features, weights, bias, target, head_weights, eps, grad
 
 
 def _fake_forward(features, weights, bias, target, head_weights, eps):
-    acc = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+    _check_args(features, weights, bias, target, head_weights, eps)
+    _check_channels_for_kernels(features)
+    acc = accumulation_dtype(features[0].dtype)
     n = target.shape[0]
     loss = features[0].new_empty((), dtype=acc)
     scores = features[0].new_empty((len(features), n), dtype=acc)
-    stats = [f.new_empty((STAT_ROWS, n, f.shape[2], f.shape[3]), dtype=acc) for f in features]
+    stats = [f.new_empty((_stat_rows(), n, f.shape[2], f.shape[3]), dtype=acc) for f in features]
     return loss, scores, stats
 
 

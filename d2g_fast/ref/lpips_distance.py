@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from d2g_fast._dispatch import accumulation_dtype
+
 EPS = 1e-8
 
 
@@ -18,7 +20,7 @@ def lpips_distance(f0: torch.Tensor, f1: torch.Tensor, weight: torch.Tensor,
     computed in float32 (as the kernels accumulate); the result is float32 (float64 for
     float64 inputs).
     """
-    acc = torch.float64 if f0.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(f0.dtype)
     a = _unit_normalize(f0.to(acc))
     b = _unit_normalize(f1.to(acc))
     diff2 = (a - b) ** 2

@@ -22,11 +22,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from d2g_fast._dispatch import accumulation_dtype
+
 
 def head_logits(feature: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 eps: float = 1e-5) -> torch.Tensor:
     """Logit map (N, H, W) of one head, computed in float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if feature.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(feature.dtype)
     f = feature.to(acc)
     xhat = F.layer_norm(f.movedim(1, -1), (f.shape[1],), eps=eps)  # normalise over channels
     a = F.silu(xhat)
