@@ -185,7 +185,7 @@ def test_collect_verify_recompute_catches_a_wrong_latent(sd_folder, tmp_path, ca
     """A shard whose checksum is right but whose latent is not what the teacher gives."""
     from safetensors.torch import load_file, save
 
-    from d2g_fast.data import store as st
+    from d2g_fast.data import store
 
     out = str(tmp_path / "pairs")
     assert d2g_main(["collect", "--teacher", sd_folder, "--num-pairs", "4", "--shard-size", "2",
@@ -194,10 +194,10 @@ def test_collect_verify_recompute_catches_a_wrong_latent(sd_folder, tmp_path, ca
     tensors = load_file(shard)
     tensors["latent"][1] += 0.5  # pair 3
     data = save(tensors)
-    st.atomic_write_bytes(shard, data)
+    store.atomic_write_bytes(shard, data)
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    manifest["shards"][1].update(bytes=len(data), sha256=st.sha256_bytes(data))
-    st.atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    manifest["shards"][1].update(bytes=len(data), sha256=store.sha256_bytes(data))
+    store.atomic_write_json(os.path.join(out, "manifest.json"), manifest)
     assert d2g_main(["verify", out]) == 0  # checksums alone cannot see it
     capsys.readouterr()
     assert d2g_main(["verify", out, "--recompute", "4"]) == 1

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from d2g_fast.data import (PairDataset, PromptSchedule, StoreError,  # noqa: E402
                            batch_noise, load_prompts, pair_noise, verify_store)
-from d2g_fast.data import store as st  # noqa: E402
+from d2g_fast.data import store  # noqa: E402
 from d2g_fast.teacher import Teacher, collect  # noqa: E402
 from d2g_fast.testing import tiny_sdxl_pipeline  # noqa: E402
 
@@ -107,27 +107,27 @@ def test_pairstore_noise_and_prompt_depend_only_on_seed_and_index():
 # ---------------------------------------------------------------- atomic writes
 def test_pairstore_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = str(tmp_path / "x.bin")
-    st.atomic_write_bytes(path, b"old")
+    store.atomic_write_bytes(path, b"old")
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(st.os, "replace", boom)
+    monkeypatch.setattr(store.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        st.atomic_write_bytes(path, b"new")
+        store.atomic_write_bytes(path, b"new")
     monkeypatch.undo()
     assert open(path, "rb").read() == b"old"
     assert os.listdir(tmp_path) == ["x.bin"], "temporary file left behind"
 
 
 def test_pairstore_ensure_writable(tmp_path):
-    assert st.ensure_writable(str(tmp_path / "new" / "deep")) == str(tmp_path / "new" / "deep")
+    assert store.ensure_writable(str(tmp_path / "new" / "deep")) == str(tmp_path / "new" / "deep")
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(NotADirectoryError, match="--out"):
-        st.ensure_writable(str(f))
+        store.ensure_writable(str(f))
     with pytest.raises(PermissionError, match="--out"):
-        st.ensure_writable(str(f / "below"))
+        store.ensure_writable(str(f / "below"))
 
 
 # ---------------------------------------------------------------- PairDataset
@@ -217,7 +217,7 @@ def test_pairstore_incomplete_store_is_refused(pairstore_folder, tmp_path):
     partial = _copy_store(pairstore_folder, str(tmp_path / "partial"))
     manifest = json.load(open(os.path.join(partial, "manifest.json")))
     manifest["complete"] = False
-    st.atomic_write_json(os.path.join(partial, "manifest.json"), manifest)
+    store.atomic_write_json(os.path.join(partial, "manifest.json"), manifest)
     with pytest.raises(StoreError, match="incomplete"):
         PairDataset(partial)
     assert any("incomplete" in p for p in verify_store(partial))

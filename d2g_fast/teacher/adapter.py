@@ -42,7 +42,7 @@ def parse_dtype(dtype) -> torch.dtype:
                          f"float32, float16, bfloat16") from None
 
 
-def _clean_config(config) -> dict:
+def clean_config(config) -> dict:
     """A config as a plain dict without the keys that change with saving/loading/casting."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     drop = {"_name_or_path", "transformers_version", "_diffusers_version", "torch_dtype", "dtype",
@@ -77,7 +77,7 @@ class Teacher:
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.base_scheduler = scheduler
-        self.vae_config = _clean_config(vae_config) if vae_config is not None else None
+        self.vae_config = clean_config(vae_config) if vae_config is not None else None
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.source = source
         self._unet_forward = unet
@@ -252,7 +252,7 @@ class Teacher:
         for name, module in modules.items():
             if module is None:
                 continue
-            add(name + ".config", json.dumps(_clean_config(module.config), sort_keys=True,
+            add(name + ".config", json.dumps(clean_config(module.config), sort_keys=True,
                                              default=str).encode())
             for key, tensor in sorted(module.state_dict().items()):
                 t = tensor.detach().to("cpu").contiguous()
@@ -263,7 +263,7 @@ class Teacher:
                 add(name, json.dumps([sorted(tok.get_vocab().items()), tok.model_max_length])
                     .encode())
         add("vae.config", json.dumps(self.vae_config, sort_keys=True, default=str).encode())
-        add("scheduler.config", json.dumps(_clean_config(self.base_scheduler.config),
+        add("scheduler.config", json.dumps(clean_config(self.base_scheduler.config),
                                            sort_keys=True, default=str).encode())
         self._identity = {
             "sha256": h.hexdigest(),

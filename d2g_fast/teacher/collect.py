@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from d2g_fast.data import store as st
+from d2g_fast.data import store
 from d2g_fast.data.seeding import NOISE_RULE, PROMPT_RULE, PromptSchedule, batch_noise, derive_seed
-from d2g_fast.teacher.adapter import Teacher, _clean_config
+from d2g_fast.teacher.adapter import Teacher, clean_config
 
 
 @dataclass
-class Dist:
+class ProcessGroup:
     """This process's place among the collecting processes (1 process when not distributed)."""
     rank: int = 0
     world: int = 1
@@ -33,12 +33,12 @@ class Dist:
             torch.distributed.barrier()
 
 
-def init_distributed(device: str) -> tuple[Dist, str]:
+def init_distributed(device: str) -> tuple[ProcessGroup, str]:
     """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1): gloo on CPUs,
-    NCCL on GPUs, each rank on ``cuda:LOCAL_RANK``. Returns (Dist, device of this rank)."""
+    NCCL on GPUs, each rank on ``cuda:LOCAL_RANK``. Returns (ProcessGroup, device of this rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(), device
+        return ProcessGroup(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -49,7 +49,7 @@ def init_distributed(device: str) -> tuple[Dist, str]:
         torch.distributed.init_process_group(
             backend="nccl" if device.startswith("cuda") else "gloo",
             timeout=datetime.timedelta(hours=24))
-    return Dist(rank, world), device
+    return ProcessGroup(rank, world), device
 
 
 def device_name(device: torch.device | str) -> str:
@@ -77,7 +77,7 @@ def collection_config(teacher: Teacher, prompts: list[str], *, steps: int, guida
         "latent_shape": list(teacher.latent_shape),
         "resolution": [teacher.height, teacher.width],
         "scheduler": type(sched).__name__,
-        "scheduler_config": json.loads(json.dumps(_clean_config(sched.config), default=str)),
+        "scheduler_config": json.loads(json.dumps(clean_config(sched.config), default=str)),
         "steps": int(steps),
         "guidance": float(guidance),
         "negative_prompt": negative_prompt,
@@ -88,14 +88,33 @@ def collection_config(teacher: Teacher, prompts: list[str], *, steps: int, guida
         "batch_size": int(batch_size),
         "dtype": str(teacher.dtype).replace("torch.", ""),
         "store_embeddings": bool(store_embeddings),
-        "prompts_sha256": st.sha256_bytes(st.canonical_json(prompts)),
+        "prompts_sha256": store.sha256_bytes(store.canonical_json(prompts)),
         "num_prompts": len(prompts),
         "noise_rule": NOISE_RULE,
         "prompt_rule": PROMPT_RULE,
     }
 
 
-def _check_arguments(num_pairs, steps, batch_size, shard_size, guidance):
+@dataclass(frozen=True)
+class StoreRun:
+    """One collection into one store folder: what the manifest and the shards are made from."""
+    out: str            # the store folder
+    config: dict        # collection_config(...)
+    config_hash: str    # sha256 of its canonical JSON
+    num_pairs: int
+    prompts: list[str]
+    prompt_source: str | None  # the --prompts argument (None: the bundled list)
+
+    @property
+    def prompts_bytes(self) -> bytes:
+        return store.canonical_json({"prompts": self.prompts})
+
+    def plan(self) -> list[tuple[int, int, int]]:
+        """(shard, start, count) of every shard."""
+        return store.plan_shards(self.num_pairs, self.config["shard_size"])
+
+
+def _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance):
     for name, flag, value in (("num_pairs", "--num-pairs", num_pairs), ("steps", "--steps", steps),
                               ("batch_size", "--batch-size", batch_size),
                               ("shard_size", "--shard-size", shard_size)):
@@ -103,39 +122,39 @@ def _check_arguments(num_pairs, steps, batch_size, shard_size, guidance):
             raise ValueError(f"{name} ({flag}): must be a positive integer, got {value!r}")
     if not guidance == guidance or guidance < 0:  # NaN or negative
         raise ValueError(f"guidance (--guidance): must be >= 0, got {guidance!r}")
+    if not prompts:
+        raise ValueError("prompts (--prompts): the prompt list is empty")
 
 
-def _prepare_store(out: str, config: dict, config_hash: str, prompts: list[str], teacher: Teacher,
-                   num_pairs: int, prompt_source: str | None) -> None:
+def _warn_about_inputs(teacher: Teacher, prompts: list[str], scheduler: str | None) -> None:
+    teacher.warn_if_stochastic(scheduler)
+    truncated = teacher.count_truncated(prompts)
+    if truncated:
+        warnings.warn(
+            f"prompts (--prompts): {truncated} of {len(prompts)} prompts are longer than the "
+            f"tokenizer limit of {teacher.max_prompt_tokens()} tokens and are truncated to "
+            f"it (as the diffusers pipelines do)", UserWarning, stacklevel=3)
+
+
+def _prepare_store(run: StoreRun, teacher: Teacher) -> None:
     """Rank 0: validate or initialise the folder (config check, prompt list, first manifest)."""
-    manifest_path = os.path.join(out, st.MANIFEST)
-    if os.path.exists(manifest_path):
-        old = st.read_manifest(out)
-        if old.get("config_hash") != config_hash:
-            raise st.ConfigMismatchError(
-                f"out (--out): {out!r} holds pairs made with a different configuration ("
-                f"{st.describe_mismatch(old.get('config', {}), config)}). Rerun with the "
+    if os.path.exists(os.path.join(run.out, store.MANIFEST)):
+        old = store.read_manifest(run.out)
+        if old.get("config_hash") != run.config_hash:
+            raise store.ConfigMismatchError(
+                f"out (--out): {run.out!r} holds pairs made with a different configuration ("
+                f"{store.describe_mismatch(old.get('config', {}), run.config)}). Rerun with the "
                 f"original settings to resume, or choose a new --out folder.")
-    st.remove_stale_temporaries(out)
-    prompts_path = os.path.join(out, st.PROMPTS)
-    prompts_bytes = st.canonical_json({"prompts": prompts})
+    store.remove_stale_temporaries(run.out)
+    prompts_path = os.path.join(run.out, store.PROMPTS)
     if not os.path.isfile(prompts_path) or \
-            st.sha256_file(prompts_path) != st.sha256_bytes(prompts_bytes):
-        st.atomic_write_bytes(prompts_path, prompts_bytes)
-    _write_manifest(out, config, config_hash, teacher, num_pairs, prompt_source,
-                    st.sha256_bytes(prompts_bytes), final=False)
+            store.sha256_file(prompts_path) != store.sha256_bytes(run.prompts_bytes):
+        store.atomic_write_bytes(prompts_path, run.prompts_bytes)
+    _write_manifest(run, teacher.identity(), final=False)
 
 
-def _write_manifest(out, config, config_hash, teacher, num_pairs, prompt_source, prompts_sha,
-                    final: bool) -> dict:
-    plan = st.plan_shards(num_pairs, config["shard_size"])
-    receipts = [st.read_receipt(out, k, start, count, config_hash) for k, start, count in plan]
-    done = [r for r in receipts if r is not None]
-    complete = len(done) == len(plan)
-    if final and not complete:
-        missing = [st.shard_file(k) for (k, _, _), r in zip(plan, receipts) if r is None]
-        raise st.StoreError(f"out: shards {missing[:8]} are missing after every rank finished")
-    ident = dict(teacher.identity())
+def _tensor_layout(config: dict) -> dict:
+    """The manifest's description of the tensors in every shard."""
     c, h, w = config["latent_shape"]
     tensors = {"noise": {"dtype": "float32", "shape": ["n", c, h, w]},
                "latent": {"dtype": "float32", "shape": ["n", c, h, w]},
@@ -145,29 +164,54 @@ def _write_manifest(out, config, config_hash, teacher, num_pairs, prompt_source,
         tensors["prompt_embeds"] = {"dtype": config["dtype"], "shape": ["n", "L", "D"]}
         if config["teacher_kind"] == "sdxl":
             tensors["pooled_prompt_embeds"] = {"dtype": config["dtype"], "shape": ["n", "P"]}
-    seconds = sum(r["device_seconds"] for r in done)
-    pairs_done = sum(r["count"] for r in done)
+    return tensors
+
+
+def _prompts_entry(run: StoreRun) -> dict:
+    source = run.prompt_source
+    return {"file": store.PROMPTS, "count": run.config["num_prompts"],
+            "sha256": store.sha256_bytes(run.prompts_bytes),
+            "source": os.path.abspath(source) if source and os.path.exists(source)
+            else source or "bundled"}
+
+
+def _cost(receipts: list[dict]) -> dict:
+    """Machine- and run-dependent figures (everything else in the manifest is deterministic)."""
+    seconds = sum(r["device_seconds"] for r in receipts)
+    pairs_done = sum(r["count"] for r in receipts)
+    return {
+        "devices": sorted({r["device"] for r in receipts}),
+        "device_seconds": seconds,
+        "pairs_per_device_second": pairs_done / seconds if seconds > 0 else None,
+        "device_days_per_million_pairs":
+            seconds / max(pairs_done, 1) * 1e6 / 86400 if pairs_done else None,
+        "shard_seconds": {r["file"]: r["device_seconds"] for r in receipts},
+    }
+
+
+def _write_manifest(run: StoreRun, teacher_identity: dict, *, final: bool) -> dict:
+    """Write the manifest from the receipts on disk; ``final`` (after every rank finished)
+    requires every shard. Returns the manifest."""
+    plan = run.plan()
+    receipts = [store.read_receipt(run.out, k, start, count, run.config_hash)
+                for k, start, count in plan]
+    done = [r for r in receipts if r is not None]
+    complete = len(done) == len(plan)
+    if final and not complete:
+        missing = [store.shard_file(k) for (k, _, _), r in zip(plan, receipts) if r is None]
+        raise store.StoreError(f"out: shards {missing[:8]} are missing after every rank finished")
     manifest = {
-        "format": st.FORMAT, "version": st.VERSION, "complete": complete,
-        "num_pairs": num_pairs, "num_shards": len(plan), "pairs_done": pairs_done,
-        "config": config, "config_hash": config_hash, "teacher": ident,
-        "prompts": {"file": st.PROMPTS, "count": config["num_prompts"], "sha256": prompts_sha,
-                    "source": os.path.abspath(prompt_source) if prompt_source
-                    and os.path.exists(prompt_source) else prompt_source or "bundled"},
-        "tensors": tensors,
+        "format": store.FORMAT, "version": store.VERSION, "complete": complete,
+        "num_pairs": run.num_pairs, "num_shards": len(plan),
+        "pairs_done": sum(r["count"] for r in done),
+        "config": run.config, "config_hash": run.config_hash, "teacher": dict(teacher_identity),
+        "prompts": _prompts_entry(run),
+        "tensors": _tensor_layout(run.config),
         "shards": [{k: r[k] for k in ("file", "shard", "start", "count", "bytes", "sha256")}
                    for r in done],
-        # Everything under "cost" depends on the machine and the run; the rest is deterministic.
-        "cost": {
-            "devices": sorted({r["device"] for r in done}),
-            "device_seconds": seconds,
-            "pairs_per_device_second": pairs_done / seconds if seconds > 0 else None,
-            "device_days_per_million_pairs":
-                seconds / max(pairs_done, 1) * 1e6 / 86400 if pairs_done else None,
-            "shard_seconds": {r["file"]: r["device_seconds"] for r in done},
-        },
+        "cost": _cost(done),
     }
-    st.atomic_write_json(os.path.join(out, st.MANIFEST), manifest)
+    store.atomic_write_json(os.path.join(run.out, store.MANIFEST), manifest)
     return manifest
 
 
@@ -177,108 +221,130 @@ def _serialize_shard(tensors: dict, metadata: dict) -> bytes:
     return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
-def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, steps: int = 50,
-            guidance: float = 8.0, scheduler: str | None = "ddim",
-            negative_prompt: str | None = None, batch_size: int = 8, shard_size: int = 1000,
-            seed: int = 0, store_embeddings: bool = False, prompt_source: str | None = None,
-            dist: Dist | None = None, progress: bool = True, log=print) -> dict | None:
-    """Collect ``num_pairs`` ODE pairs into the store folder ``out`` (created if needed) and
-    return the final manifest (on rank 0; None on the other ranks).
+def _pending_shards(run: StoreRun) -> list[tuple[int, int, int]]:
+    """The shards without a receipt, in plan order."""
+    return [s for s in run.plan() if store.read_receipt(run.out, *s, run.config_hash) is None]
 
-    Rerunning with the same arguments resumes: finished shards are kept, the rest are made.
-    The same folder with a different configuration raises ``ConfigMismatchError``. Latents with
-    NaN/Inf raise ``NonFiniteLatentError`` and are never stored."""
-    dist = dist or Dist()
-    _check_arguments(num_pairs, steps, batch_size, shard_size, guidance)
-    if not prompts:
-        raise ValueError("prompts (--prompts): the prompt list is empty")
-    out = st.ensure_writable(out)
-    config = collection_config(teacher, prompts, steps=steps, guidance=guidance,
-                               scheduler=scheduler, negative_prompt=negative_prompt,
-                               batch_size=batch_size, shard_size=shard_size, seed=seed,
-                               store_embeddings=store_embeddings)
-    config_hash = st.sha256_bytes(st.canonical_json(config))
-    if dist.rank == 0:
-        teacher.warn_if_stochastic(scheduler)
-        truncated = teacher.count_truncated(prompts)
-        if truncated:
-            warnings.warn(
-                f"prompts (--prompts): {truncated} of {len(prompts)} prompts are longer than the "
-                f"tokenizer limit of {teacher.max_prompt_tokens()} tokens and are truncated to "
-                f"it (as the diffusers pipelines do)", UserWarning, stacklevel=2)
-        _prepare_store(out, config, config_hash, prompts, teacher, num_pairs, prompt_source)
-    dist.barrier()  # the folder is validated before anyone looks at it
-    plan = st.plan_shards(num_pairs, shard_size)
-    pending = [s for s in plan if st.read_receipt(out, *s, config_hash) is None]
-    dist.barrier()  # everyone has the same view of what is pending before anyone writes
-    mine = pending[dist.rank::dist.world]
-    if dist.rank == 0:
-        log(f"d2g collect: {num_pairs} pairs in {len(plan)} shards, {len(plan) - len(pending)} "
-            f"done, {len(pending)} to make on {dist.world} process(es); out={out}")
 
+def _sample_shard(teacher: Teacher, run: StoreRun, start: int, count: int, base_scheduler,
+                  on_batch) -> dict:
+    """The tensors of one shard: noise, the teacher's latents, indices (and embeddings)."""
+    config = run.config
+    seed, batch_size, guidance = config["seed"], config["batch_size"], config["guidance"]
+    indices = list(range(start, start + count))
+    prompt_idx = PromptSchedule(len(run.prompts), seed).indices(indices)
+    noise = batch_noise(seed, indices, teacher.latent_shape)
+    latents, embeds, pooled = [], [], []
+    for b in range(0, count, batch_size):
+        rows = slice(b, b + batch_size)
+        texts = [run.prompts[j] for j in prompt_idx[rows]]
+        cond = teacher.encode_prompts(texts, config["negative_prompt"], guidance > 1.0)
+        # Stochastic schedulers draw from a generator seeded by the batch's first pair.
+        gen = torch.Generator(device=teacher.device).manual_seed(
+            derive_seed(seed, start + b, "sampler"))
+        lat = teacher.sample(noise[rows], texts, steps=config["steps"], guidance=guidance,
+                             scheduler=copy.deepcopy(base_scheduler), generator=gen,
+                             conditioning=cond)
+        latents.append(lat.cpu())
+        if config["store_embeddings"]:
+            embeds.append(cond.prompt_embeds.cpu())
+            if cond.pooled_prompt_embeds is not None:
+                pooled.append(cond.pooled_prompt_embeds.cpu())
+        on_batch(lat.shape[0])
+    tensors = {"noise": noise, "latent": torch.cat(latents),
+               "index": torch.tensor(indices, dtype=torch.int64),
+               "prompt_index": torch.tensor(prompt_idx, dtype=torch.int64)}
+    if embeds:
+        tensors["prompt_embeds"] = torch.cat(embeds)
+    if pooled:
+        tensors["pooled_prompt_embeds"] = torch.cat(pooled)
+    return tensors
+
+
+def _write_shard(run: StoreRun, k: int, start: int, count: int, data: bytes, *, device: str,
+                 seconds: float, rank: int) -> None:
+    """The shard file, then its receipt (a shard counts as done once its receipt exists)."""
+    store.atomic_write_bytes(os.path.join(run.out, store.shard_file(k)), data)
+    store.atomic_write_json(os.path.join(run.out, store.receipt_file(k)), {
+        "file": store.shard_file(k), "shard": k, "start": start, "count": count,
+        "bytes": len(data), "sha256": store.sha256_bytes(data), "config_hash": run.config_hash,
+        "device": device, "device_seconds": seconds, "rank": rank})
+
+
+def _make_shards(teacher: Teacher, run: StoreRun, mine: list, scheduler: str | None,
+                 group: ProcessGroup, progress: bool) -> None:
+    """Sample, serialise and write this rank's shards, timing each on the device."""
     from tqdm.auto import tqdm
 
-    schedule = PromptSchedule(len(prompts), seed)
     base_scheduler = teacher.make_scheduler(scheduler)
     device = teacher.device
     name = device_name(device)
     bar = tqdm(total=sum(c for _, _, c in mine), unit="pair", dynamic_ncols=True,
-               disable=not progress or dist.rank != 0, desc="collect")
+               disable=not progress or group.rank != 0, desc="collect")
     for k, start, count in mine:
         _sync(device)
         t0 = time.perf_counter()
-        indices = list(range(start, start + count))
-        prompt_idx = schedule.indices(indices)
-        noise = batch_noise(seed, indices, teacher.latent_shape)
-        latents, embeds, pooled = [], [], []
-        for b in range(0, count, batch_size):
-            rows = slice(b, b + batch_size)
-            texts = [prompts[j] for j in prompt_idx[rows]]
-            guided = guidance > 1.0
-            cond = teacher.encode_prompts(texts, negative_prompt, guided)
-            # Stochastic schedulers draw from a generator seeded by the batch's first pair.
-            gen = torch.Generator(device=device).manual_seed(
-                derive_seed(seed, start + b, "sampler"))
-            lat = teacher.sample(noise[rows], texts, steps=steps, guidance=guidance,
-                                 scheduler=copy.deepcopy(base_scheduler), generator=gen,
-                                 conditioning=cond)
-            latents.append(lat.cpu())
-            if store_embeddings:
-                embeds.append(cond.prompt_embeds.cpu())
-                if cond.pooled_prompt_embeds is not None:
-                    pooled.append(cond.pooled_prompt_embeds.cpu())
-            bar.update(lat.shape[0])
-        tensors = {"noise": noise, "latent": torch.cat(latents),
-                   "index": torch.tensor(indices, dtype=torch.int64),
-                   "prompt_index": torch.tensor(prompt_idx, dtype=torch.int64)}
-        if embeds:
-            tensors["prompt_embeds"] = torch.cat(embeds)
-        if pooled:
-            tensors["pooled_prompt_embeds"] = torch.cat(pooled)
+        tensors = _sample_shard(teacher, run, start, count, base_scheduler, bar.update)
         # One metadata entry: safetensors writes a map of several in a per-process random
         # order, which would make identical shards differ byte-wise.
-        data = _serialize_shard(tensors, {"d2g_fast": st.canonical_json(
-            {"format": st.FORMAT, "shard": k, "start": start, "count": count,
-             "config_hash": config_hash}).decode()})
+        data = _serialize_shard(tensors, {"d2g_fast": store.canonical_json(
+            {"format": store.FORMAT, "shard": k, "start": start, "count": count,
+             "config_hash": run.config_hash}).decode()})
         _sync(device)
-        seconds = time.perf_counter() - t0
-        st.atomic_write_bytes(os.path.join(out, st.shard_file(k)), data)
-        st.atomic_write_json(os.path.join(out, st.receipt_file(k)), {
-            "file": st.shard_file(k), "shard": k, "start": start, "count": count,
-            "bytes": len(data), "sha256": st.sha256_bytes(data), "config_hash": config_hash,
-            "device": name, "device_seconds": seconds, "rank": dist.rank})
+        _write_shard(run, k, start, count, data, device=name,
+                     seconds=time.perf_counter() - t0, rank=group.rank)
     bar.close()
-    dist.barrier()  # every shard is on disk
-    if dist.rank != 0:
-        return None
-    manifest = _write_manifest(out, config, config_hash, teacher, num_pairs, prompt_source,
-                               st.sha256_bytes(st.canonical_json({"prompts": prompts})),
-                               final=True)
+
+
+def _log_cost(manifest: dict, log) -> None:
     cost = manifest["cost"]
     if cost["device_seconds"]:
         log(f"d2g collect: done, {manifest['pairs_done']} pairs, {cost['device_seconds']:.1f} "
             f"device-seconds ({cost['pairs_per_device_second']:.3g} pairs/s per device, "
             f"{cost['device_days_per_million_pairs']:.3g} device-days per million pairs)")
+
+
+def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, steps: int = 50,
+            guidance: float = 8.0, scheduler: str | None = "ddim",
+            negative_prompt: str | None = None, batch_size: int = 8, shard_size: int = 1000,
+            seed: int = 0, store_embeddings: bool = False, prompt_source: str | None = None,
+            group: ProcessGroup | None = None, progress: bool = True,
+            log=print) -> dict | None:
+    """Collect ``num_pairs`` ODE pairs into the store folder ``out`` (created if needed) and
+    return the final manifest (on rank 0; None on the other ranks).
+
+    ``group`` is this process's place among the collecting processes (``init_distributed``);
+    None means a single process. Rerunning with the same arguments resumes: finished shards are
+    kept, the rest are made. The same folder with a different configuration raises
+    ``ConfigMismatchError``. Latents with NaN/Inf raise ``NonFiniteLatentError`` and are never
+    stored."""
+    group = group or ProcessGroup()
+    _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance)
+    out = store.ensure_writable(out)
+    config = collection_config(teacher, prompts, steps=steps, guidance=guidance,
+                               scheduler=scheduler, negative_prompt=negative_prompt,
+                               batch_size=batch_size, shard_size=shard_size, seed=seed,
+                               store_embeddings=store_embeddings)
+    run = StoreRun(out=out, config=config,
+                   config_hash=store.sha256_bytes(store.canonical_json(config)),
+                   num_pairs=num_pairs, prompts=list(prompts), prompt_source=prompt_source)
+    if group.rank == 0:
+        _warn_about_inputs(teacher, prompts, scheduler)
+        _prepare_store(run, teacher)
+    group.barrier()  # the folder is validated before anyone looks at it
+    pending = _pending_shards(run)
+    group.barrier()  # everyone has the same view of what is pending before anyone writes
+    mine = pending[group.rank::group.world]
+    if group.rank == 0:
+        log(f"d2g collect: {num_pairs} pairs in {len(run.plan())} shards, "
+            f"{len(run.plan()) - len(pending)} done, {len(pending)} to make on {group.world} "
+            f"process(es); out={out}")
+    _make_shards(teacher, run, mine, scheduler, group, progress)
+    group.barrier()  # every shard is on disk
+    if group.rank != 0:
+        return None
+    manifest = _write_manifest(run, teacher.identity(), final=True)
+    _log_cost(manifest, log)
     return manifest
 
 

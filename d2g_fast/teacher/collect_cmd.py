@@ -69,7 +69,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from d2g_fast.data import store as st
+    from d2g_fast.data import store
     from d2g_fast.data.prompts import load_prompts
     from d2g_fast.teacher.adapter import Teacher, parse_dtype
     from d2g_fast.teacher.collect import collect, init_distributed
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     parse_dtype(dtype)
     prompts = load_prompts(args.prompts)
-    st.ensure_writable(args.out)  # fail before loading a large teacher
-    dist, device = init_distributed(device)
+    store.ensure_writable(args.out)  # fail before loading a large teacher
+    group, device = init_distributed(device)
     try:
         teacher = Teacher.from_pretrained(args.teacher, dtype=dtype, device=device,
                                           resolution=args.resolution)
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                 shard_size=args.shard_size, seed=args.seed,
                 store_embeddings=args.store_embeddings, prompt_source=args.prompts,
-                dist=dist, progress=not args.no_progress)
+                group=group, progress=not args.no_progress)
     finally:
-        if dist.world > 1 and torch.distributed.is_initialized():
+        if group.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
