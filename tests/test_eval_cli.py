@@ -203,6 +203,7 @@ def test_second_feature_space(fx, first, tmp_path, capsys):
             "--extra-features": fx["dinov2"],
             "--reference": os.path.join(first[0], "reference-stats.npz")})) == 2
     assert "--reference" in capsys.readouterr().err
+    assert not (tmp_path / "no-extra" / "shards").exists()  # refused before generating
 
 
 def test_clip_score_plumbing_matches_manual_computation(fx):

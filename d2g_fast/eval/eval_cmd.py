@@ -95,26 +95,34 @@ def _versions() -> dict:
     return found
 
 
-def _reference_statistics(args, protocol, inception, extra, out: str, batch_size: int) -> dict:
-    """Statistics of the reference: read from an .npz, or computed from an image folder with the
-    protocol's crop/resize and the same extractors (then saved as reference-stats.npz)."""
+def _reference_file(args, extra) -> dict | None:
+    """The reference statistics when --reference is an .npz file (checked before any image is
+    generated), else None."""
+    from d2g_fast.eval.frechet import load_statistics
+
+    if not os.path.isfile(args.reference):
+        return None
+    stats = load_statistics(args.reference, "--reference")
+    if extra is not None and "extra_mu" not in stats:
+        raise ValueError(f"--reference: {args.reference!r} has no extra_mu/extra_sigma for "
+                         f"--extra-features; pass the reference image folder instead")
+    return stats
+
+
+def _reference_folder(args, protocol, inception, extra, out: str) -> dict:
+    """Statistics of a folder of reference images, prepared by the protocol (centre crop,
+    resize, uint8) and featurised like the generated ones; saved as reference-stats.npz."""
     import numpy as np
 
-    from d2g_fast.eval.frechet import feature_statistics, load_statistics, save_statistics
+    from d2g_fast.eval.frechet import feature_statistics, save_statistics
     from d2g_fast.eval.generate import load_image_folder
 
-    if os.path.isfile(args.reference):
-        stats = load_statistics(args.reference, "--reference")
-        if extra is not None and "extra_mu" not in stats:
-            raise ValueError(f"--reference: {args.reference!r} has no extra_mu/extra_sigma for "
-                             f"--extra-features; pass the reference image folder instead")
-        return stats
     images = load_image_folder(args.reference, protocol, "--reference")
-    chunks = range(0, len(images), batch_size)
-    feats = np.concatenate([inception(images[i:i + batch_size]) for i in chunks])
+    chunks = range(0, len(images), args.batch_size)
+    feats = np.concatenate([inception(images[i:i + args.batch_size]) for i in chunks])
     stats = dict(zip(("mu", "sigma"), feature_statistics(feats)))
     if extra is not None:
-        extra_feats = np.concatenate([extra(images[i:i + batch_size]) for i in chunks])
+        extra_feats = np.concatenate([extra(images[i:i + args.batch_size]) for i in chunks])
         stats.update(zip(("extra_mu", "extra_sigma"), feature_statistics(extra_feats)))
     stats["num_images"] = np.array(len(images))
     save_statistics(os.path.join(out, REFERENCE_STATS), **stats)
@@ -156,29 +164,44 @@ def _sum_over_ranks(values: list[int], world: int) -> list[int]:
 def run(args) -> int:
     import torch
 
-    from d2g_fast.data.store import (ensure_writable, plan_shards, remove_stale_temporaries,
-                                     sha256_file)
-    from d2g_fast.eval import generate as gen
-    from d2g_fast.eval.features import (INCEPTION_RESIZE, ClipScorer, HFImageFeatures,
-                                        InceptionFeatures, folder_sha256)
-    from d2g_fast.eval.protocol import captions_sha256, load_captions, resolve_protocol
-    from d2g_fast.eval.report import FORMAT, VERSION, write_report
-    from d2g_fast.teacher.collect import device_name, init_distributed
+    from d2g_fast.data.store import ensure_writable
+    from d2g_fast.eval.protocol import load_captions, resolve_protocol
+    from d2g_fast.teacher.collect import init_distributed
 
-    t0 = time.perf_counter()
     # 1. Protocol, captions and cheap argument checks, before any model is loaded.
+    t0 = time.perf_counter()
     protocol = resolve_protocol(args.protocol, num_images=args.num, resolution=args.resolution,
                                 seed=args.seed)
     captions = load_captions(args.captions, protocol.num_images)
     _check_arguments(args)
     out = ensure_writable(args.out)
     dist, device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        return _evaluate(args, protocol, captions, out, dist, device, t0)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str, t0: float) -> int:
+    """Steps 2-5 of ``run`` in every process (rank 0 alone computes the metrics)."""
+    import torch
+
+    from d2g_fast.data.store import plan_shards, remove_stale_temporaries, sha256_file
+    from d2g_fast.eval import generate as gen
+    from d2g_fast.eval.features import (INCEPTION_RESIZE, ClipScorer, HFImageFeatures,
+                                        InceptionFeatures, folder_sha256)
+    from d2g_fast.eval.protocol import captions_sha256
+    from d2g_fast.eval.report import FORMAT, VERSION, write_report
+    from d2g_fast.teacher.collect import device_name
+
     log = print if dist.rank == 0 else (lambda *a, **k: None)
 
     # 2. Feature extractors and the identities of every file the numbers depend on.
     inception = InceptionFeatures(args.inception_weights, device)
     clip = ClipScorer(args.clip, protocol.clip_prefix, device) if args.clip else None
     extra = HFImageFeatures(args.extra_features, device) if args.extra_features else None
+    ref = _reference_file(args, extra)
     reference_sha = (sha256_file(args.reference) if os.path.isfile(args.reference)
                      else folder_sha256(args.reference))
     protocol = dataclasses.replace(
@@ -218,7 +241,8 @@ def run(args) -> int:
         return 0
 
     # 5. Metrics against the reference, and the report.
-    ref = _reference_statistics(args, protocol, inception, extra, out, args.batch_size)
+    if ref is None:
+        ref = _reference_folder(args, protocol, inception, extra, out)
     metrics = _metrics(gen.read_shards(out, plan, config_hash), ref, out)
     report = {
         "format": FORMAT, "version": VERSION,
@@ -231,7 +255,7 @@ def run(args) -> int:
                 "shards": len(plan), "shards_made": made, "shards_reused": reused,
                 "seconds": round(time.perf_counter() - t0, 2)},
         "environment": _versions()}
-    json_path, md_path = write_report(out, report)
+    _, md_path = write_report(out, report)
     clip_text = "" if metrics["clip_score"] is None else f", CLIP score {metrics['clip_score']:.4f}"
     log(f"FID {metrics['fid']:.4f}{clip_text} over {metrics['num_images']} images; "
         f"report: {md_path}")
