@@ -18,7 +18,7 @@ $(VENV)/.deps-stamp: setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" ninja "setuptools>=64,<81" wheel cmake
-	$(PIP) install -q pytest pytest-benchmark "diffusers>=0.30" "transformers>=4.40" safetensors tqdm numpy "clean-fid==0.1.35" "scipy<1.18"
+	$(PIP) install -q pytest pytest-benchmark "diffusers>=0.30" "transformers>=4.40" safetensors tqdm numpy "clean-fid==0.1.35" "scipy<1.18" matplotlib
 	# Comparison targets (official E-LatentLPIPS and LPIPS) for parity tests and benchmarks.
 	$(PIP) install -q "torchvision" "elatentlpips==0.2" "lpips==0.1.4" scipy matplotlib || \
 	  echo "warning: comparison packages not installed; their parity tests will be skipped"
