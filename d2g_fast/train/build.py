@@ -215,6 +215,11 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
             ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     num_train = 0
+    # New parameters (D's heads and zero-convs, a random E-LatentLPIPS) are drawn from the seed,
+    # so every process and every resumed run builds the same networks.
+    from d2g_fast.data.seeding import derive_seed
+
+    torch.manual_seed(derive_seed(config.seed, 0, "train-init"))
     if teacher is None:
         teacher = load_teacher(config, device)
         dataset, num_train = open_pairs(config.pairs, teacher, config, procs.world)
