@@ -85,6 +85,8 @@ def test_deterministic_and_reference_stats_reusable(fx, first, tmp_path):
     again = _eval(fx, tmp_path / "again",
                   **{"--reference": os.path.join(out, "reference-stats.npz")})
     assert again["metrics"] == report["metrics"]
+    assert again["protocol"] == report["protocol"]  # folder and its saved statistics: one reference
+    assert again["reference"]["num_images"] == report["reference"]["num_images"] == 20
     # The same images are generated again, bit for bit.
     from safetensors.numpy import load_file
     a = load_file(os.path.join(out, "shards", "shard-00001.safetensors"))

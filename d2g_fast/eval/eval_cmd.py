@@ -17,6 +17,13 @@ val2014, CLIP ViT-B/32), with weight files fetched once where there is network a
       --out eval-student/
   d2g compare eval-teacher/ eval-student/
 
+Making the weight folders once (on a machine with network access):
+  CLIPModel.from_pretrained("openai/clip-vit-base-patch32").save_pretrained("clip-vit-base-patch32")
+  CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32").save_pretrained("clip-vit-base-patch32")
+A reference folder is prepared like the generated images (centre crop, resize with the
+protocol's filter, uint8) and its statistics are saved as reference-stats.npz in --out; pass that
+file as --reference in later runs (its sha256 is part of the protocol, so reuse it everywhere).
+
 The tests run the same command on tiny stand-ins (a tiny pipeline, a tiny TorchScript network in
 place of Inception, a tiny CLIP folder).
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import time
 
@@ -129,6 +137,13 @@ def _reference_folder(args, protocol, inception, extra, out: str) -> dict:
     return stats
 
 
+def _statistics_sha256(stats: dict, extra) -> str:
+    """The reference's identity: sha256 of the statistics used (float64 bytes), the same whether
+    they came from an image folder or from the reference-stats.npz saved from it."""
+    keys = ("mu", "sigma") + (("extra_mu", "extra_sigma") if extra is not None else ())
+    return hashlib.sha256(b"".join(stats[k].astype("<f8").tobytes() for k in keys)).hexdigest()
+
+
 def _metrics(arrays: dict, ref: dict, out: str) -> dict:
     from d2g_fast.eval.frechet import (feature_statistics, frechet_distance_from_stats,
                                        save_statistics)
@@ -187,7 +202,7 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str, 
     """Steps 2-5 of ``run`` in every process (rank 0 alone computes the metrics)."""
     import torch
 
-    from d2g_fast.data.store import plan_shards, remove_stale_temporaries, sha256_file
+    from d2g_fast.data.store import plan_shards, remove_stale_temporaries
     from d2g_fast.eval import generate as gen
     from d2g_fast.eval.features import (INCEPTION_RESIZE, ClipScorer, HFImageFeatures,
                                         InceptionFeatures, folder_sha256)
@@ -202,12 +217,10 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str, 
     clip = ClipScorer(args.clip, protocol.clip_prefix, device) if args.clip else None
     extra = HFImageFeatures(args.extra_features, device) if args.extra_features else None
     ref = _reference_file(args, extra)
-    reference_sha = (sha256_file(args.reference) if os.path.isfile(args.reference)
-                     else folder_sha256(args.reference))
     protocol = dataclasses.replace(
         protocol, captions_sha256=captions_sha256(captions),
         fid_library=f"clean-fid {_versions()['clean-fid']}", fid_resize=INCEPTION_RESIZE,
-        inception_sha256=inception.sha256, reference_sha256=reference_sha,
+        inception_sha256=inception.sha256,
         clip_sha256=clip.sha256 if clip else None,
         extra_features_sha256=extra.sha256 if extra else None)
 
@@ -217,7 +230,7 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str, 
     model = {"path": os.path.abspath(args.model), "sha256": folder_sha256(args.model),
              "steps": args.steps, "guidance": args.guidance, "generation_resolution": size,
              "dtype": args.dtype}
-    shard_protocol = {k: v for k, v in protocol.to_dict().items() if k != "reference_sha256"}
+    shard_protocol = protocol.to_dict()  # the reference's identity is filled in at step 5
     config = {"protocol": shard_protocol, "model": model, "batch_size": args.batch_size,
               "shard_size": args.shard_size}
     config_hash = gen.check_config(out, config)
@@ -243,13 +256,15 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str, 
     # 5. Metrics against the reference, and the report.
     if ref is None:
         ref = _reference_folder(args, protocol, inception, extra, out)
+    protocol = dataclasses.replace(protocol, reference_sha256=_statistics_sha256(ref, extra))
     metrics = _metrics(gen.read_shards(out, plan, config_hash), ref, out)
     report = {
         "format": FORMAT, "version": VERSION,
         "label": args.label or os.path.basename(os.path.normpath(args.model)),
         "protocol": protocol.to_dict(), "model": model, "metrics": metrics,
         "reference": {"path": os.path.abspath(args.reference),
-                      "kind": "statistics" if os.path.isfile(args.reference) else "images"},
+                      "kind": "statistics" if os.path.isfile(args.reference) else "images",
+                      "num_images": int(ref["num_images"]) if "num_images" in ref else None},
         "run": {"device": device_name(device), "world_size": dist.world,
                 "batch_size": args.batch_size, "shard_size": args.shard_size,
                 "shards": len(plan), "shards_made": made, "shards_reused": reused,

@@ -46,7 +46,7 @@ class Protocol:
     fid_library: str = ""            # "clean-fid <version>"
     fid_resize: str = ""
     inception_sha256: str = ""
-    reference_sha256: str = ""       # the .npz file, or the folder's files
+    reference_sha256: str = ""       # of the reference statistics (mu, sigma) in float64
     clip_rule: str = CLIP_RULE
     clip_sha256: str | None = None   # None: no CLIP score
     extra_features_sha256: str | None = None  # None: no second feature space
