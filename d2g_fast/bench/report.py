@@ -92,9 +92,15 @@ def write_png(rows, meta: dict, path: str) -> str:
 
 
 def write_all(rows, meta: dict, out: str) -> list[str]:
-    """Write the three files into ``out``; returns their paths."""
-    with open(os.path.join(out, "gpu_days.md"), "w", encoding="utf-8") as f:
+    """Write the three files into ``out`` (the PNG only where matplotlib imports: the markdown
+    then says so); returns their paths."""
+    paths = [write_csv(rows, os.path.join(out, "gpu_days.csv"))]
+    try:
+        paths.append(write_png(rows, meta, os.path.join(out, "gpu_days.png")))
+    except ImportError as exc:
+        meta.setdefault("omitted", []).append(f"gpu_days.png not drawn: matplotlib is not "
+                                              f"importable ({exc})")
+    paths.append(os.path.join(out, "gpu_days.md"))
+    with open(paths[-1], "w", encoding="utf-8") as f:
         f.write(markdown(rows, meta) + "\n")
-    return [write_csv(rows, os.path.join(out, "gpu_days.csv")),
-            os.path.join(out, "gpu_days.md"),
-            write_png(rows, meta, os.path.join(out, "gpu_days.png"))]
+    return paths
