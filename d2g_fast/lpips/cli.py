@@ -11,6 +11,7 @@ and :mod:`d2g_fast.lpips.data` for the data layouts.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "train your own LatentLPIPS: train-trunk, calibrate, eval"
@@ -165,7 +166,7 @@ def _run_train_trunk(args) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, precision=args.precision, val_fraction=args.val_fraction,
         seed=args.seed, flip=not args.no_flip, checkpoint_every=max(0, args.checkpoint_every))
-    if Path(out).is_file():  # rank 0 writes it
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
         print(f"wrote {out} | held-out top-1: {float(trunk_info(out)['top1']):.2f} %")
     return 0
 

@@ -36,6 +36,7 @@ PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 # Share of the steps spent warming the learning rate up linearly (then cosine decay to 0).
 WARMUP_FRACTION = 0.05
+LOSS_REPORT_EVERY = 10
 # A checkpoint records these settings; resuming with different ones is refused.
 RESUME_KEYS = ("latent_shape", "num_classes", "num_samples", "width_div", "batch_size", "steps",
                "lr", "weight_decay", "optimizer", "momentum", "precision", "val_fraction", "seed",
@@ -124,6 +125,7 @@ def epoch_order(train_idx: torch.Tensor, epoch: int, seed: int) -> tuple[torch.T
 class _Dist:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this call created the process group (and ends it)
 
     @property
     def main(self) -> bool:
@@ -137,9 +139,10 @@ def _init_distributed(device: torch.device) -> _Dist:
         return _Dist()
     import torch.distributed as dist  # noqa: PLC0415
 
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size())
+    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
 
 
 def _barrier(d: _Dist) -> None:
@@ -148,13 +151,40 @@ def _barrier(d: _Dist) -> None:
         dist.barrier()
 
 
-def _make_optimizer(model: nn.Module, s: TrunkSettings, fused: bool) -> torch.optim.Optimizer:
-    # Fused (one kernel for all parameters) in our path; the per-parameter loop in the plain one.
-    kw = {"fused": True} if fused else {"foreach": False}
+def _finish_distributed(d: _Dist) -> None:
+    _barrier(d)
+    if d.owns_group:
+        import torch.distributed as dist  # noqa: PLC0415
+        dist.destroy_process_group()
+
+
+def make_optimizer(model: nn.Module, s: TrunkSettings, plain: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of ``s``: fused (one kernel for all parameters) in our path, the
+    per-parameter loop with ``plain``."""
+    kw = {"foreach": False} if plain else {"fused": True}
     if s.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                                weight_decay=s.weight_decay, **kw)
     return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, **kw)
+
+
+def memory_format_for(s: TrunkSettings, device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA and with bf16 (cuDNN / oneDNN NHWC kernels), unless set."""
+    channels_last = s.channels_last
+    if channels_last is None:
+        channels_last = device.type == "cuda" or s.precision == "bf16"
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  precision: str) -> torch.Tensor:
+    """One optimizer step of cross-entropy on (x, y); returns the loss (a 0-d tensor)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -268,15 +298,13 @@ def train_trunk(latents: torch.Tensor, labels: torch.Tensor, output: str | os.Pa
     dist = _init_distributed(device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    channels_last = (device.type == "cuda" or s.precision == "bf16") if s.channels_last is None \
-        else s.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = memory_format_for(s, device)
 
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(s.seed)
         model = LatentVGGClassifier(latents.shape[1], num_classes, s.width_div)
     model = model.to(device, memory_format=memory_format).train()
-    opt = _make_optimizer(model, s, fused=True)
+    opt = make_optimizer(model, s)
     resume_settings = _resume_settings(s, latents, num_classes, dist.world_size)
     start = _load_resume(checkpoint, resume_settings, model, opt) if checkpoint.is_file() else 0
     ddp = model
@@ -310,15 +338,12 @@ def train_trunk(latents: torch.Tensor, labels: torch.Tensor, output: str | os.Pa
         y = labels[idx].to(device, non_blocking=True)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, s.steps, s.lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
-            loss = F.cross_entropy(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_value = loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        loss = training_step(ddp, opt, x, y, s.precision)
         done = step + 1
+        bar.update(1)
+        if done % LOSS_REPORT_EVERY == 0 or done == s.steps:  # .item() waits for the device
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.4f}")
         if (s.checkpoint_every and done % s.checkpoint_every == 0) or done == s.steps:
             if dist.main:
                 _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -335,7 +360,7 @@ def train_trunk(latents: torch.Tensor, labels: torch.Tensor, output: str | os.Pa
             "shift": repr(float(normalization[0])), "scale": repr(float(normalization[1])),
             "net": "vgg16", "top1": f"{top1:.4f}", "num_classes": num_classes,
             "steps": s.steps, "final_loss": f"{loss_value:.6g}"})
-    _barrier(dist)
+    _finish_distributed(dist)
     return output
 
 
