@@ -41,7 +41,9 @@ def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
     kwargs = {"local_files_only": True}
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(folder, **kwargs).to(device, dtype)
+    if dtype != torch.float32:  # at load, so that diffusers keeps its float32-only modules
+        kwargs["torch_dtype"] = dtype
+    pipe = DiffusionPipeline.from_pretrained(folder, **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
