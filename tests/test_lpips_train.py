@@ -220,3 +220,15 @@ def test_fit_heads_finds_the_feature_the_judges_follow():
         w = fit_heads(m0, m1, judge, epochs=20, lr=1e-2).double()
     assert (w >= 0).all() and w[0] > 5 * w[1:].max()
     assert two_afc_score(v0 @ w, v1 @ w, vjudge) > 0.85  # 0.9 is the best reachable
+
+
+def test_bf16_training_runs_and_records_a_finite_loss(tmp_path):
+    x, y = class_latents(48, 4)
+    with one_thread():
+        out = train_trunk(x, y, tmp_path / "t.safetensors", encoder="sdxl",
+                          **{**FAST, "steps": 3, "batch_size": 16, "precision": "bf16"})
+    meta = trunk_info(out)
+    assert meta["final_loss"] != "nan" and float(meta["final_loss"]) > 0
+    assert (float(meta["shift"]), float(meta["scale"])) == (0.0, 0.13025)  # the official SDXL values
+    sd = load_file(str(out))
+    assert all(v.dtype == torch.float32 for k, v in sd.items() if v.is_floating_point())

@@ -247,10 +247,3 @@ def load_trunk_checkpoint(module, path: str | os.PathLike) -> None:
         print(f"Loaded latent VGG16-BN trunk from {path}"
               + (f" | top-1 acc.: {float(acc):.2f}" if acc is not None else ""))
 
-
-def is_trunk_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is our safetensors trunk file (no calibrated heads)."""
-    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
-        return False
-    meta = read_safetensors_metadata(path)
-    return meta.get("format") == SAFETENSORS_FORMAT and meta.get("kind") == KIND_TRUNK
