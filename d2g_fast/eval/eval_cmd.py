@@ -3,26 +3,29 @@ diffusers pipeline under a pinned protocol, resumable and torchrun-aware.
 
 The real protocol (GigaGAN / DMD2: 30k COCO2014-val captions, 256 px, LANCZOS, clean-fid vs
 val2014, CLIP ViT-B/32), with weight files fetched once where there is network access:
-  inception-2015-12-05.pt     https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/
-  clip-vit-base-patch32/      CLIPModel + CLIPProcessor of openai/clip-vit-base-patch32, save_pretrained
-  captions.txt                the 30k COCO2014-val captions, one per line, in the protocol's order
-  val2014/ or val2014.npz     the reference images (or statistics saved by an earlier run)
+  inception-2015-12-05.pt   https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/
+                            metrics/inception-2015-12-05.pt
+  clip-vit-base-patch32/    CLIPModel + CLIPProcessor of openai/clip-vit-base-patch32 (below)
+  captions.txt              the 30k COCO2014-val captions, one per line, in the protocol's order
+  val2014/ or val2014.npz   the reference images (or statistics saved by an earlier run)
 
   torchrun --nproc-per-node 8 -m d2g_fast.cli eval --model sd15/ --steps 50 --guidance 7.5 \\
       --captions captions.txt --reference val2014/ --inception-weights inception-2015-12-05.pt \\
       --clip clip-vit-base-patch32/ --out eval-teacher/
   (--num-images / --resolution / --seed change the protocol's choices; the report then calls it
   "custom", and d2g compare refuses to set it beside coco30k-gigagan numbers.)
-  d2g eval --model student/ --steps 1 --guidance 0 ... --reference eval-teacher/reference-stats.npz \\
-      --out eval-student/
+  d2g eval --model student/ --steps 1 --guidance 0 ... \\
+      --reference eval-teacher/reference-stats.npz --out eval-student/
   d2g compare eval-teacher/ eval-student/
 
 Making the weight folders once (on a machine with network access):
-  CLIPModel.from_pretrained("openai/clip-vit-base-patch32").save_pretrained("clip-vit-base-patch32")
-  CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32").save_pretrained("clip-vit-base-patch32")
+  name, folder = "openai/clip-vit-base-patch32", "clip-vit-base-patch32"
+  CLIPModel.from_pretrained(name).save_pretrained(folder)
+  CLIPProcessor.from_pretrained(name).save_pretrained(folder)
 A reference folder is prepared like the generated images (centre crop, resize with the
 protocol's filter, uint8) and its statistics are saved as reference-stats.npz in --out; pass that
-file as --reference in later runs (its sha256 is part of the protocol, so reuse it everywhere).
+file as --reference in later runs (the protocol records the sha256 of the statistics, which is
+the same for the folder and for the .npz saved from it).
 
 The tests run the same command on tiny stand-ins (a tiny pipeline, a tiny TorchScript network in
 place of Inception, a tiny CLIP folder).
@@ -198,7 +201,8 @@ def run(args) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str, t0: float) -> int:
+def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
+              t0: float) -> int:
     """Steps 2-5 of ``run`` in every process (rank 0 alone computes the metrics)."""
     import torch
 

@@ -98,7 +98,7 @@ class InceptionFeatures:
 
         self.device = torch.device(device)
         try:
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is this file's format
+            with warnings.catch_warnings():  # TorchScript is deprecated; it is this file's format
                 warnings.simplefilter("ignore", FutureWarning)
                 self.base = torch.jit.load(weights_file, map_location=self.device).eval()
         except (RuntimeError, ValueError) as exc:

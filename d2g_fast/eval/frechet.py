@@ -52,8 +52,8 @@ def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2):
     |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), computed by clean-fid in
-    float64 (feature dimension D >= 2). A singular product (N < D) is handled as clean-fid does: the square root is retried
-    with 1e-6 added to both diagonals (a warning says so).
+    float64 (feature dimension D >= 2). A singular product (N < D) is handled as clean-fid does:
+    the square root is retried with 1e-6 added to both diagonals (a warning says so).
 
     Args:
         mu1, mu2: [D] means. sigma1, sigma2: [D, D] covariances.

@@ -63,8 +63,8 @@ def image_latents(pipe, seed: int, indices, size: int) -> torch.Tensor:
         for i in indices])
 
 
-def generate_images(pipe, captions: list[str], indices, *, seed: int, steps: int, guidance: float,
-                    size: int) -> np.ndarray:
+def generate_images(pipe, captions: list[str], indices, *, seed: int, steps: int,
+                    guidance: float, size: int) -> np.ndarray:
     """Generate images ``indices`` (image i from caption i) and quantise them.
 
     Returns:
@@ -149,7 +149,7 @@ def write_config(out: str, config: dict, config_hash: str) -> None:
     st.atomic_write_json(os.path.join(out, CONFIG), {"config": config, "config_hash": config_hash})
 
 
-def make_shard(k: int, start: int, count: int, *, pipe, captions, protocol: Protocol, steps: int,
+def make_shard(start: int, count: int, *, pipe, captions, protocol: Protocol, steps: int,
                guidance: float, size: int, batch_size: int, inception, clip=None,
                extra=None) -> dict[str, torch.Tensor]:
     """Generate, prepare and featurise images [start, start + count) in batches."""
@@ -195,7 +195,7 @@ def run_shards(out: str, plan, *, rank: int, world: int, config_hash: str, log=p
             reused += 1
             continue
         t0 = time.perf_counter()
-        tensors = make_shard(k, start, count, **shard_kwargs)
+        tensors = make_shard(start, count, **shard_kwargs)
         write_shard(shards_dir, k, start, count, tensors, config_hash, time.perf_counter() - t0)
         made += 1
         log(f"shard {k + 1}/{len(plan)}: images {start}..{start + count - 1}")
