@@ -188,9 +188,18 @@ def test_out_with_another_configuration_is_refused(fx, first, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def test_second_feature_space(fx, first, tmp_path, capsys):
+def _no_network(*args, **kwargs):
+    raise AssertionError(f"d2g eval tried to open a network connection: {args}")
+
+
+def test_second_feature_space_with_network_blocked(fx, first, tmp_path, capsys, monkeypatch):
+    import socket
+
     from d2g_fast.eval import frechet_distance_from_stats, load_statistics
 
+    # Every loader (pipeline, Inception, CLIP, DINOv2) runs with connections refused.
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(socket, "create_connection", _no_network)
     out = tmp_path / "extra"
     report = _eval(fx, out, **{"--extra-features": fx["dinov2"]})
     assert report["protocol"]["extra_features_sha256"]
