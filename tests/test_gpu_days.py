@@ -39,6 +39,7 @@ def test_tiny_run_writes_csv_markdown_png(tiny_run):
     assert (out / "gpu_days.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "gpu_days.md").read_text()
     assert "d2g bench gpu-days --arch tiny" in md and "Not measured on this device" in md
+    assert "PARTIAL" not in md
 
 
 def test_every_row_has_a_source_and_derived_rows_name_existing_rows(tiny_run):
@@ -103,6 +104,23 @@ def test_derive_extrapolates_steps_and_computes_savings(tmp_path):
     assert value["recipe.total.plain"] == pytest.approx(
         value["recipe.collect.diffusers"] + value["recipe.train.ref.fp32"])
     assert "saving.bf16" not in value and "saving.cuda_graphs" not in value
+
+
+def test_a_run_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
+    from d2g_fast.bench import gpu_days
+
+    monkeypatch.setattr(gpu_days, "measure_collection",
+                        lambda s, p: [_measured("collect.ours", 4.0)])
+    monkeypatch.setattr(gpu_days, "measure_loss", lambda s, p: [])
+
+    def killed(s, p):
+        raise KeyboardInterrupt  # as a time limit stops the run
+    monkeypatch.setattr(gpu_days, "measure_training", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_days.run_gpu_days(Settings(arch="tiny", out=str(tmp_path), device="cpu"))
+    assert "PARTIAL" in (tmp_path / "gpu_days.md").read_text()
+    names = {r["name"] for r in _read_csv(tmp_path / "gpu_days.csv")}
+    assert {"collect.ours", "recipe.collect.ours", "published.dmd2_sd15"} <= names
 
 
 def test_row_rejects_an_unknown_source():
@@ -186,3 +204,15 @@ def test_step_timing_amortizes_r1():
     assert t.amortized_s == pytest.approx(1.1)
     assert t.samples_per_s == pytest.approx(4 / 1.1)
     assert math.isclose(StepTiming(1.0, None, 16, None, 4).amortized_s, 1.0)
+
+
+@pytest.mark.cuda
+def test_tiny_run_on_the_gpu_measures_bf16_and_cuda_graphs(tmp_path, cuda_device):
+    assert cli.main(["bench", "gpu-days", "--arch", "tiny", "--out", str(tmp_path),
+                     "--device", "cuda"]) == 0
+    rows = {r["name"]: r for r in _read_csv(tmp_path / "gpu_days.csv")}
+    for name in ("collect.ours-graphs", "train.fused.bf16", "train.ref.bf16", "train.fused.fp32",
+                 "train.fused.bf16.peak_mem", "loss.e-latentlpips.peak_mem"):
+        assert rows[name]["source"] == "measured" and float(rows[name]["value"]) > 0, name
+    for name in ("saving.cuda_graphs", "saving.bf16", "saving.fused_kernels", "recipe.total.ours"):
+        assert rows[name]["source"] == "derived", name

@@ -4,9 +4,9 @@ optimisation saves, measured.
 Stages (each prints its progress):
   1. collection: pairs/s of ODE-pair collection, our Teacher against diffusers' pipeline loop
      (and CUDA graphs / torch.compile of our UNet where the device allows);
-  2. training: samples/s and peak memory of the trainer's full step, fused kernels against the
+  2. loss: E-LatentLPIPS against pixel LPIPS with VAE decoding, forward + backward;
+  3. training: samples/s and peak memory of the trainer's full step, fused kernels against the
      reference ops (``D2G_IMPL=ref``), bf16 against fp32;
-  3. loss: E-LatentLPIPS against pixel LPIPS with VAE decoding, forward + backward;
   4. the report: device-days of the recipe (``--pairs`` pairs at ``--steps`` steps, ``--iters``
      iterations at global batch ``--batch``), the saving of each optimisation, and the paper's and
      peers' published costs (cited, on their hardware).
@@ -410,28 +410,40 @@ def git_revision() -> str:
 
 
 def run_gpu_days(s: Settings) -> list[Row]:
-    """Measure, derive, write DIR/gpu_days.{csv,md,png}; returns every row."""
+    """Measure, derive, write DIR/gpu_days.{csv,md,png}; returns every row.
+
+    The CSV and markdown are rewritten after every stage (a run stopped by a time limit keeps
+    what it measured); the cheap stages come first, the fp32 training step last.
+    """
     from d2g_fast.bench import report
 
     s.check()
     os.makedirs(s.out, exist_ok=True)
     progress = Progress(4)
     t0 = time.perf_counter()
-    progress.stage(f"collection on {device_name(s.device)}")
-    rows = measure_collection(s, progress)
-    progress.stage("training step")
-    rows += measure_training(s, progress)
-    progress.stage("regression loss")
-    rows += measure_loss(s, progress)
-    progress.stage("report")
-    rows += derive(s, rows) + published()
     meta = {"command": s.command(), "device": device_name(s.device),
             "torch": torch.__version__, "git": git_revision(), "arch": s.arch,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_s": time.perf_counter() - t0, "omitted": progress.omitted,
+            "omitted": progress.omitted,
             "recipe": f"{s.pairs:.3g} pairs at {s.steps} steps, {s.iters} iterations at "
                       f"global batch {s.batch}"}
-    paths = report.write_all(rows, meta, s.out)
+    measured: list[Row] = []
+
+    def report_so_far(final: bool = False):
+        meta["wall_s"] = time.perf_counter() - t0
+        rows = measured + derive(s, measured) + published()
+        if final:
+            return rows, report.write_all(rows, meta, s.out)
+        report.write_text_files(rows, {**meta, "partial": True}, s.out)
+        return rows, None
+
+    for title, stage in ((f"collection on {device_name(s.device)}", measure_collection),
+                         ("regression loss", measure_loss), ("training step", measure_training)):
+        progress.stage(title)
+        measured += stage(s, progress)
+        report_so_far()
+    progress.stage("report")
+    rows, paths = report_so_far(final=True)
     print(report.markdown(rows, meta))
     progress.note(f"wrote {', '.join(paths)} ({meta['wall_s']:.0f} s in all)")
     return rows

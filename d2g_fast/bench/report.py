@@ -39,9 +39,11 @@ def write_csv(rows, path: str) -> str:
 def markdown(rows, meta: dict) -> str:
     """The report as markdown: a header naming command, device and revision, one table per
     section, then what was not measured here."""
+    partial = " so far (PARTIAL: stages still running or cut short)" if meta.get("partial") \
+        else ""
     lines = [f"# GPU-day accounting: {meta['arch']} on {meta['device']}", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}; git {meta['git']}; "
-             f"{meta['date']}; this run took {meta['wall_s']:.0f} s.",
+             f"{meta['date']}; this run took {meta['wall_s']:.0f} s{partial}.",
              f"Recipe: {meta['recipe']}.",
              "Every row is measured (in this run, on this device), derived (from the named rows) "
              "or cited (with its source and hardware).", ""]
@@ -91,16 +93,21 @@ def write_png(rows, meta: dict, path: str) -> str:
     return path
 
 
+def write_text_files(rows, meta: dict, out: str) -> list[str]:
+    """DIR/gpu_days.csv and DIR/gpu_days.md; returns their paths."""
+    paths = [write_csv(rows, os.path.join(out, "gpu_days.csv")), os.path.join(out, "gpu_days.md")]
+    with open(paths[1], "w", encoding="utf-8") as f:
+        f.write(markdown(rows, meta) + "\n")
+    return paths
+
+
 def write_all(rows, meta: dict, out: str) -> list[str]:
     """Write the three files into ``out`` (the PNG only where matplotlib imports: the markdown
     then says so); returns their paths."""
-    paths = [write_csv(rows, os.path.join(out, "gpu_days.csv"))]
+    png = []
     try:
-        paths.append(write_png(rows, meta, os.path.join(out, "gpu_days.png")))
+        png.append(write_png(rows, meta, os.path.join(out, "gpu_days.png")))
     except ImportError as exc:
         meta.setdefault("omitted", []).append(f"gpu_days.png not drawn: matplotlib is not "
                                               f"importable ({exc})")
-    paths.append(os.path.join(out, "gpu_days.md"))
-    with open(paths[-1], "w", encoding="utf-8") as f:
-        f.write(markdown(rows, meta) + "\n")
-    return paths
+    return write_text_files(rows, meta, out) + png
