@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ CLASSIFIER_FILE = "classifier.safetensors"
 ELATENTLPIPS_FILE = "elatentlpips.safetensors"
 PROVENANCE_FILE = "provenance.json"
 ENCODER_NAME = "d2g-toy"
+WORK_DIR = "_work"
 CFG_DROPOUT = 0.1
 
 
@@ -49,12 +51,12 @@ CFG_DROPOUT = 0.1
 class ToySettings:
     """Step counts and sizes of ``d2g toy train`` (``quick()`` for tests)."""
 
-    vae_steps: int = 400
+    vae_steps: int = 300
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     latent_pool: int = 6144
-    unet_steps: int = 2000
+    unet_steps: int = 1200
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
@@ -305,6 +307,40 @@ def train_elatentlpips(vae, pool, s: ToySettings, seed: int, out: Path, progress
 
 
 # ---------------------------------------------------------------------------------- assembly
+class _Work:
+    """Finished stages of an interrupted run (out/_work/): a rerun with the same seed and
+    settings resumes after the last finished stage; other settings are refused."""
+
+    def __init__(self, path: Path, s: ToySettings, seed: int):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        key = {"seed": seed, "settings": dataclasses.asdict(s)}
+        key_file = path / "run.json"
+        if key_file.is_file() and json.loads(key_file.read_text()) != key:
+            raise ValueError(f"--out {path.parent} holds an unfinished run with another --seed or "
+                             f"settings ({key_file}); delete it or choose another --out")
+        key_file.write_text(json.dumps(key))
+
+    def done(self, stage: str) -> bool:
+        return (self.path / f"{stage}.json").is_file()
+
+    def mark(self, stage: str, metrics: dict) -> None:
+        (self.path / f"{stage}.json").write_text(json.dumps(metrics))
+
+    def metrics(self, stage: str) -> dict:
+        return json.loads((self.path / f"{stage}.json").read_text())
+
+    def save_vae(self, vae, metrics: dict) -> None:
+        vae.save_pretrained(self.path / "vae", safe_serialization=True)
+        self.mark("vae", metrics)
+
+    def load_vae(self):
+        if not self.done("vae"):
+            return None
+        from diffusers import AutoencoderKL
+        return AutoencoderKL.from_pretrained(self.path / "vae").eval().requires_grad_(False)
+
+
 def save_teacher(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
     """Write the StableDiffusionPipeline folder (safetensors, no safety checker)."""
     from diffusers import StableDiffusionPipeline
@@ -330,7 +366,8 @@ def train_all(out: str | os.PathLike, seed: int = 0, settings: ToySettings | Non
     """Make the toy world into folder ``out`` (see the module docstring for the layout).
 
     Args:
-        out: output folder (created; existing files of the same names are replaced).
+        out: output folder (created; existing files of the same names are replaced). A run
+            that was killed resumes after its last finished stage (kept in out/_work/).
         seed: the one seed of everything (data, initialisation, noise).
         settings: step counts and sizes; default ``ToySettings()`` (the shipped weights).
         progress: tqdm bars on stderr.
@@ -341,7 +378,7 @@ def train_all(out: str | os.PathLike, seed: int = 0, settings: ToySettings | Non
     """
     from safetensors.torch import save_file
 
-    from d2g_fast.toy import evaluate as toy_eval
+    from d2g_fast.toy.evaluate import teacher_check
 
     s = settings or ToySettings()
     out = Path(out)
@@ -355,27 +392,36 @@ def train_all(out: str | os.PathLike, seed: int = 0, settings: ToySettings | Non
         timings[name] = round(now - t0, 1)
         t0 = now
 
-    tokenizer = models.build_tokenizer(str(out / "_tokenizer"))
-    vae, m = train_vae(s, seed, progress)
-    metrics.update(m)
+    work = _Work(out / WORK_DIR, s, seed)
+    tokenizer = models.build_tokenizer(str(work.path / "tokenizer"))
+    vae = work.load_vae()
+    if vae is None:
+        vae, m = train_vae(s, seed, progress)
+        work.save_vae(vae, m)
+    metrics.update(work.metrics("vae"))
     lap("vae_s")
     pool = latent_pool(vae, s, seed)
     lap("latent_pool_s")
-    text_encoder, unet = train_denoiser(pool, tokenizer, s, seed, progress)
+    if not work.done("teacher"):
+        text_encoder, unet = train_denoiser(pool, tokenizer, s, seed, progress)
+        save_teacher(out / TEACHER_DIR, vae, text_encoder, unet, tokenizer)
+        work.mark("teacher", {})
     lap("teacher_s")
-    save_teacher(out / TEACHER_DIR, vae, text_encoder, unet, tokenizer)
-    for f in (out / "_tokenizer").iterdir():
-        f.unlink()
-    (out / "_tokenizer").rmdir()
-    clf, m = train_classifier(s, seed, progress)
-    metrics.update(m)
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(out / CLASSIFIER_FILE))
+    if not work.done("classifier"):
+        clf, m = train_classifier(s, seed, progress)
+        save_file({k: v.contiguous() for k, v in clf.state_dict().items()},
+                  str(out / CLASSIFIER_FILE))
+        work.mark("classifier", m)
+    metrics.update(work.metrics("classifier"))
     lap("classifier_s")
-    metrics.update(train_elatentlpips(vae, pool, s, seed, out, progress))
+    if not work.done("elatentlpips"):
+        work.mark("elatentlpips", train_elatentlpips(vae, pool, s, seed, out, progress))
+    metrics.update(work.metrics("elatentlpips"))
     lap("elatentlpips_s")
-    metrics.update(toy_eval.teacher_check(out, n=s.eval_samples, steps=s.eval_steps,
+    metrics.update(teacher_check(out, n=s.eval_samples, steps=s.eval_steps,
                                           guidance=s.guidance, progress=progress))
     lap("metrics_s")
+    shutil.rmtree(work.path)
     provenance = {
         "command": command or f"d2g toy train --out {out} --seed {seed}",
         "seed": seed,
