@@ -171,7 +171,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["d2g_fast", "d2g_fast.*"]),
-    package_data={"d2g_fast": ["assets/*"]},
+    package_data={"d2g_fast": ["assets/*", "toy/weights/*.json", "toy/weights/*.safetensors",
+                               "toy/weights/teacher/*.json", "toy/weights/teacher/*/*"]},
     ext_modules=[] if _flag("D2G_SKIP_EXT") else extensions(),
     cmdclass={"build_ext": BuildExt},
     install_requires=[
