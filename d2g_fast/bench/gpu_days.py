@@ -212,7 +212,8 @@ def measure_collection(s: Settings, progress: Progress) -> list[Row]:
             f"collect.{provider}", "collection",
             f"ODE-pair collection, {provider}: pairs/s at {steps} steps", rate, "pairs/s",
             "measured", f"{archs.ARCH_INFO[s.arch].description} {s.precision}, batch {batch}, "
-            f"{steps} DDIM steps, guidance {s.guidance:g}; median of {t.reps} batches; {_where(s)}"))
+            f"{steps} DDIM steps, guidance {s.guidance:g}; median of {t.reps} batches; "
+            f"{_where(s)}"))
     return rows
 
 
