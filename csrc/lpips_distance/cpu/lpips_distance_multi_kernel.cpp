@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/macros.h"
 #include "lpips_distance/lpips_distance_math.h"
 #include "lpips_distance/cpu/lpips_distance_rows.h"
 #include "lpips_distance/lpips_distance_multi.h"
@@ -94,7 +95,7 @@ std::vector<Layer<scalar_t, acc_t>> make_layers(const MultiArgs& m) {
 // (run = rows * W, unit stride): longer unit-stride runs per channel, still small enough for
 // the second pass to find them in cache.
 template <typename scalar_t, typename acc_t, bool kUnit>
-acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, int64_t rows, acc_t* st,
+D2G_CPU_CLONES acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, int64_t rows, acc_t* st,
                          int64_t P, acc_t* buf) {
   const int64_t W = l.W * rows;
   const scalar_t* ra = l.a + n * l.sa.n + h * l.sa.h;
@@ -128,7 +129,7 @@ acc_t forward_row_planar(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, 
 
 // Channels innermost in both inputs: a pixel's channels are contiguous; two passes per pixel.
 template <typename scalar_t, typename acc_t>
-acc_t forward_row_channels_inner(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, acc_t* st, int64_t P) {
+D2G_CPU_CLONES acc_t forward_row_channels_inner(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, acc_t* st, int64_t P) {
   const int64_t pix = l.pix0 + (n * l.H + h) * l.W;
   acc_t row_sum = 0;
   for (int64_t x = 0; x < l.W; ++x) {
@@ -249,7 +250,7 @@ inline void grad_pixel_channels(const scalar_t* __restrict__ pa, const scalar_t*
 }
 
 template <typename scalar_t, typename acc_t, bool kA, bool kB>
-void backward_row(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, const acc_t* st, int64_t P, acc_t g,
+D2G_CPU_CLONES void backward_row(const Layer<scalar_t, acc_t>& l, int64_t n, int64_t h, const acc_t* st, int64_t P, acc_t g,
                   bool channels_inner) {
   const int64_t pix = l.pix0 + (n * l.H + h) * l.W;
   const acc_t *i0 = st + pix, *i1 = st + P + pix, *di = st + 2 * P + pix, *s0 = st + 3 * P + pix,
