@@ -9,11 +9,20 @@ Environment:
   D2G_DEBUG=1          -O0 -g, for debuggers and sanitizers
   D2G_SKIP_EXT=1       install the Python package only (the Makefile then builds the extension
                        in place with `setup.py build_ext --inplace`, incrementally, in build/)
+
+The kernels are compiled against the torch that is installed, so install with
+``pip install --no-build-isolation .``: an isolated build would compile them against whatever
+torch pip fetches into its temporary environment, and an extension built for another torch
+does not load (C++ ABI). pyproject.toml therefore does not list torch as a build requirement,
+and this file stops with the instructions when torch cannot be imported. Next to the extension
+the build writes its record (d2g_fast/_build_record.py: the torch it was compiled against),
+which d2g_fast/_ext.py compares with the running torch at import.
 """
 from __future__ import annotations
 
 import glob
 import os
+import runpy
 import shutil
 import sys
 
@@ -71,8 +80,31 @@ if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME once, at import.
     os.environ["CUDA_HOME"] = cuda_home
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+NO_TORCH_MESSAGE = """
+d2g_fast compiles its kernels against the torch you run, and torch cannot be imported here.
+If you ran `pip install .` (an isolated build, which hides your torch), install with:
+
+    pip install torch                          # first, the torch you will use
+    pip install --no-build-isolation .         # builds against it
+
+(D2G_NO_CUDA=1 builds the CPU kernels only.)
+"""
+
+try:
+    import torch  # noqa: E402
+    from torch.utils import cpp_extension  # noqa: E402
+except ImportError as exc:
+    sys.exit(f"{NO_TORCH_MESSAGE}\n(import torch failed: {exc})")
+
+
+def package_file(name: str) -> dict:
+    """The globals of d2g_fast/<name>.py, run on its own: importing the package needs the
+    extension this file builds."""
+    return runpy.run_path(os.path.join(ROOT, "d2g_fast", f"{name}.py"))
+
+
+def package_version() -> str:
+    return package_file("_version")["__version__"]
 
 
 def cuda_archs() -> str:
@@ -156,15 +188,28 @@ def extensions():
     return [ext]
 
 
+def build_record() -> dict:
+    """What the extension is compiled against; the import refuses an extension whose torch
+    differs from the running one."""
+    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "d2g_fast": package_version()}
+
+
 class BuildExt(cpp_extension.BuildExtension):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("use_ninja", True)
         super().__init__(*args, **kwargs)
 
+    def run(self):
+        super().run()
+        write_record = package_file("_build_record")["write"]
+        for ext in self.extensions:
+            write_record(os.path.dirname(self.get_ext_fullpath(ext.name)), build_record())
+
 
 setup(
     name="d2g_fast",
-    version="0.1.0",
+    version=package_version(),
     description="Distil diffusion models into one-step conditional GANs (Diffusion2GAN), fast.",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(
         os.path.join(ROOT, "README.md")) else "",

@@ -12,7 +12,6 @@ from d2g_fast import ops  # noqa: F401
 from d2g_fast.augment_params import AugmentParams
 from d2g_fast.nn.elatentlpips import ELatentLPIPS
 from d2g_fast import functional  # noqa: F401
-
-__version__ = "0.1.0"
+from d2g_fast._version import __version__
 
 __all__ = ["AugmentParams", "ELatentLPIPS", "functional", "build_info", "ops", "__version__"]
