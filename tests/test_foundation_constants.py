@@ -93,3 +93,16 @@ def test_installed_version_is_the_package_version():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("d2g_fast is not installed (only on sys.path)")
     assert installed == d2g_fast.__version__
+
+
+@pytest.mark.parametrize("name", ["lpips_distance", "lpips_distance_multi", "multiscale_heads"])
+def test_public_ops_take_impl_keyword_only_and_document_shapes(name):
+    import inspect
+
+    from d2g_fast import ops
+
+    op = getattr(ops, name)
+    impl = inspect.signature(op).parameters["impl"]
+    assert impl.kind is inspect.Parameter.KEYWORD_ONLY and impl.default == "auto"
+    doc = inspect.getdoc(op)
+    assert "Args:" in doc and "Returns:" in doc and "Tensor[" in doc

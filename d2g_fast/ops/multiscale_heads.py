@@ -39,7 +39,7 @@ from d2g_fast.ref.multiscale_heads import multiscale_heads as multiscale_heads_r
 
 OP = "multiscale_heads"
 _CUDA_ORDER = ("cuda", "triton", "ref")
-# The C++ kernels (cpu, cuda) handle at most this many channels per head.
+# The backends that run the C++ kernels, and so have their channel limit (max_channels_kernel).
 _KERNEL_BACKENDS = ("cpu", "cuda")
 
 
