@@ -5,12 +5,16 @@ On a GPU: the SD1.5 UNet architecture from its config (random weights; 860 M par
 64x64 latents, bf16 autocast, N real + N fake in one batched call (the way DiscriminatorLoss
 runs it), with and without gradient checkpointing, plus a lazy-R1 step (single sample). On the
 CPU: a tiny UNet for --quick, the SD1.5 architecture at N=1 otherwise.
+
+Provider "ref-compiled": the whole discriminator with the reference heads under
+``torch.compile`` (benchmarks.harness.COMPILE_KWARGS), base setting only: what a user without
+our kernels would run instead.
 """
 from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, SkipCase
+from benchmarks.harness import COMPILED, Case, SkipCase, compiled
 
 
 _TEACHERS: dict = {}
@@ -22,7 +26,7 @@ def _tiny_config():
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
-def _make(arch, N, device, heads_impl, checkpointing, r1):
+def _make(arch, N, device, heads_impl, checkpointing, r1, compile_d=False):
     def make():
         try:
             from diffusers import UNet2DConditionModel
@@ -43,6 +47,8 @@ def _make(arch, N, device, heads_impl, checkpointing, r1):
                 _TEACHERS[key] = UNet2DConditionModel(**config)
         D = DiffusionDiscriminator.from_unet(_TEACHERS[key], heads_impl=heads_impl,
                                              gradient_checkpointing=checkpointing).to(device)
+        if compile_d:
+            D = compiled(D)
         g = torch.Generator().manual_seed(0)
         real = torch.randn(N, 4, hw, hw, generator=g).to(device)
         fake = torch.randn(N, 4, hw, hw, generator=g).to(device)
@@ -71,15 +77,15 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device.startswith("cuda"):
         setups = [("sd15", 4, False, False), ("sd15", 4, True, False), ("sd15", 4, False, True),
                   ("sd15", 8, True, False)]
-        impls = ["cuda", "ref"]
+        impls = ["cuda", "ref", COMPILED]
         precision = "bf16 autocast"
     elif quick:
         setups = [("tiny", 4, False, False), ("tiny", 4, False, True)]
-        impls = ["cpu", "ref"]
+        impls = ["cpu", "ref", COMPILED]
         precision = "fp32"
     else:
         setups = [("tiny", 4, False, False), ("sd15", 1, False, False)]
-        impls = ["cpu", "ref"]
+        impls = ["cpu", "ref", COMPILED]
         precision = "fp32"
     for arch, N, ckpt, r1 in setups:
         for impl in impls:
@@ -87,7 +93,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                 continue  # the reference heads only in the base setting (each case builds a UNet)
             config = (f"{'SD1.5' if arch == 'sd15' else 'tiny'} D step, {N} real + {N} fake, "
                       f"{precision}{', checkpointing' if ckpt else ''}{', + R1 (1 sample)' if r1 else ''}")
-            out.append(Case(op="discriminator_step", config=config, provider=f"heads={impl}",
-                            make=_make(arch, N, device, impl, ckpt, r1),
+            provider = COMPILED if impl == COMPILED else f"heads={impl}"
+            heads_impl = "ref" if impl == COMPILED else impl
+            out.append(Case(op="discriminator_step", config=config, provider=provider,
+                            make=_make(arch, N, device, heads_impl, ckpt, r1, compile_d=impl == COMPILED),
                             note="fwd = D forward of 2N latents (no grad); fwd+bwd = DiscriminatorLoss + backward"))
     return out

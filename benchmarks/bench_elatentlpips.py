@@ -12,6 +12,7 @@ Providers
   official+aug        the same with its "bg" augmentation (CPU only: on a GPU it JIT-compiles
                       StyleGAN ops on first call)
   ref                 d2g_fast.ELatentLPIPS(impl="ref"): BatchNorm unfolded, distances op by op
+  ref-compiled        torch.compile of that same module (benchmarks.harness.COMPILE_KWARGS), fp32
   fast-fp32           d2g_fast.ELatentLPIPS fast path, fp32 (BN folded, channels_last, fused op)
   fast-bf16           the same in bf16
   fast-bf16+aug       fast-bf16 with the "bg" augmentation: the full E-LatentLPIPS
@@ -33,7 +34,7 @@ from collections import OrderedDict
 
 import torch
 
-from benchmarks.harness import Case, SkipCase
+from benchmarks.harness import COMPILED, Case, SkipCase, compiled
 from d2g_fast.nn.latent_vgg import VGG16_CFG
 
 _MODELS: dict = {}  # built models, shared between cases of one run
@@ -142,8 +143,10 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
         else:
             kwargs = {"augment": "bg" if provider.endswith("+aug") else None,
                       "precision": "bf16" if "bf16" in provider else "fp32",
-                      "impl": "ref" if provider == "ref" else "auto"}
+                      "impl": "ref" if provider in ("ref", COMPILED) else "auto"}
             model = _ours(c, device, **kwargs)
+            if provider == COMPILED:
+                model = compiled(model)
             aug = provider.endswith("+aug")
             loss = lambda a, b: model(a, b, ensembling=aug)  # noqa: E731
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -177,7 +180,7 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
     return make
 
 
-LATENT_PROVIDERS = ["official", "ref", "fast-fp32", "fast-bf16", "fast-bf16+aug"]
+LATENT_PROVIDERS = ["official", "ref", "fast-fp32", "fast-bf16", "fast-bf16+aug", COMPILED]
 PIXEL_PROVIDERS = ["pixel-lpips+vae", "pixel-lpips+vae-bf16"]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, require_backend
+from benchmarks.harness import COMPILED, Case, compiled, require_backend
 
 # Feature shapes of the five LatentLPIPS taps for a 64x64 latent (pools 4 and 5 kept).
 LAYERS = [(64, 64, 64), (128, 64, 64), (256, 64, 64), (512, 32, 32), (512, 16, 16)]
@@ -18,8 +18,8 @@ LAYERS = [(64, 64, 64), (128, 64, 64), (256, 64, 64), (512, 32, 32), (512, 16, 1
 def _provider_fn(provider: str):
     from d2g_fast.ops import lpips_distance
     from d2g_fast.ref.lpips_distance import lpips_distance as ref
-    if provider == "ref-compiled":
-        return torch.compile(lambda a, b, w: ref(a, b, w))
+    if provider == COMPILED:
+        return compiled(ref)
     if provider == "official-style":  # the official LPIPS formulation, layer by layer
         def official(a, b, w):
             na = a / torch.sqrt((a * a).sum(1, keepdim=True) + 1e-8)
@@ -60,6 +60,9 @@ def _make(provider, N, C, H, W, dtype, device, channels_last):
 def _multi_fn(provider: str):
     """One call for every layer (multi), five single-layer calls (5x-*), or the reference."""
     from d2g_fast.ops import lpips_distance, lpips_distance_multi
+    from d2g_fast.ref.lpips_distance import lpips_distance_multi as ref
+    if provider == COMPILED:
+        return compiled(ref)
     if provider.startswith("5x-"):
         impl = provider[3:]
         return lambda a, b, w: torch.stack([lpips_distance(x, y, v, impl=impl) for x, y, v in zip(a, b, w)])
@@ -69,7 +72,7 @@ def _multi_fn(provider: str):
 def _make_multi(provider, N, size, dtype, device, channels_last):
     def make():
         backend = provider[3:] if provider.startswith("5x-") else provider
-        if backend != "ref":
+        if backend not in ("ref", COMPILED):
             require_backend("lpips_distance_multi", backend, device)
         fn = _multi_fn(provider)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -100,12 +103,14 @@ def multi_cases(device: str, quick: bool) -> list[Case]:
     reference (what ELatentLPIPS does per loss evaluation, without the trunk)."""
     out = []
     if device.startswith("cuda"):
-        providers = ["cuda", "5x-cuda", "triton", "ref"]  # (5x-triton: left out, JIT time in a time box)
+        providers = ["cuda", "5x-cuda", "triton", "ref", COMPILED]  # (5x-triton: JIT time in a time box)
         variants = [(16, 64, torch.bfloat16, True), (16, 64, torch.float32, False)]
     else:
-        providers = ["cpu", "5x-cpu", "ref"]
+        # The loss's taps on a CPU: 32x32 latents (quick) and SD1.5's 64x64, N = 2.
+        providers = ["cpu", "5x-cpu", "ref", COMPILED]
         variants = [(2, 32, torch.float32, False), (2, 32, torch.float32, True)] if quick else \
-            [(4, 64, torch.float32, False), (4, 64, torch.float32, True)]
+            [(2, 32, torch.float32, False), (2, 32, torch.float32, True), (2, 64, torch.float32, False),
+             (2, 64, torch.float32, True)]
     for N, size, dtype, channels_last in variants:
         elt = torch.empty((), dtype=dtype).element_size()
         elems = sum(N * C * (H * size // 64) * (W * size // 64) for C, H, W in LAYERS)
@@ -125,21 +130,20 @@ def multi_cases(device: str, quick: bool) -> list[Case]:
 def cases(device: str, quick: bool) -> list[Case]:
     out = multi_cases(device, quick)  # first: what the loss runs (time-boxed GPU runs)
     if device.startswith("cuda"):
-        providers = ["ref", "official-style", "cuda", "triton"]
+        providers = ["ref", "official-style", "cuda", "triton", COMPILED]
         # fp32 planar (parity setting) and bf16 channels_last (the loss's fast path).
         variants = [(16, torch.float32, False), (16, torch.bfloat16, True)]
     else:
-        providers = ["ref", "official-style", "cpu"]
+        providers = ["ref", "official-style", "cpu", COMPILED]
         variants = [(2 if quick else 4, torch.float32, False), (2 if quick else 4, torch.float32, True)]
     layers = LAYERS if not quick else LAYERS[:1] + LAYERS[3:4]
     for N, dtype, channels_last in variants:
         elt = torch.empty((), dtype=dtype).element_size()
         for C, H, W in layers:
-            extra = ["ref-compiled"] if device.startswith("cuda") and (C, H, W) == LAYERS[0] else []
             feat = N * C * H * W * elt
             pix = N * H * W * 4
             config = f"N={N} {C}x{H}x{W} {str(dtype).replace('torch.', '')}{' cl' if channels_last else ''}"
-            for provider in providers + extra:  # inductor's fused reference: once, it compiles slowly
+            for provider in providers:
                 out.append(Case(
                     op="lpips_distance", config=config, provider=provider,
                     make=_make(provider, N, C, H, W, dtype, device, channels_last),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, require_backend
+from benchmarks.harness import COMPILED, Case, compiled, require_backend
 
 # (C, H, W) of the 13 taps of the SD1.5 discriminator for a 64x64 latent
 # (names: up{i}.before, up{i}.skip, up{i}.after for i = 0..3, then final).
@@ -29,11 +29,20 @@ SD15_HEADS = [
 ]
 
 
+def _heads_fn(provider):
+    """(features, weights, bias, target, head_weights) -> (loss, scores) of one provider."""
+    from d2g_fast.ops import multiscale_heads
+    from d2g_fast.ref.multiscale_heads import multiscale_heads as reference
+    if provider == COMPILED:
+        return compiled(reference)
+    return lambda *args: multiscale_heads(*args, impl=provider)
+
+
 def _make(provider, N, shapes, dtype, device):
     def make():
-        from d2g_fast.ops import multiscale_heads
         if provider in ("cpu", "cuda", "triton"):
             require_backend("multiscale_heads", provider, device)
+        heads = _heads_fn(provider)
         # Drawn on the device: 215 M numbers (SD1.5, N = 16) take seconds on the host, and this
         # file runs in a time box on the GPU machine.
         g = torch.Generator(device=device).manual_seed(0)
@@ -47,7 +56,7 @@ def _make(provider, N, shapes, dtype, device):
         leaves = feats + ws + [bias]
 
         def run():
-            loss, scores = multiscale_heads(feats, ws, bias, target, hw, impl=provider)
+            loss, scores = heads(feats, ws, bias, target, hw)
             return loss
 
         def fwd():
@@ -85,7 +94,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device.startswith("cuda"):
         # Ordered by importance (gpu_check.sh gives this file a time box): the full SD1.5 call
         # in fp32, the two single-head cases, then bf16.
-        providers = ["ref", "cuda", "triton"]
+        providers = ["ref", "cuda", "triton", COMPILED]
         for provider in providers:
             out.append(_case(provider, 16, SD15_HEADS, torch.float32, device,
                              "SD1.5 13 heads N=16 float32"))
@@ -97,9 +106,11 @@ def cases(device: str, quick: bool) -> list[Case]:
             out.append(_case(provider, 16, SD15_HEADS, torch.bfloat16, device,
                              "SD1.5 13 heads N=16 bfloat16"))
         return out
-    providers = ["ref", "cpu"]
-    variants = [(2, torch.float32)] if quick else [(2, torch.float32), (4, torch.float32),
-                                                    (4, torch.bfloat16)]
+    # The discriminator's real batches on a CPU: N = 2 (quick) up to 16, fp32 and bf16.
+    providers = ["ref", "cpu", COMPILED]
+    variants = [(2, torch.float32), (2, torch.bfloat16)] if quick else \
+        [(2, torch.float32), (2, torch.bfloat16), (8, torch.float32), (8, torch.bfloat16),
+         (16, torch.float32), (16, torch.bfloat16)]
     for N, dtype in variants:
         for provider in providers:
             out.append(_case(provider, N, SD15_HEADS, dtype, device,

@@ -11,6 +11,12 @@ Op "augment_params_sample": the parameter draw alone at N=16, "host" = AugmentPa
 packed(device) (numpy on the CPU and the copy of the packed tensor: what the host path pays per
 call) vs "device" = AugmentParams.sample_on_device on the benchmark device (one kernel launch).
 
+"ref-compiled": the same host draw, then ``torch.compile`` of the reference transform
+(d2g_fast.ref.paired_augment). Every call draws new parameters, as training does; the reflect
+margins are Python ints that change from draw to draw, so the compiled code is specialised per
+margin combination (recompiles, then eager fallback past dynamo's cache limit): what a user who
+compiles the reference would get.
+
 Bytes (an ideal fused pass): forward reads x and y and writes x_aug and y_aug (4 N C H W
 elements); the backward reads two output gradients and writes two input gradients (same).
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, SkipCase, require_backend
+from benchmarks.harness import COMPILED, Case, SkipCase, compiled, require_backend
 
 
 def _official_module(preset: str, device: str):
@@ -51,6 +57,13 @@ def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, dev
         if provider == "official":
             probe = torch.randn(N, C, H, W, device=device, dtype=dtype)
             fn = _official_fn(preset, device, probe, probe)
+        elif provider == COMPILED:
+            from d2g_fast.nn import PairedAugment
+            from d2g_fast.ref.paired_augment import paired_augment as reference
+            sampler = PairedAugment(preset, impl="ref", sampler="host")
+            transform = compiled(reference)
+            gen = torch.Generator().manual_seed(0)
+            fn = lambda a, b: transform(a, b, sampler.sample_params(a, generator=gen))  # noqa: E731
         else:
             from d2g_fast.augment_params import device_sampler_available
             from d2g_fast.nn import PairedAugment
@@ -108,10 +121,10 @@ def _make_sample(provider: str, preset: str, N: int, C: int, H: int, W: int, dev
 
 def cases(device: str, quick: bool) -> list[Case]:
     cuda = device.startswith("cuda")
-    providers = (["official", "ref", "cuda", "cuda+devrng", "triton", "triton+devrng"] if cuda
-                 else ["official", "ref", "cpu", "cpu+devrng"])
+    providers = (["official", "ref", "cuda", "cuda+devrng", "triton", "triton+devrng", COMPILED] if cuda
+                 else ["official", "ref", "cpu", "cpu+devrng", COMPILED])
     batches = (16, 4) if cuda else ((4, 16) if not quick else (4,))  # the GPU target (N=16) first
-    presets = ("bg", "bgco") if not quick else ("bg",)
+    presets = ("bg", "bgco")  # what E-LatentLPIPS runs: both, even in a quick run
     C, H, W = 4, 64, 64
     out = []
     # the parameter draw alone first: a few milliseconds, and the point of the device sampler

@@ -4,6 +4,12 @@ A benchmark file ``benchmarks/bench_<name>.py`` exposes ``cases(device, quick) -
 Each case builds its inputs lazily (``make``) and returns zero-argument callables per mode:
 "fwd", "bwd" (re-runs only the backward, e.g. ``out.backward(g, retain_graph=True)`` or
 ``torch.autograd.grad(..., retain_graph=True)``) and "fwd+bwd". The runner (run.py) times them.
+
+Every op's benchmark has a provider COMPILED ("ref-compiled"): ``torch.compile`` of the same
+reference the "ref" provider runs eagerly (COMPILE_KWARGS: inductor, default mode, static
+shapes), because that, not the eager reference, is the first thing a user would try instead of
+our kernels. Its compile time shows in the "first ms" column (the first call of each mode),
+never in the steady-state times.
 """
 from __future__ import annotations
 
@@ -13,6 +19,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+
+COMPILED = "ref-compiled"  # provider name of torch.compile(reference) in every benchmark
+COMPILE_KWARGS = {"backend": "inductor", "mode": None, "dynamic": False}  # mode None = "default"
+_COMPILED_FNS: dict = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, **COMPILE_KWARGS)``, one per function for the whole run, so that
+    repeated rounds and cases reuse the compiled code instead of compiling again."""
+    if fn not in _COMPILED_FNS:
+        _COMPILED_FNS[fn] = torch.compile(fn, **COMPILE_KWARGS)
+    return _COMPILED_FNS[fn]
 
 
 class SkipCase(Exception):
@@ -49,15 +68,16 @@ def synchronize(device: str) -> None:
 
 def time_callable(fn: Callable[[], object], device: str, *, min_time_s: float = 0.3,
                   min_reps: int = 5, max_reps: int = 200, warmup: int = 2) -> dict:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU), plus spread and
-    peak memory above the starting allocation."""
-    for _ in range(warmup):
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU), its spread, and the
+    time of the first call ("first_ms": what a compiled provider pays to compile)."""
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(warmup - 1):
         fn()
     synchronize(device)
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     times = []
     start_all = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start_all < min_time_s):
@@ -73,16 +93,48 @@ def time_callable(fn: Callable[[], object], device: str, *, min_time_s: float = 
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    result = {
+    return {
         "median_ms": statistics.median(times),
         "min_ms": times[0],
         "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
         "reps": len(times),
-        "peak_mem_mb": None,
+        "first_ms": first_ms,
     }
-    if cuda:
-        result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return result
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory of one call of ``fn`` above what was allocated when it started, in MiB:
+    everything allocated through torch's allocator (tensors, kernel workspaces, what autograd
+    saves for the backward), not the Python heap nor a kernel's own std::vector scratch.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: torch has no allocator statistics there,
+    so the call runs under ``torch.profiler`` with ``profile_memory=True`` and the peak is the
+    largest running sum of its allocation events (alloc +bytes, free -bytes) in time order."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch._C._profiler import _EventType  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = []
+
+    def collect(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation:
+                deltas.append((node.start_time_ns, node.extra_fields.alloc_size))
+            collect(node.children)
+
+    collect(prof.profiler.kineto_results.experimental_event_tree())
+    level = peak = 0
+    for _, size in sorted(deltas):
+        level += size
+        peak = max(peak, level)
+    return peak / 2**20
 
 
 def copy_bandwidth_gbs(device: str) -> float:

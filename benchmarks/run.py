@@ -4,6 +4,13 @@
     python benchmarks/run.py --device cpu --quick            # what `make bench` runs
     python benchmarks/run.py --device cuda --out DIR         # what gpu_check.sh runs
     python benchmarks/run.py --device cpu --only lpips_distance
+    python benchmarks/run.py --device cpu --quick --rounds 3   # providers interleaved, 3 rounds
+
+With --rounds R every case is made and timed once per round, all cases in turn, so that a
+machine shared with other work slows every provider alike; a row's median is the median of
+its R round medians and "spread" the lowest and highest round median. "first ms" is the first
+call of the first round (the compile time of the ref-compiled provider); "peak MB" is one
+extra call measured by benchmarks.harness.peak_memory_mb (first round).
 
 Writes ``<out>/<tag>.csv`` and ``<out>/<tag>.md`` whose rows carry the device name, torch version,
 date and git revision, and prints the markdown table.
@@ -16,6 +23,7 @@ import datetime as dt
 import importlib
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import traceback
@@ -25,10 +33,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from benchmarks.harness import SkipCase, copy_bandwidth_gbs, matmul_tflops, time_callable  # noqa: E402
+from benchmarks.harness import (COMPILE_KWARGS, COMPILED, SkipCase, copy_bandwidth_gbs,  # noqa: E402
+                                matmul_tflops, peak_memory_mb, time_callable)
 
-COLUMNS = ["op", "config", "provider", "mode", "median_ms", "min_ms", "p90_ms", "reps", "peak_mem_mb",
-           "gb_s", "tflop_s", "vs_ref", "of_floor", "note", "device", "torch", "date", "git"]
+COLUMNS = ["op", "config", "provider", "mode", "median_ms", "min_ms", "p90_ms", "reps", "rounds",
+           "round_min_ms", "round_max_ms", "first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
+           "vs_compiled", "of_floor", "note", "device", "torch", "date", "git", "threads"]
 
 
 def git_revision() -> str:
@@ -69,13 +79,19 @@ def fmt(v, digits=3):
 def write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=False):
     """(Re)write the CSV and markdown; called after every case so a run stopped by a time box
     keeps what it measured."""
-    # Speed-up against the reference provider of the same op/config/mode.
-    ref_times = {(r["op"], r["config"], r["mode"]): r["median_ms"] for r in rows
-                 if r.get("provider") == "ref" and r.get("median_ms")}
-    for r in rows:
-        t = ref_times.get((r["op"], r["config"], r["mode"]))
-        if t and r.get("median_ms"):
-            r["vs_ref"] = t / r["median_ms"]
+    for r in rows:  # fraction of the measured copy bandwidth, or else of the matmul peak
+        if r.get("gb_s"):
+            r["of_floor"] = r["gb_s"] / floor_gbs
+        elif r.get("tflop_s"):
+            r["of_floor"] = r["tflop_s"] / peak_tflops
+    # Speed-up against the eager and the compiled reference of the same op/config/mode.
+    for column, provider in (("vs_ref", "ref"), ("vs_compiled", COMPILED)):
+        base = {(r["op"], r["config"], r["mode"]): r["median_ms"] for r in rows
+                if r.get("provider") == provider and r.get("median_ms")}
+        for r in rows:
+            t = base.get((r["op"], r["config"], r["mode"]))
+            if t and r.get("median_ms"):
+                r[column] = t / r["median_ms"]
 
     os.makedirs(args.out, exist_ok=True)
     stamp = f"{'gpu' if args.device.startswith('cuda') else 'cpu'}-{tags['date']}-{tags['git']}"
@@ -87,16 +103,26 @@ def write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=False):
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
-    md = [f"Device: {tags['device']}; torch {tags['torch']}; {tags['date']}; git {tags['git']}; "
-          f"measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.1f} TFLOP/s; "
+    md = [f"Device: {tags['device']}; torch {tags['torch']}; {tags['threads']} threads; {tags['date']}; "
+          f"git {tags['git']}; measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul "
+          f"{peak_tflops:.1f} TFLOP/s; {COMPILED} = torch.compile(reference, {COMPILE_KWARGS}); "
           f"command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
           "",
-          "| op | config | provider | mode | median ms | peak MB | GB/s | TFLOP/s | x ref | of floor | note |",
-          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+          "median ms: median of the round medians; spread: lowest-highest round median; first ms: "
+          "first call (includes compiling); peak MB: one call, allocations through torch above the "
+          "start (CPU: torch.profiler allocation events; CUDA: max_memory_allocated); "
+          "x ref / x compiled: speed-up over the eager / compiled reference.",
+          "",
+          "| op | config | provider | mode | median ms | spread | first ms | peak MB | GB/s | TFLOP/s "
+          "| x ref | x compiled | of floor | note |",
+          "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        md.append("| " + " | ".join(fmt(r.get(k)) for k in ("op", "config", "provider", "mode", "median_ms",
-                                                            "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
-                                                            "of_floor", "note")) + " |")
+        spread = (f"{fmt(r['round_min_ms'])}-{fmt(r['round_max_ms'])}" if r.get("round_min_ms") is not None
+                  else "")
+        cells = [fmt(r.get(k)) for k in ("op", "config", "provider", "mode", "median_ms")] + [spread] + \
+            [fmt(r.get(k)) for k in ("first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref", "vs_compiled",
+                                     "of_floor", "note")]
+        md.append("| " + " | ".join(cells) + " |")
     md_path = os.path.join(args.out, f"bench-{stamp}.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md) + "\n")
@@ -112,72 +138,112 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", help="substrings of benchmark file names to run")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed runs per mode")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every case this many times, all cases in turn (interleaved)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
 
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     tags = {"device": device_name(device), "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "git": git_revision()}
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "git": git_revision(),
+            "threads": torch.get_num_threads()}
     floor_gbs = copy_bandwidth_gbs(device)
     peak_tflops = matmul_tflops(device)
-    print(f"# {tags['device']} | torch {tags['torch']} | {tags['date']} | git {tags['git']}")
+    print(f"# {tags['device']} | torch {tags['torch']} | {tags['threads']} threads | {tags['date']} | "
+          f"git {tags['git']}")
     print(f"# measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.1f} TFLOP/s")
 
-    rows = []
+    all_cases = []
     for name, module in bench_modules(args.only):
         try:
-            cases = module.cases(device, args.quick)
+            all_cases += module.cases(device, args.quick)
         except Exception as exc:
             print(f"[{name}] cases() failed: {exc}", file=sys.stderr)
             traceback.print_exc()
-            continue
-        for case in cases:
-            try:
-                fns = case.make()
-            except SkipCase as exc:
-                rows.append(dict(op=case.op, config=case.config, provider=case.provider, mode="-",
-                                 note=f"skipped: {exc}", **tags))
+
+    # rows keyed by (case index, mode), filled in round by round; "-" is a case that did not run.
+    results: dict = {}
+    for round_ in range(args.rounds):
+        for i, case in enumerate(all_cases):
+            if (i, "-") in results:  # skipped or failed in an earlier round
                 continue
-            except Exception as exc:
-                traceback.print_exc()
-                rows.append(dict(op=case.op, config=case.config, provider=case.provider, mode="-",
-                                 note=f"failed: {type(exc).__name__}: {exc}"[:200], **tags))
-                continue
-            for mode, fn in fns.items():
-                try:
-                    r = time_callable(fn, device, min_time_s=args.min_time)
-                except Exception as exc:
-                    traceback.print_exc()
-                    rows.append(dict(op=case.op, config=case.config, provider=case.provider, mode=mode,
-                                     note=f"failed: {type(exc).__name__}: {exc}"[:200], **tags))
-                    continue
-                nbytes = {"fwd": case.bytes, "bwd": case.bwd_bytes}.get(mode)
-                if mode == "fwd+bwd" and case.bytes and case.bwd_bytes:
-                    nbytes = case.bytes + case.bwd_bytes
-                nflops = {"fwd": case.flops, "bwd": case.bwd_flops}.get(mode)
-                if mode == "fwd+bwd" and case.flops and case.bwd_flops:
-                    nflops = case.flops + case.bwd_flops
-                sec = r["median_ms"] * 1e-3
-                row = dict(op=case.op, config=case.config, provider=case.provider, mode=mode, **r,
-                           gb_s=nbytes / sec / 1e9 if nbytes else None,
-                           tflop_s=nflops / sec / 1e12 if nflops else None, note=case.note, **tags)
-                if row["gb_s"]:
-                    row["of_floor"] = row["gb_s"] / floor_gbs
-                elif row["tflop_s"]:
-                    row["of_floor"] = row["tflop_s"] / peak_tflops
-                rows.append(row)
-                print(f"  {case.op:<22} {case.config:<28} {case.provider:<14} {mode:<8} "
-                      f"{r['median_ms']:10.3f} ms", flush=True)
-            del fns
+            run_case(i, case, round_, device, args, tags, results)
+            rows = finished_rows(all_cases, results)
             write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
-    write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=True)
+    write_outputs(finished_rows(all_cases, results), args, argv, tags, floor_gbs, peak_tflops, final=True)
     return 0
+
+
+def run_case(i, case, round_, device, args, tags, results) -> None:
+    """Make ``case`` and time each of its modes once; the first round also measures peak memory."""
+    base = dict(op=case.op, config=case.config, provider=case.provider, **tags)
+    try:
+        fns = case.make()
+    except SkipCase as exc:
+        results[(i, "-")] = dict(base, mode="-", note=f"skipped: {exc}")
+        return
+    except Exception as exc:
+        traceback.print_exc()
+        results[(i, "-")] = dict(base, mode="-", note=f"failed: {type(exc).__name__}: {exc}"[:200])
+        return
+    for mode, fn in fns.items():
+        key = (i, mode)
+        if key in results and "failed" in results[key].get("note", ""):
+            continue
+        try:
+            r = time_callable(fn, device, min_time_s=args.min_time)
+            if round_ == 0:
+                r["peak_mem_mb"] = peak_memory_mb(fn, device)
+        except Exception as exc:
+            traceback.print_exc()
+            results[key] = dict(base, mode=mode, note=f"failed: {type(exc).__name__}: {exc}"[:200])
+            continue
+        row = results.setdefault(key, dict(base, mode=mode, note=case.note, round_medians=[]))
+        row["round_medians"].append(r.pop("median_ms"))
+        if round_ == 0:
+            row.update(r)
+        else:
+            row["min_ms"] = min(row["min_ms"], r["min_ms"])
+            row["reps"] += r["reps"]
+        print(f"  [{round_ + 1}/{args.rounds}] {case.op:<22} {case.config:<28} {case.provider:<14} {mode:<8} "
+              f"{row['round_medians'][-1]:10.3f} ms", flush=True)
+    del fns
+
+
+def finished_rows(all_cases, results) -> list[dict]:
+    """The result rows in case order, with the median over rounds and the throughput columns."""
+    rows = []
+    for (i, mode), row in sorted(results.items(), key=lambda kv: kv[0][0]):
+        row = dict(row)
+        medians = row.pop("round_medians", None)
+        if medians:
+            case = all_cases[i]
+            row.update(median_ms=statistics.median(medians), rounds=len(medians),
+                       round_min_ms=min(medians), round_max_ms=max(medians))
+            nbytes = {"fwd": case.bytes, "bwd": case.bwd_bytes}.get(mode)
+            if mode == "fwd+bwd" and case.bytes and case.bwd_bytes:
+                nbytes = case.bytes + case.bwd_bytes
+            nflops = {"fwd": case.flops, "bwd": case.bwd_flops}.get(mode)
+            if mode == "fwd+bwd" and case.flops and case.bwd_flops:
+                nflops = case.flops + case.bwd_flops
+            sec = row["median_ms"] * 1e-3
+            row["gb_s"] = nbytes / sec / 1e9 if nbytes else None
+            row["tflop_s"] = nflops / sec / 1e12 if nflops else None
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""benchmarks/harness.py: the peak-memory measure and the compiled-reference provider that
+every benchmark table reports (issue 17)."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import COMPILE_KWARGS, compiled, peak_memory_mb, time_callable  # noqa: E402
+
+MIB = 2**20
+
+
+def test_cpu_peak_memory_counts_live_tensors_only():
+    def one_at_a_time():
+        for _ in range(3):
+            torch.empty(MIB // 4)  # 1 MiB, freed at once
+
+    def three_alive():
+        keep = [torch.empty(MIB // 4) for _ in range(3)]
+        return len(keep)
+
+    one, three = peak_memory_mb(one_at_a_time, "cpu"), peak_memory_mb(three_alive, "cpu")
+    assert 1.0 <= one < 1.1, one
+    assert 3.0 <= three < 3.1, three
+
+
+def test_cpu_peak_memory_is_relative_to_the_start():
+    held = torch.empty(4 * MIB // 4)  # allocated before the call: not part of its peak
+    assert peak_memory_mb(lambda: held.add_(1), "cpu") < 0.1
+
+
+def test_compiled_is_one_compiled_function_per_reference():
+    def ref(x):
+        return (x * 2).sum()
+
+    assert compiled(ref) is compiled(ref)
+    assert COMPILE_KWARGS["mode"] is None and COMPILE_KWARGS["backend"] == "inductor"
+
+
+def test_time_callable_reports_the_first_call_separately():
+    calls = []
+    r = time_callable(lambda: calls.append(1), "cpu", min_time_s=0.0, min_reps=3, warmup=2)
+    assert r["reps"] == 3 and len(calls) == 5
+    assert r["first_ms"] >= 0 and r["median_ms"] >= 0
