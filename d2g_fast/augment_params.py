@@ -69,27 +69,215 @@ def parse_preset(preset: str) -> str:
     return "".join(ch for ch in PRESET_LETTERS if ch in preset)
 
 
-# --- 3x3 homogeneous matrices, batched over the first dimension (numpy float32) -----------------
+# --- the host sampler: draws in the pipeline's order, one named step per transform -------------
+#
+# Every step draws from torch's generator (in the official order) and does its tiny per-sample
+# arithmetic in numpy at the sampler's precision: on a batch of 16 a step costs microseconds
+# instead of a torch op each.  The official pipeline computes in torch's default dtype, so its
+# float64 run (torch.set_default_dtype(torch.float64)) draws float64 numbers: ``dtype`` selects
+# which of the two runs is reproduced.
 
-def _mat(rows, n: int) -> np.ndarray:
-    out = np.empty((n, 3, 3), dtype=np.float32)
-    for r, row in enumerate(rows):
-        for c, v in enumerate(row):
-            out[:, r, c] = v
-    return out
-
-
-def _translate(tx, ty, n):
-    return _mat([[1, 0, tx], [0, 1, ty], [0, 0, 1]], n)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _scale(sx, sy, n):
-    return _mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], n)
+class _Draws:
+    """Random draws and constants of one :meth:`AugmentParams.sample` call."""
+
+    def __init__(self, n: int, h: int, w: int, generator, dtype: torch.dtype, p: float,
+                 debug_percentile: float | None):
+        self.n, self.h, self.w = n, h, w
+        self.generator, self.dtype = generator, dtype
+        self.ft = _NUMPY_DTYPES[dtype]
+        self.prob = self.ft(p)
+        # The official pipeline holds debug_percentile as a float32 tensor in both precisions:
+        # the values derived from it are computed by the same torch float32 ops, then widened.
+        self.pct = (None if debug_percentile is None
+                    else torch.tensor(float(debug_percentile), dtype=torch.float32))
+
+    def rand(self, *shape) -> np.ndarray:
+        return torch.rand(*shape, generator=self.generator, dtype=self.dtype).numpy()
+
+    def randn(self, *shape) -> np.ndarray:
+        return torch.randn(*shape, generator=self.generator, dtype=self.dtype).numpy()
+
+    def gated(self, value: np.ndarray, identity: float, prob=None, gate_shape=None) -> np.ndarray:
+        """``value`` where a uniform draw (one per row, shape ``gate_shape``) is below the
+        probability, else ``identity``: the pipeline's ``torch.where(rand < p, value, id)``."""
+        prob = self.prob if prob is None else prob
+        keep = self.rand(*(gate_shape or value.shape)) < prob
+        return np.where(keep, value, self.ft(identity)).astype(self.ft)
+
+    def fixed(self, value: torch.Tensor | float, shape) -> np.ndarray:
+        """The deterministic mode's value (a float32 scalar) for every sample."""
+        return np.full(shape, float(value), dtype=self.ft)
+
+    def erfinv_pct(self) -> torch.Tensor:
+        """erfinv(2 pct - 1), a float32 scalar tensor."""
+        return torch.erfinv(self.pct * 2 - 1)
+
+    def rotation_prob(self):
+        """Each of the two rotations fires with 1 - sqrt(1 - p): P(either) = p."""
+        return self.ft(1) - np.sqrt(np.clip(self.ft(1) - self.prob, self.ft(0), self.ft(1)))
+
+    # 3x3 homogeneous matrices, batched over the samples, at the sampler's precision
+    def matrix(self, rows) -> np.ndarray:
+        out = np.empty((self.n, 3, 3), dtype=self.ft)
+        for r, row in enumerate(rows):
+            for c, v in enumerate(row):
+                out[:, r, c] = v
+        return out
+
+    def translate(self, tx, ty) -> np.ndarray:
+        return self.matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
+
+    def scale(self, sx, sy) -> np.ndarray:
+        return self.matrix([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
+
+    def rotate(self, theta: np.ndarray) -> np.ndarray:
+        return self.matrix([[np.cos(theta), np.sin(-theta), 0], [np.sin(theta), np.cos(theta), 0],
+                            [0, 0, 1]])
 
 
-def _rotate(theta: np.ndarray, n):
-    c, s = np.cos(theta), np.sin(theta)
-    return _mat([[c, np.sin(-theta), 0], [s, c, 0], [0, 0, 1]], n)
+# Each geometric step draws its per-sample values and returns its factor of the inverse matrix
+# (output pixel -> input pixel), multiplied on the right in the order of GEOMETRY_STEPS.
+
+def _xflip(d: _Draws) -> np.ndarray:
+    i = d.gated(np.floor(d.rand(d.n) * d.ft(2)), 0.0)
+    if d.pct is not None:
+        i = d.fixed(torch.floor(d.pct * 2), d.n)
+    return d.scale(d.ft(1) / (d.ft(1) - d.ft(2) * i), 1.0)
+
+
+def _rotate90(d: _Draws) -> np.ndarray:
+    i = d.gated(np.floor(d.rand(d.n) * d.ft(4)), 0.0)
+    if d.pct is not None:
+        i = d.fixed(torch.floor(d.pct * 4), d.n)
+    return d.rotate(-(d.ft(-math.pi / 2) * i))  # the inverse rotates back
+
+
+def _integer_translation(d: _Draws) -> np.ndarray:
+    t = (d.rand(d.n, 2) * d.ft(2) - d.ft(1)) * d.ft(XINT_MAX)
+    t = d.gated(t, 0.0, gate_shape=(d.n, 1))
+    if d.pct is not None:
+        t = d.fixed((d.pct * 2 - 1) * XINT_MAX, (d.n, 2))
+    return d.translate(-np.round(t[:, 0] * d.ft(d.w)), -np.round(t[:, 1] * d.ft(d.h)))
+
+
+def _log2_normal_scale(d: _Draws, std: float) -> np.ndarray:
+    """2^(std N) per sample (ADA's isotropic and anisotropic scales); torch's exp2, as the
+    pipeline's (numpy's can differ by an ulp)."""
+    s = d.gated(torch.exp2(torch.from_numpy(d.randn(d.n) * d.ft(std))).numpy(), 1.0)
+    if d.pct is not None:
+        s = d.fixed(torch.exp2(d.erfinv_pct() * std), d.n)
+    return s
+
+
+def _isotropic_scale(d: _Draws) -> np.ndarray:
+    s = _log2_normal_scale(d, SCALE_STD)
+    return d.scale(d.ft(1) / s, d.ft(1) / s)
+
+
+def _rotation_angle(d: _Draws, fixed_angle) -> np.ndarray:
+    theta = (d.rand(d.n) * d.ft(2) - d.ft(1)) * d.ft(math.pi) * d.ft(ROTATE_MAX)
+    theta = d.gated(theta, 0.0, prob=d.rotation_prob())
+    if d.pct is not None:
+        theta = d.fixed(fixed_angle, d.n)
+    return theta
+
+
+def _pre_rotation(d: _Draws) -> np.ndarray:
+    """Rotation before the anisotropic scale."""
+    fixed = None if d.pct is None else (d.pct * 2 - 1) * math.pi * ROTATE_MAX
+    return d.rotate(_rotation_angle(d, fixed))
+
+
+def _anisotropic_scale(d: _Draws) -> np.ndarray:
+    s = _log2_normal_scale(d, ANISO_STD)
+    return d.scale(d.ft(1) / s, d.ft(1) / (d.ft(1) / s))
+
+
+def _post_rotation(d: _Draws) -> np.ndarray:
+    """Rotation after the anisotropic scale (none in the official deterministic mode)."""
+    return d.rotate(_rotation_angle(d, 0.0))
+
+
+def _fractional_translation(d: _Draws) -> np.ndarray:
+    t = d.gated(d.randn(d.n, 2) * d.ft(XFRAC_STD), 0.0, gate_shape=(d.n, 1))
+    if d.pct is not None:
+        t = d.fixed(d.erfinv_pct() * XFRAC_STD, (d.n, 2))
+    return d.translate(-(t[:, 0] * d.ft(d.w)), -(t[:, 1] * d.ft(d.h)))
+
+
+# (preset letter, step) in the pipeline's draw order.
+GEOMETRY_STEPS = (
+    ("b", _xflip), ("b", _rotate90), ("b", _integer_translation),
+    ("g", _isotropic_scale), ("g", _pre_rotation), ("g", _anisotropic_scale),
+    ("g", _post_rotation), ("g", _fractional_translation),
+)
+
+# Colour fields in the pipeline's draw order, each a function of one uniform draw u per sample.
+COLOUR_DRAWS = (
+    ("brightness", lambda u: u - 0.5),  # offset
+    ("contrast", lambda u: u + 0.5),    # factor about the mean over (C, H, W)
+    ("saturation", lambda u: u * 2),    # factor about the mean over C
+)
+
+
+def _draw_inverse_matrices(d: _Draws, preset: str) -> np.ndarray | None:
+    """(N, 3, 3) product of the enabled geometric steps' factors, or None without geometry."""
+    g_inv = None
+    for letter, step in GEOMETRY_STEPS:
+        if letter in preset:
+            factor = step(d)
+            g_inv = factor if g_inv is None else g_inv @ factor
+    return g_inv
+
+
+def _draw_colour(d: _Draws, num_channels: int, debug_percentile) -> dict[str, torch.Tensor]:
+    fields = {}
+    for name, from_uniform in COLOUR_DRAWS:
+        if name == "saturation" and num_channels == 1:
+            fields[name] = torch.ones(d.n, dtype=d.dtype)  # a no-op: the pipeline draws nothing
+            continue
+        u = torch.rand(d.n, generator=d.generator, dtype=d.dtype)
+        if debug_percentile is not None:
+            # the official colour draws ignore debug_percentile; ours equal it
+            u = torch.full_like(u, float(debug_percentile))
+        fields[name] = from_uniform(u)
+    return fields
+
+
+def _draw_cutout(d: _Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centre, size), each (N, 2): a rectangle of CUTOUT_SIZE, or size 0 where the gate fails."""
+    size = torch.full((d.n, 2), CUTOUT_SIZE, dtype=d.dtype)
+    gate = torch.rand(d.n, 1, generator=d.generator, dtype=d.dtype) < float(d.prob)
+    size = torch.where(gate, size, torch.zeros_like(size))
+    center = torch.rand(d.n, 2, generator=d.generator, dtype=d.dtype)
+    if d.pct is not None:
+        size = torch.full_like(size, CUTOUT_SIZE)
+        center = torch.full_like(center, float(d.pct))  # float32, as the pipeline's
+    return center, size
+
+
+def _check_sample_args(batch_size, height, width, generator, debug_percentile, preset, dtype):
+    for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+    if debug_percentile is not None and not (0.0 <= float(debug_percentile) < 1.0):
+        raise ValueError(f"debug_percentile must be in [0, 1), got {debug_percentile!r}")
+    if debug_percentile is not None and float(debug_percentile) == 0.0 and "g" in preset:
+        # erfinv(-1) = -inf: a zero scale (the official pipeline returns NaN there)
+        raise ValueError("debug_percentile must be in (0, 1) for presets with 'g', got 0")
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def sampling_dtype(latent_dtype: torch.dtype) -> torch.dtype:
+    """The precision :meth:`AugmentParams.sample` should draw at for latents of ``latent_dtype``:
+    float64 for float64 latents (as the official pipeline run in float64), else float32."""
+    return torch.float64 if latent_dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -124,110 +312,37 @@ class AugmentParams:
     @classmethod
     def sample(cls, preset: str, batch_size: int, height: int, width: int, *,
                num_channels: int = 4, generator: torch.Generator | None = None,
-               debug_percentile: float | None = None, p: float = 1.0) -> "AugmentParams":
+               debug_percentile: float | None = None, p: float = 1.0,
+               dtype: torch.dtype = torch.float32) -> "AugmentParams":
         """Draw one transform per sample for ``preset`` (letters of ``"bgco"``).
 
-        ``generator`` is a CPU ``torch.Generator`` (None = torch's default CPU generator).
-        ``debug_percentile`` in [0, 1) makes every draw deterministic (see the module doc).
-        ``p`` is the ADA probability multiplier (1 = every enabled transform fires)."""
+        Args:
+            preset: letters of ``"bgco"`` (any order).
+            batch_size, height, width: the latents' N, H, W.
+            num_channels: the latents' C (with one channel no saturation is drawn).
+            generator: a CPU ``torch.Generator`` (None = torch's default CPU generator).
+            debug_percentile: in [0, 1): every draw deterministic (see the module doc).
+            p: the ADA probability multiplier (1 = every enabled transform fires).
+            dtype: precision of the draws and of the per-sample arithmetic, ``torch.float32``
+                (the official pipeline on float32 latents) or ``torch.float64`` (the official
+                pipeline run in float64); :func:`sampling_dtype` picks it from the latents.
+
+        Returns:
+            AugmentParams whose fields are CPU tensors of ``dtype``: g_inv (N, 3, 3), colour
+            (N,) and cutout (N, 2) fields, each set when its letter is in the preset."""
         preset = parse_preset(preset)
-        for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
-        if debug_percentile is not None and not (0.0 <= float(debug_percentile) < 1.0):
-            raise ValueError(f"debug_percentile must be in [0, 1), got {debug_percentile!r}")
-        if debug_percentile is not None and float(debug_percentile) == 0.0 and "g" in preset:
-            # erfinv(-1) = -inf: a zero scale (the official pipeline returns NaN there)
-            raise ValueError("debug_percentile must be in (0, 1) for presets with 'g', got 0")
-        n, h, w = batch_size, height, width
-        gen = generator
-        # The draws come from torch (the generator, in the pipeline's order); the tiny per-sample
-        # arithmetic runs in numpy float32, mirroring the pipeline's float32 operations: on a
-        # batch of 16 it costs a few microseconds per step instead of a torch op each.
-        rand = lambda *shape: torch.rand(*shape, generator=gen).numpy()    # noqa: E731
-        randn = lambda *shape: torch.randn(*shape, generator=gen).numpy()  # noqa: E731
-        f32 = np.float32
-        pct = None if debug_percentile is None else f32(debug_percentile)
-        prob = f32(p)
-        out = cls(n, h, w)
-
-        def gate(value, identity_value):
-            return np.where(rand(*value.shape) < prob, value, f32(identity_value)).astype(f32)
-
-        def erfinv(v):  # numpy has no erfinv; one scalar in the deterministic mode only
-            return f32(torch.erfinv(torch.tensor(v, dtype=torch.float32)).item())
-
-        g_inv = None
-        if "b" in preset or "g" in preset:
-            g_inv = np.broadcast_to(np.eye(3, dtype=f32), (n, 3, 3))
-        if "b" in preset:
-            # x-flip
-            i = gate(np.floor(rand(n) * f32(2)), 0.0)
-            if pct is not None:
-                i = np.full(n, np.floor(pct * f32(2)), dtype=f32)
-            g_inv = g_inv @ _scale(f32(1) / (f32(1) - f32(2) * i), 1.0, n)
-            # rotation by a multiple of 90 degrees; the inverse rotates back
-            i = gate(np.floor(rand(n) * f32(4)), 0.0)
-            if pct is not None:
-                i = np.full(n, np.floor(pct * f32(4)), dtype=f32)
-            g_inv = g_inv @ _rotate(-(f32(-math.pi / 2) * i), n)
-            # integer translation, rounded to pixels
-            t = (rand(n, 2) * f32(2) - f32(1)) * f32(XINT_MAX)
-            t = np.where(rand(n, 1) < prob, t, f32(0)).astype(f32)
-            if pct is not None:
-                t = np.full((n, 2), (pct * f32(2) - f32(1)) * f32(XINT_MAX), dtype=f32)
-            g_inv = g_inv @ _translate(-np.round(t[:, 0] * f32(w)), -np.round(t[:, 1] * f32(h)), n)
-        if "g" in preset:
-            erf_pct = None if pct is None else erfinv(pct * f32(2) - f32(1))
-            # isotropic scale 2^(0.2 N)
-            s = gate(np.exp2(randn(n) * f32(SCALE_STD)), 1.0)
-            if pct is not None:
-                s = np.full(n, np.exp2(erf_pct * f32(SCALE_STD)), dtype=f32)
-            g_inv = g_inv @ _scale(f32(1) / s, f32(1) / s, n)
-            # rotation before and after the anisotropic scale, each with 1 - sqrt(1 - p)
-            p_rot = f32(1) - np.sqrt(np.clip(f32(1) - prob, f32(0), f32(1)))
-            theta = (rand(n) * f32(2) - f32(1)) * f32(math.pi) * f32(ROTATE_MAX)
-            theta = np.where(rand(n) < p_rot, theta, f32(0)).astype(f32)
-            if pct is not None:
-                theta = np.full(n, (pct * f32(2) - f32(1)) * f32(math.pi) * f32(ROTATE_MAX), dtype=f32)
-            g_inv = g_inv @ _rotate(theta, n)
-            s = gate(np.exp2(randn(n) * f32(ANISO_STD)), 1.0)
-            if pct is not None:
-                s = np.full(n, np.exp2(erf_pct * f32(ANISO_STD)), dtype=f32)
-            g_inv = g_inv @ _scale(f32(1) / s, f32(1) / (f32(1) / s), n)
-            theta = (rand(n) * f32(2) - f32(1)) * f32(math.pi) * f32(ROTATE_MAX)
-            theta = np.where(rand(n) < p_rot, theta, f32(0)).astype(f32)
-            if pct is not None:
-                theta = np.zeros(n, dtype=f32)  # the official deterministic mode: no post-rotation
-            g_inv = g_inv @ _rotate(theta, n)
-            # fractional translation N * 0.125 of the size
-            t = randn(n, 2) * f32(XFRAC_STD)
-            t = np.where(rand(n, 1) < prob, t, f32(0)).astype(f32)
-            if pct is not None:
-                t = np.full((n, 2), erf_pct * f32(XFRAC_STD), dtype=f32)
-            g_inv = g_inv @ _translate(-(t[:, 0] * f32(w)), -(t[:, 1] * f32(h)), n)
+        _check_sample_args(batch_size, height, width, generator, debug_percentile, preset, dtype)
+        d = _Draws(batch_size, height, width, generator, dtype, p, debug_percentile)
+        out = cls(batch_size, height, width)
+        g_inv = _draw_inverse_matrices(d, preset)
         if g_inv is not None:
-            out.g_inv = torch.from_numpy(np.ascontiguousarray(g_inv, dtype=f32))
-            out.margins = compute_margins(out.g_inv, h, w)
-
+            out.g_inv = torch.from_numpy(np.ascontiguousarray(g_inv, dtype=d.ft))
+            out.margins = compute_margins(out.g_inv, height, width, dtype=d.ft)
         if "c" in preset:
-            def colour_draw():
-                u = torch.rand(n, generator=gen)
-                return torch.full_like(u, float(pct)) if pct is not None else u
-            out.brightness = colour_draw() - 0.5
-            out.contrast = colour_draw() + 0.5
-            # with one channel the saturation is a no-op and the pipeline draws nothing
-            out.saturation = colour_draw() * 2 if num_channels > 1 else torch.ones(n)
+            for name, value in _draw_colour(d, num_channels, debug_percentile).items():
+                setattr(out, name, value)
         if "o" in preset:
-            size = torch.full((n, 2), CUTOUT_SIZE)
-            size = torch.where(torch.rand(n, 1, generator=gen) < float(prob), size, torch.zeros_like(size))
-            center = torch.rand(n, 2, generator=gen)
-            if pct is not None:
-                size = torch.full_like(size, CUTOUT_SIZE)
-                center = torch.full_like(center, float(pct))
-            out.cutout_center, out.cutout_size = center, size
+            out.cutout_center, out.cutout_size = _draw_cutout(d)
         return out
 
     @classmethod

@@ -10,6 +10,7 @@ import torch
 from d2g_fast import _ext
 from d2g_fast.augment_params import AugmentParams, compute_margins
 from d2g_fast.ops.paired_augment import paired_augment
+from d2g_fast.ref import paired_augment as ref_module
 from d2g_fast.ref.paired_augment import paired_augment as ref_paired_augment
 
 PRESETS = ("b", "g", "c", "o", "co", "bg", "bgc", "bgco")
@@ -39,14 +40,25 @@ def _pair(shape, dtype=torch.float32, seed=0):
 
 # ---------------------------------------------------------------- parity with the official code
 
-def _official(preset, x, y, percentile, seed=None):
+def _official(preset, x, y, percentile, seed=None, dtype=torch.float32):
+    """The official AdaAugment on (x, y) with every probability at 1.  ``dtype`` is torch's
+    default dtype while it runs: the pipeline builds its matrices, grids and draws in it, so
+    float64 is the official pipeline run in float64."""
     ada = pytest.importorskip("elatentlpips.ada_aug")
     pipes = pytest.importorskip("elatentlpips.elatentlpips").ada_augpipe
-    aug = ada.AdaAugment(**pipes[preset])
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _run_official(ada.AdaAugment(**pipes[preset]), x, y, percentile, seed)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _run_official(aug, x, y, percentile, seed):
     aug.p = torch.tensor(1.0)
     if seed is not None:
         torch.manual_seed(seed)
-    if percentile is None or "c" not in preset:
+    if percentile is None or not _has_colour(aug):
         return aug(x, y, debug_percentile=percentile)
     # The official colour draws ignore debug_percentile: pin its torch.rand to the percentile.
     real_rand = torch.rand
@@ -59,6 +71,10 @@ def _official(preset, x, y, percentile, seed=None):
         return aug(x, y, debug_percentile=percentile)
     finally:
         torch.rand = real_rand
+
+
+def _has_colour(aug) -> bool:
+    return aug.brightness > 0 or aug.contrast > 0 or aug.saturation > 0
 
 
 @pytest.mark.compare
@@ -100,6 +116,74 @@ def test_matches_official_same_seed(preset):
     ax, ay = paired_augment(x, y, params)
     _assert_close_official(ax, ox, f"x, preset {preset}")
     _assert_close_official(ay, oy, f"y, preset {preset}")
+
+
+# Float64: the official pipeline run in float64 reproduced to 1e-9.  Its resampling filter is the
+# one thing that stays float32 there (StyleGAN's setup_filter builds it in float32 and its
+# upfirdn2d asserts float32), a 6e-8 relative rounding of the taps that moves outputs by ~5e-7.
+# So the comparison runs our reference with the official's float32-rounded taps, and a second
+# check pins the default backend (the C++ kernel when built) to our reference with the exact
+# float64 taps; together they compare every other step (matrices, margins, grids, colour,
+# cutout) in float64.
+F64_OFFICIAL_TOL = 1e-9
+F64_KERNEL_TOL = 1e-12
+
+
+def _official_filter(monkeypatch):
+    """Make the reference use the official pipeline's float32-rounded filter taps."""
+    upfirdn2d = pytest.importorskip("elatentlpips.style_ops.upfirdn2d")
+    from elatentlpips.ada_aug import wavelets
+    taps = upfirdn2d.setup_filter(wavelets["sym6"])
+    monkeypatch.setattr(ref_module, "resampling_filter",
+                        lambda dtype=torch.float64, device="cpu": taps.to(dtype=dtype, device=device))
+
+
+def _assert_float64_parity(x, y, params, official, monkeypatch, what):
+    default_x, default_y = paired_augment(x, y, params)
+    exact_x, exact_y = paired_augment(x, y, params, impl="ref")
+    _assert_close(default_x, exact_x, F64_KERNEL_TOL, f"{what}: default backend vs reference, x")
+    _assert_close(default_y, exact_y, F64_KERNEL_TOL, f"{what}: default backend vs reference, y")
+    with monkeypatch.context() as m:
+        _official_filter(m)
+        ax, ay = paired_augment(x, y, params, impl="ref")
+    _assert_close(ax, official[0], F64_OFFICIAL_TOL, f"{what}: reference vs official float64, x")
+    _assert_close(ay, official[1], F64_OFFICIAL_TOL, f"{what}: reference vs official float64, y")
+
+
+@pytest.mark.compare
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("percentile", [0.1, 0.93])
+def test_float64_matches_official_float64_debug_percentile(preset, percentile, monkeypatch):
+    shape = (2, 4, 37, 29)
+    x, y = _pair(shape, torch.float64, seed=5)
+    official = _official(preset, x, y, percentile, dtype=torch.float64)
+    params = AugmentParams.sample(preset, 2, 37, 29, num_channels=4, debug_percentile=percentile,
+                                  dtype=torch.float64)
+    _assert_float64_parity(x, y, params, official, monkeypatch, f"preset {preset}, pct {percentile}")
+
+
+@pytest.mark.compare
+@pytest.mark.parametrize("preset", ["bg", "bgco", "co"])
+def test_float64_module_matches_official_float64_same_seed(preset, monkeypatch):
+    """PairedAugment draws float64 parameters for float64 latents, in the official order: the
+    same seed gives the transform of the official pipeline run in float64."""
+    from d2g_fast.nn import PairedAugment
+    x, y = _pair((3, 4, 40, 24), torch.float64, seed=3)
+    official = _official(preset, x, y, None, seed=1234, dtype=torch.float64)
+    torch.manual_seed(1234)
+    params = PairedAugment(preset).sample_params(x)
+    drawn = [t for t in (params.g_inv, params.brightness, params.cutout_center) if t is not None]
+    assert drawn and all(t.dtype == torch.float64 for t in drawn)
+    _assert_float64_parity(x, y, params, official, monkeypatch, f"preset {preset}")
+
+
+def test_sample_dtype_sets_the_precision_of_every_field():
+    for dtype in (torch.float32, torch.float64):
+        p = AugmentParams.sample("bgco", 3, 9, 7, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        for name in ("g_inv", "brightness", "contrast", "saturation", "cutout_center", "cutout_size"):
+            assert getattr(p, name).dtype == dtype, (name, dtype)
+    with pytest.raises(ValueError, match="dtype"):
+        AugmentParams.sample("bg", 2, 8, 8, dtype=torch.float16)
 
 
 # ------------------------------------------------------------------------ parameters and identity

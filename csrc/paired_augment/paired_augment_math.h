@@ -125,11 +125,27 @@ D2G_HOST_DEVICE acc_t colour_adjoint(acc_t go, acc_t go_c, acc_t go_m, acc_t c, 
   return c * s * go + (c - c * s) * go_c + (acc_t(1) - c) * go_m;
 }
 
-// Cutout: true where the pixel is kept. Float32 arithmetic, as the reference pipeline.
-D2G_HOST_DEVICE bool cutout_keep(int x, int y, int W, int H, float cx, float cy, float hx, float hy) {
-  const float u = (static_cast<float>(x) + 0.5f) / static_cast<float>(W);
-  const float v = (static_cast<float>(y) + 0.5f) / static_cast<float>(H);
-  return fabsf(u - cx) >= hx || fabsf(v - cy) >= hy;
+// Cutout rectangle of one sample: centre (cx, cy) and half-size (hx, hy), relative to the size.
+template <typename acc_t>
+struct Cutout {
+  acc_t cx, cy, hx, hy;
+};
+
+// The rectangle from packed row P (columns 9..12), at the kernel's accumulation precision: float
+// for float and half latents, double for double ones, as the reference pipeline runs its
+// rectangle test at its own precision.
+template <typename acc_t>
+D2G_HOST_DEVICE Cutout<acc_t> load_cutout(const double* P) {
+  return {static_cast<acc_t>(P[9]), static_cast<acc_t>(P[10]), static_cast<acc_t>(P[11]),
+          static_cast<acc_t>(P[12])};
+}
+
+// Cutout: true where pixel (x, y) of a W x H image is kept.
+template <typename acc_t>
+D2G_HOST_DEVICE bool cutout_keep(int x, int y, int W, int H, const Cutout<acc_t>& r) {
+  const acc_t du = (static_cast<acc_t>(x) + acc_t(0.5)) / static_cast<acc_t>(W) - r.cx;
+  const acc_t dv = (static_cast<acc_t>(y) + acc_t(0.5)) / static_cast<acc_t>(H) - r.cy;
+  return (du < acc_t(0) ? -du : du) >= r.hx || (dv < acc_t(0) ? -dv : dv) >= r.hy;
 }
 
 }  // namespace augment

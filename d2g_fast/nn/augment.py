@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from d2g_fast.augment_params import AugmentParams, device_sampler_available, parse_preset
+from d2g_fast.augment_params import (AugmentParams, device_sampler_available, parse_preset,
+                                     sampling_dtype)
 from d2g_fast.ops.paired_augment import paired_augment
 
 SAMPLERS = ("auto", "host", "device")
@@ -23,7 +24,8 @@ class PairedAugment(torch.nn.Module):
             "triton").
         sampler: where the per-sample parameters are drawn.
             "host": on the CPU with torch's CPU generator, in the official draw order
-            (:meth:`AugmentParams.sample`: the same seed reproduces the official pipeline);
+            (:meth:`AugmentParams.sample`: the same seed reproduces the official pipeline,
+            float64 latents the official pipeline run in float64);
             a GPU call then pays ~0.1-0.25 ms of host work and cannot be captured in a CUDA
             graph (a graph would replay the same parameters).
             "device": on the latents' device (:meth:`AugmentParams.sample_on_device`: the same
@@ -75,7 +77,8 @@ class PairedAugment(torch.nn.Module):
             return AugmentParams.sample_on_device(self.preset, n, h, w, num_channels=c, p=self.p,
                                                   device=x.device, generator=generator)
         return AugmentParams.sample(self.preset, n, h, w, num_channels=c, generator=generator,
-                                    debug_percentile=debug_percentile, p=self.p)
+                                    debug_percentile=debug_percentile, p=self.p,
+                                    dtype=sampling_dtype(x.dtype))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                 debug_percentile: float | None = None, params: AugmentParams | None = None

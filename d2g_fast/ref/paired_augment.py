@@ -85,16 +85,18 @@ def _colour(img: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     return (img - mean) * view(params.saturation) + mean
 
 
-def cutout_mask(params: AugmentParams, device="cpu") -> torch.Tensor:
-    """(N, 1, H, W) float32 mask: 0 inside the cutout rectangle, 1 elsewhere."""
+def cutout_mask(params: AugmentParams, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """(N, 1, H, W) mask of ``dtype``: 0 inside the cutout rectangle, 1 elsewhere.  The
+    rectangle test runs in ``dtype`` too (float32, or float64 for float64 latents), as the
+    pipeline's does at its precision."""
     h, w = params.height, params.width
-    center = params.cutout_center.to(device=device, dtype=torch.float32)
-    half = (params.cutout_size / 2).to(device=device, dtype=torch.float32)
-    u = (torch.arange(w, device=device) + 0.5) / w
-    v = (torch.arange(h, device=device) + 0.5) / h
+    center = params.cutout_center.to(device=device, dtype=dtype)
+    half = (params.cutout_size.to(dtype) / 2).to(device=device)
+    u = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    v = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
     keep_x = (u.view(1, 1, 1, w) - center[:, 0].view(-1, 1, 1, 1)).abs() >= half[:, 0].view(-1, 1, 1, 1)
     keep_y = (v.view(1, 1, h, 1) - center[:, 1].view(-1, 1, 1, 1)).abs() >= half[:, 1].view(-1, 1, 1, 1)
-    return (keep_x | keep_y).to(torch.float32)
+    return (keep_x | keep_y).to(dtype)
 
 
 def _augment_one(img: torch.Tensor, params: AugmentParams) -> torch.Tensor:
@@ -106,7 +108,7 @@ def _augment_one(img: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     if params.has_colour:
         img = _colour(img, params)
     if params.has_cutout:
-        img = img * cutout_mask(params, img.device).to(img.dtype)
+        img = img * cutout_mask(params, img.device, img.dtype)
     return img.to(out_dtype)
 
 

@@ -376,8 +376,7 @@ void run(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs
       if (cutout)
         for (int y = 0; y < H; ++y)
           for (int x = 0; x < W; ++x)
-            keep[y * W + x] = cutout_keep(x, y, W, H, static_cast<float>(P[9]), static_cast<float>(P[10]),
-                                          static_cast<float>(P[11]), static_cast<float>(P[12]));
+            keep[y * W + x] = cutout_keep(x, y, W, H, load_cutout<acc_t>(P));
       const acc_t b = (g.flags & kLinear) ? acc_t(0) : static_cast<acc_t>(P[6]);
       const acc_t c = static_cast<acc_t>(P[7]), s = static_cast<acc_t>(P[8]);
       if (!adjoint) {

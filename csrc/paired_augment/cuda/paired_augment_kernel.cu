@@ -110,12 +110,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < 6; ++i) affine[i] = P[i];
   const bool colour = s.flags & kColour, cutout = s.flags & kCutout;
-  const float ccx = static_cast<float>(P[9]), ccy = static_cast<float>(P[10]);
-  const float chx = static_cast<float>(P[11]), chy = static_cast<float>(P[12]);
+  const Cutout<acc_t> rect = load_cutout<acc_t>(P);
   const int tid = threadIdx.x, tx = tid % kTile, ty = tid / kTile;
   const int qx = qx0 + tx, qy = qy0 + ty;
   const bool inside = qx < s.W && qy < s.H;
-  const bool keep = !cutout || cutout_keep(qx, qy, s.W, s.H, ccx, ccy, chx, chy);
+  const bool keep = !cutout || cutout_keep(qx, qy, s.W, s.H, rect);
   acc_t local_sum = 0;
   const scalar_t* base = in.ptr + static_cast<int64_t>(n) * in.sn;
 
@@ -203,8 +202,7 @@ __global__ void __launch_bounds__(kThreads)
   const double* P = params + static_cast<int64_t>(n) * kParams;
   acc_t sum = 0;
   if (qx < s.W && qy < s.H &&
-      (!masked || cutout_keep(qx, qy, s.W, s.H, static_cast<float>(P[9]), static_cast<float>(P[10]),
-                              static_cast<float>(P[11]), static_cast<float>(P[12])))) {
+      (!masked || cutout_keep(qx, qy, s.W, s.H, load_cutout<acc_t>(P)))) {
     const scalar_t* p = in.ptr + static_cast<int64_t>(n) * in.sn + qy * in.sh + qx * in.sw;
     for (int c = 0; c < s.C; ++c) sum += static_cast<acc_t>(p[c * in.sc]);
   }
@@ -241,8 +239,7 @@ __global__ void colour_cutout(Ref4<const scalar_t> in0, Ref4<const scalar_t> in1
   const Ref4<out_t> out = which == 0 ? out0 : out1;
   const double* P = params + static_cast<int64_t>(n) * kParams;
   const bool colour = s.flags & kColour, cutout = s.flags & kCutout;
-  const bool keep = !cutout || cutout_keep(qx, qy, s.W, s.H, static_cast<float>(P[9]), static_cast<float>(P[10]),
-                                           static_cast<float>(P[11]), static_cast<float>(P[12]));
+  const bool keep = !cutout || cutout_keep(qx, qy, s.W, s.H, load_cutout<acc_t>(P));
   const scalar_t* ip = in.ptr + static_cast<int64_t>(n) * in.sn + qy * in.sh + qx * in.sw;
   out_t* op = out.ptr + static_cast<int64_t>(n) * out.sn + qy * out.sh + qx * out.sw;
   acc_t mean = 0, cmean = 0;
@@ -289,8 +286,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < 6; ++i) affine[i] = P[i];
   const bool colour = s.flags & kColour, cutout = s.flags & kCutout;
-  const float ccx = static_cast<float>(P[9]), ccy = static_cast<float>(P[10]);
-  const float chx = static_cast<float>(P[11]), chy = static_cast<float>(P[12]);
+  const Cutout<acc_t> rect = load_cutout<acc_t>(P);
   const acc_t c = static_cast<acc_t>(P[7]), sat = static_cast<acc_t>(P[8]);
   const acc_t mean = colour ? sample_mean(partials, which, n, s) : acc_t(0);
   const int tid = threadIdx.x;
@@ -309,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
       // A cut-out pixel's masked gradient is zero, but with colour it still receives the
       // sample-mean term (1 - c) * mean: the colour output of EVERY pixel depends on the mean.
       const bool inside = qx >= 0 && qy >= 0 && qx < s.W && qy < s.H;
-      const bool keep = inside && (!cutout || cutout_keep(qx, qy, s.W, s.H, ccx, ccy, chx, chy));
+      const bool keep = inside && (!cutout || cutout_keep(qx, qy, s.W, s.H, rect));
       const scalar_t* p = gbase + (keep ? qy * gin.sh + qx * gin.sw : 0);
       acc_t cmean = 0;
       if (keep && colour) {
