@@ -71,12 +71,28 @@ def test_dispatch_rule(monkeypatch):
         _dispatch.resolve_impl("op", "cuda", cpu)
 
 
-def test_env_forces_reference_path(monkeypatch):
+def _d2g_ops_run(fn) -> set[str]:
+    """Names of the d2g_fast custom ops that ``fn()`` dispatched (recorded by the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("d2g_fast::")}
+
+
+@pytest.mark.parametrize("env,expected", [("", {"d2g_fast::lpips_distance"}),
+                                          ("cpu", {"d2g_fast::lpips_distance"}), ("ref", set())])
+def test_env_selects_the_backend_that_runs(monkeypatch, env, expected):
+    """D2G_IMPL decides which backend runs 'auto' calls: the C++ op is dispatched for "" (auto
+    on the CPU) and "cpu", and no d2g_fast op at all for "ref"; every backend gives the same
+    result."""
     f0, f1 = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     w = torch.rand(3)
-    monkeypatch.setenv("D2G_IMPL", "ref")
-    out = lpips_distance(f0, f1, w)
-    assert out.grad_fn is None or "GeneratedBackwardFor" not in type(out.grad_fn).__name__
+    monkeypatch.setenv("D2G_IMPL", env)
+    out = {}
+    ran = _d2g_ops_run(lambda: out.setdefault("value", lpips_distance(f0, f1, w)))
+    assert ran == expected, f"D2G_IMPL={env!r}: dispatched {sorted(ran)}, expected {sorted(expected)}"
+    monkeypatch.delenv("D2G_IMPL")
+    reference = lpips_distance(f0, f1, w, impl="ref")
+    assert torch.allclose(out["value"], reference, rtol=1e-5, atol=1e-6)
 
 
 def test_triton_requested_without_gpu_or_interpreter_fails_clearly(monkeypatch):

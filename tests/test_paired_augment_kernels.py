@@ -25,8 +25,9 @@ def _max_err(a, b):
 
 
 def _check(actual, expected, tol, what):
+    """Shapes equal and values within ``tol``; the dtypes may differ (``expected`` is usually
+    the float64 reference): callers check ``actual``'s dtype themselves."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype or True
     err = _max_err(actual, expected)
     assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.1e}"
 
@@ -77,6 +78,7 @@ def _compare_backward(impl, preset, shape, dtype, device, seed=0, tol=1e-5):
     gy_out = torch.randn(shape, generator=gen)
     ax, ay = paired_augment(x, y, params, impl=impl)
     torch.autograd.backward([ax, ay], [gx_out.to(device, dtype), gy_out.to(device, dtype)])
+    assert x.grad.dtype == y.grad.dtype == dtype, (x.grad.dtype, y.grad.dtype, dtype)
     xr = x.detach().cpu().double().requires_grad_(True)
     yr = y.detach().cpu().double().requires_grad_(True)
     rx, ry = paired_augment(xr, yr, params, impl="ref")
