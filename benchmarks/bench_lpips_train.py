@@ -4,8 +4,9 @@ classifier, our training path against the same model with plain PyTorch modules.
 "ours" is d2g_fast.lpips.trunk as train_trunk runs it: fused optimizer step, channels_last
 memory format on CUDA and with bf16 (contiguous for CPU fp32, where it measured no faster).
 "ref" is the same model, settings and data with a per-parameter optimizer loop and the
-contiguous format. Images/s = batch / median time of one step ("fwd+bwd": forward, backward
-and optimizer step).
+contiguous format; "ref-compiled" is that plain model under torch.compile (the harness's
+COMPILE_KWARGS). Images/s = batch / median time of one step ("fwd+bwd": forward, backward and
+optimizer step).
 
 CPU (--quick and default): tiny shapes, 4x8x8 and 16x8x8 latents, width_div 8 and 1, fp32 and
 bf16. GPU (--device cuda): SD latents 4x32x32 (256 px images), batch 256, bf16, full width.
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import COMPILED, Case, compiled
+
+PROVIDERS = ("ours", "ref", COMPILED)
 
 
-def _make(channels: int, hw: int, batch: int, width_div: int, precision: str, plain: bool, device: str):
+def _make(channels: int, hw: int, batch: int, width_div: int, precision: str, provider: str,
+          device: str):
     def make():
         from d2g_fast.lpips.trunk import (LatentVGGClassifier, TrunkSettings, make_optimizer,
                                           memory_format_for, training_step)
+        plain = provider != "ours"
         s = TrunkSettings(width_div=width_div, batch_size=batch, precision=precision)
         memory_format = torch.contiguous_format if plain else memory_format_for(s, torch.device(device))
         torch.manual_seed(0)
@@ -29,7 +34,8 @@ def _make(channels: int, hw: int, batch: int, width_div: int, precision: str, pl
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, channels, hw, hw, generator=g).to(device).contiguous(memory_format=memory_format)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
-        return {"fwd+bwd": lambda: training_step(model, opt, x, y, precision)}
+        run = compiled(model) if provider == COMPILED else model
+        return {"fwd+bwd": lambda: training_step(run, opt, x, y, precision)}
     return make
 
 
@@ -43,8 +49,8 @@ def cases(device: str, quick: bool) -> list[Case]:
     out = []
     for channels, hw, batch, width_div, precision in setups:
         config = f"{channels}x{hw}x{hw} N={batch} width/{width_div} {precision}"
-        for provider, plain in (("ours", False), ("ref", True)):
+        for provider in PROVIDERS:
             out.append(Case(op="lpips_trunk_train_step", config=config, provider=provider,
-                            make=_make(channels, hw, batch, width_div, precision, plain, device),
+                            make=_make(channels, hw, batch, width_div, precision, provider, device),
                             note=f"images/s = {batch} / median s"))
     return out
