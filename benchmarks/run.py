@@ -5,6 +5,7 @@
     python benchmarks/run.py --device cuda --out DIR         # what gpu_check.sh runs
     python benchmarks/run.py --device cpu --only lpips_distance
     python benchmarks/run.py --device cpu --quick --rounds 3   # providers interleaved, 3 rounds
+    python benchmarks/run.py --device cpu --only multiscale_heads --providers cpu ref-compiled
 
 With --rounds R every case is made and timed once per round, all cases in turn, so that a
 machine shared with other work slows every provider alike; a row's median is the median of
@@ -141,9 +142,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="time every case this many times, all cases in turn (interleaved)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--providers", nargs="*", help="only these providers (e.g. cpu ref-compiled)")
+    p.add_argument("--modes", nargs="*", choices=("fwd", "bwd", "fwd+bwd"), help="only these modes")
+    p.add_argument("--min-reps", type=int, default=5, help="timed calls per mode at least")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.min_reps < 1:
+        p.error(f"--min-reps must be at least 1, got {args.min_reps}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
 
@@ -166,7 +172,8 @@ def main(argv=None) -> int:
     all_cases = []
     for name, module in bench_modules(args.only):
         try:
-            all_cases += module.cases(device, args.quick)
+            all_cases += [c for c in module.cases(device, args.quick)
+                          if not args.providers or c.provider in args.providers]
         except Exception as exc:
             print(f"[{name}] cases() failed: {exc}", file=sys.stderr)
             traceback.print_exc()
@@ -200,11 +207,13 @@ def run_case(i, case, round_, device, args, tags, results) -> None:
         results[(i, "-")] = dict(base, mode="-", note=f"failed: {type(exc).__name__}: {exc}"[:200])
         return
     for mode, fn in fns.items():
+        if args.modes and mode not in args.modes:
+            continue
         key = (i, mode)
         if key in results and "failed" in results[key].get("note", ""):
             continue
         try:
-            r = time_callable(fn, device, min_time_s=args.min_time)
+            r = time_callable(fn, device, min_time_s=args.min_time, min_reps=args.min_reps)
             if round_ == 0:
                 r["peak_mem_mb"] = peak_memory_mb(fn, device)
         except Exception as exc:
