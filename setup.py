@@ -231,6 +231,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "transformers>=4.40"],
         # Comparison targets for parity tests and benchmarks (never imported by the package).
         "compare": ["elatentlpips==0.2", "lpips==0.1.4", "setuptools<81"],
+        "bench": ["diffusers>=0.30", "transformers>=4.40", "lpips==0.1.4", "matplotlib"],
     },
     entry_points={"console_scripts": ["d2g=d2g_fast.cli:main"]},
     zip_safe=False,
