@@ -127,6 +127,13 @@ def test_cli_train_calibrate_eval_end_to_end(tmp_path, vae_dir, capsys):
         data.save_triplet_file(trip, tmp_path / "trip.safetensors")
         assert main(["lpips", "eval", "--weights", str(full), "--data", str(tmp_path / "trip.safetensors")]) == 0
         assert capsys.readouterr().out.split("2AFC:")[1] == out.split("2AFC:")[1]
+        # Official-format weights (a pickled state dict) evaluate with --encoder.
+        from d2g_fast import ELatentLPIPS
+        torch.save(ELatentLPIPS(pretrained=False, pnet_rand=True, encoder="sd15", verbose=False).state_dict(),
+                   tmp_path / "sd15_latest_vgg16_tuned.pth")
+        assert main(["lpips", "eval", "--encoder", "sd15", "--weights", str(tmp_path / "sd15_latest_vgg16_tuned.pth"),
+                     "--data", str(tmp_path / "trip.safetensors")]) == 0
+        assert "on 10 triplets (encoder 'sd15')" in capsys.readouterr().out
 
 
 def test_cli_bad_arguments_are_named(tmp_path, vae_dir, capsys):
