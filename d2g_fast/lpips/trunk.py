@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from d2g_fast.nn import elatentlpips_io as io
-from d2g_fast.nn.latent_vgg import LatentVGG16BN
+from d2g_fast.nn.latent_vgg import LatentVGG16BN, check_width_div
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -91,6 +91,7 @@ class TrunkSettings:
             raise ValueError(f"train_trunk: val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train_trunk: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_width_div(self.width_div, "train_trunk")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train_trunk: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
@@ -283,8 +284,11 @@ def train_trunk(latents: torch.Tensor, labels: torch.Tensor, output: str | os.Pa
     """
     from d2g_fast.nn.elatentlpips import ENCODER_NORMALIZATION  # noqa: PLC0415
 
-    s = settings or TrunkSettings()
-    s = TrunkSettings(**{**asdict(s), **overrides})
+    s = asdict(settings or TrunkSettings())
+    unknown = sorted(set(overrides) - set(s))
+    if unknown:
+        raise ValueError(f"train_trunk: unknown setting(s) {unknown}; TrunkSettings has {sorted(s)}")
+    s = TrunkSettings(**{**s, **overrides})
     s.check()
     num_classes = check_training_data(latents, labels)
     if normalization is None:
