@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from d2g_helpers import randomize_batchnorm
+from d2g_helpers import one_thread, randomize_batchnorm
 
 from d2g_fast import ELatentLPIPS
 from d2g_fast.functional import e_latent_lpips
@@ -360,35 +360,48 @@ def test_augmentation_is_applied_identically_to_both_inputs():
     assert rel_err(got, want) < 1e-6
 
 
-def test_single_latent_reconstruction_ensembling_helps():
-    """The paper's reconstruction experiment in small: optimise a latent towards a target;
-    with augmentation ensembling it ends closer to the target in plain L2.
+RECONSTRUCTION_TRUNK_SEEDS = (0, 1, 2)
 
-    Random trunk as constructed (torchvision initialisation, BatchNorm at its initial
-    statistics), fixed seeds. The outcome depends on the trunk: with random BatchNorm
-    statistics the plain loss can win instead, so this is a check of the wiring (the ensemble
-    changes the optimisation the way the paper describes), not of the trained metric."""
+
+def _reconstruction_error(trunk_seed: int, augment, start, target, steps: int = 20) -> float:
+    """Mean squared distance to ``target`` after ``steps`` Adam steps on the E-LatentLPIPS
+    loss from ``start``, with a random trunk drawn from ``trunk_seed``."""
+    torch.manual_seed(trunk_seed)
+    model = ELatentLPIPS(pretrained=False, pnet_rand=True, encoder="sd15", augment=augment,
+                         verbose=False)
+    x = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    torch.manual_seed(1)  # the augmentation draws
+    for _ in range(steps):
+        loss = model(x, target, ensembling=augment is not None, add_l1_loss=False).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (x.detach() - target).square().mean().item()
+
+
+def test_single_latent_reconstruction_ensembling_helps():
+    """The paper's reconstruction experiment in small: optimise a latent towards a target; with
+    augmentation ensembling it ends closer to the target in plain L2.
+
+    What it proves: on each of several random trunks (torchvision initialisation, BatchNorm at
+    its initial statistics; not the trained metric), ensembling changes the optimisation the
+    way the paper describes: every trunk must improve on the start, ensembling must beat the
+    plain loss on every trunk, and on average by a margin (3%), so that a rounding change cannot
+    flip the outcome; one seed alone would prove little."""
     g = torch.Generator().manual_seed(123)
     target = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 12, 12, generator=g), 3, 1, 1) * 2
     start = torch.randn(1, 4, 12, 12, generator=g)
-
-    def reconstruct(augment):
-        torch.manual_seed(0)
-        model = ELatentLPIPS(pretrained=False, pnet_rand=True, encoder="sd15", augment=augment,
-                             verbose=False)
-        x = start.clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=0.05)
-        torch.manual_seed(1)
-        for _ in range(20):
-            loss = model(x, target, ensembling=augment is not None, add_l1_loss=False).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return (x.detach() - target).square().mean().item()
-
     initial = (start - target).square().mean().item()
-    plain, ensembled = reconstruct(None), reconstruct("bg")
-    assert ensembled < plain < initial, (initial, plain, ensembled)
+    ratios = []
+    with one_thread():
+        for seed in RECONSTRUCTION_TRUNK_SEEDS:
+            plain = _reconstruction_error(seed, None, start, target)
+            ensembled = _reconstruction_error(seed, "bg", start, target)
+            assert ensembled < plain < initial, (seed, initial, plain, ensembled)
+            ratios.append(ensembled / plain)
+    mean_ratio = sum(ratios) / len(ratios)
+    assert mean_ratio < 0.97, f"ensembled / plain error per trunk {ratios}: mean {mean_ratio:.3f}"
 
 
 def test_heads_frozen_in_eval_mode_and_trainable_for_calibration():
