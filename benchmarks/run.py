@@ -38,7 +38,7 @@ from benchmarks.harness import (COMPILE_KWARGS, COMPILED, SkipCase, copy_bandwid
                                 matmul_tflops, peak_memory_mb, time_callable)
 
 COLUMNS = ["op", "config", "provider", "mode", "median_ms", "min_ms", "p90_ms", "reps", "rounds",
-           "round_min_ms", "round_max_ms", "first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
+           "round_min_ms", "round_max_ms", "round_ms", "first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
            "vs_compiled", "of_floor", "note", "device", "torch", "date", "git", "threads"]
 
 
@@ -241,7 +241,8 @@ def finished_rows(all_cases, results) -> list[dict]:
         if medians:
             case = all_cases[i]
             row.update(median_ms=statistics.median(medians), rounds=len(medians),
-                       round_min_ms=min(medians), round_max_ms=max(medians))
+                       round_min_ms=min(medians), round_max_ms=max(medians),
+                       round_ms=" ".join(f"{m:.4g}" for m in medians))  # paired across providers
             nbytes = {"fwd": case.bytes, "bwd": case.bwd_bytes}.get(mode)
             if mode == "fwd+bwd" and case.bytes and case.bwd_bytes:
                 nbytes = case.bytes + case.bwd_bytes
