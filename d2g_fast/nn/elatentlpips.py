@@ -57,7 +57,7 @@ ENCODER_NORMALIZATION = {
 AUGMENT_PRESETS = ("b", "g", "c", "o", "co", "bg", "bgc", "bgco")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NEGATIVE_WEIGHT_POLICIES = ("clamp", "error")
-IMPLS = ("auto", "ref", "cpu", "cuda", "triton")
+from d2g_fast._dispatch import IMPLS  # noqa: E402  (one source: the dispatch rule)
 NUM_LAYERS = len(TAP_CHANNELS)
 # Inputs smaller than this lose the last tap to the two max-pools.
 MIN_SPATIAL = 4
