@@ -31,8 +31,8 @@ def _load() -> None:
     if mismatch is not None:
         _STATE["error"] = mismatch
         _STATE["warned"] = True
-        warnings.warn(f"d2g_fast: {mismatch} Until then every op runs the slow pure-PyTorch "
-                      f"reference.", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"d2g_fast: {mismatch} Until then the ops run their slow pure-PyTorch "
+                      f"reference (or Triton) paths.", RuntimeWarning, stacklevel=2)
         return
     try:
         from d2g_fast import _C  # noqa: F401  (static initialisers register the ops)
