@@ -31,6 +31,7 @@ class Run:
     num_train: int = 0                   # pairs [0, num_train) train, the rest are held out
     g_forward: object = None             # G, or torch.compile(G)
     d_params: list = field(default_factory=list)  # D's trainable parameters
+    sharded: bool = False                # FSDP2 (config.fsdp on several processes)
     counters: dict = field(default_factory=lambda: {"nonfinite_in_a_row": 0,
                                                     "nonfinite_skipped": 0,
                                                     "device_seconds": 0.0})
@@ -235,13 +236,21 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
     discriminator.to(device)
     lpips.to(device)
     ema = make_ema(generator, config)
+    sharded = config.fsdp and procs.world > 1
+    if sharded:
+        from d2g_fast.train.distributed import shard_discriminator, shard_generator
+
+        shard_generator(generator)
+        if ema is not None:
+            shard_generator(ema)
+        shard_discriminator(discriminator)
     opt_g, opt_d = make_optimizers(generator, discriminator, config)
     g_forward = torch.compile(generator) if config.compile else generator
     return Run(config=config, device=device, procs=procs, teacher=teacher, generator=generator,
                ema=ema, discriminator=discriminator,
                d_loss=make_d_loss(config), lpips=lpips, opt_g=opt_g, opt_d=opt_d,
                dataset=dataset, num_train=num_train, g_forward=g_forward,
-               d_params=trainable_parameters(discriminator))
+               d_params=trainable_parameters(discriminator), sharded=sharded)
 
 
 def make_d_loss(config: TrainConfig):

@@ -73,14 +73,18 @@ def remove_incomplete(run_dir: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ saving
-def _state_dict_cpu(module: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+def _unet_state(generator, sharded: bool) -> dict:
+    """G's UNet weights (the keys of a diffusers UNet) from G's whole-module state."""
+    from d2g_fast.train.distributed import full_state_dict
+
+    return {k[len("unet."):]: v for k, v in full_state_dict(generator, sharded).items()
+            if k.startswith("unet.")}
 
 
-def _save_tensors(path: str, module: torch.nn.Module) -> None:
+def _save_tensors(path: str, state: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file(_state_dict_cpu(module), path)
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
     _fsync(path)
 
 
@@ -138,15 +142,23 @@ def save_checkpoint(run, run_dir: str, step: int, extra_state: dict) -> str:
     procs.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{procs.rank}.pt"))
     _fsync(os.path.join(tmp, f"rng-rank{procs.rank}.pt"))
+    # Gathering is collective under FSDP: every process takes part, rank 0 writes.
+    from d2g_fast.train.distributed import full_optimizer_state, full_state_dict
+
+    tensors = {"generator": _unet_state(run.generator, run.sharded),
+               "discriminator": full_state_dict(run.discriminator, run.sharded)}
+    if run.ema is not None:
+        tensors["ema"] = _unet_state(run.ema, run.sharded)
+    optimizers = {"optimizer_g": full_optimizer_state(run.generator, run.opt_g, run.sharded),
+                  "optimizer_d": full_optimizer_state(run.discriminator, run.opt_d, run.sharded)}
     if procs.is_main:
-        _save_tensors(os.path.join(tmp, "generator.safetensors"), run.generator.unet)
+        _save_tensors(os.path.join(tmp, "generator.safetensors"), tensors.pop("generator"))
         _maybe_fault(step)
-        if run.ema is not None:
-            _save_tensors(os.path.join(tmp, "ema.safetensors"), run.ema.unet)
-        _save_tensors(os.path.join(tmp, "discriminator.safetensors"), run.discriminator)
-        for name, opt in (("optimizer_g.pt", run.opt_g), ("optimizer_d.pt", run.opt_d)):
-            torch.save(opt.state_dict(), os.path.join(tmp, name))
-            _fsync(os.path.join(tmp, name))
+        for name, state in tensors.items():
+            _save_tensors(os.path.join(tmp, f"{name}.safetensors"), state)
+        for name, state in optimizers.items():
+            torch.save(state, os.path.join(tmp, f"{name}.pt"))
+            _fsync(os.path.join(tmp, f"{name}.pt"))
         atomic_write_json(os.path.join(tmp, "state.json"), {"step": step, **extra_state})
     procs.barrier()
     if procs.is_main:
@@ -199,17 +211,23 @@ def load_checkpoint(run, path: str) -> dict:
     if not os.path.isfile(os.path.join(path, COMPLETE)):
         raise ValueError(f"resume (--resume): {path!r} is not a complete checkpoint folder "
                          f"(no {COMPLETE})")
-    run.generator.unet.load_state_dict(_load_tensors(os.path.join(path, "generator.safetensors")))
+    from d2g_fast.train.distributed import load_full_optimizer_state, load_full_state_dict
+
+    def unet_file(name):
+        return {"unet." + k: v for k, v in _load_tensors(os.path.join(path, name)).items()}
+
+    load_full_state_dict(run.generator, unet_file("generator.safetensors"), run.sharded)
     if run.ema is not None:
-        ema_file = os.path.join(path, "ema.safetensors")
-        source = ema_file if os.path.isfile(ema_file) else \
-            os.path.join(path, "generator.safetensors")
-        run.ema.unet.load_state_dict(_load_tensors(source))
-    run.discriminator.load_state_dict(
-        _load_tensors(os.path.join(path, "discriminator.safetensors")))
-    for name, opt in (("optimizer_g.pt", run.opt_g), ("optimizer_d.pt", run.opt_d)):
-        opt.load_state_dict(torch.load(os.path.join(path, name), map_location=run.device,
-                                       weights_only=True))
+        has_ema = os.path.isfile(os.path.join(path, "ema.safetensors"))
+        load_full_state_dict(run.ema, unet_file("ema.safetensors" if has_ema else
+                                                "generator.safetensors"), run.sharded)
+    load_full_state_dict(run.discriminator,
+                         _load_tensors(os.path.join(path, "discriminator.safetensors")),
+                         run.sharded)
+    for name, module, opt in (("optimizer_g.pt", run.generator, run.opt_g),
+                              ("optimizer_d.pt", run.discriminator, run.opt_d)):
+        state = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        load_full_optimizer_state(module, opt, state, run.sharded)
     rng_file = os.path.join(path, f"rng-rank{run.procs.rank}.pt")
     if not os.path.isfile(rng_file):
         rng_file = os.path.join(path, "rng-rank0.pt")

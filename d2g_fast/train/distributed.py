@@ -92,3 +92,91 @@ def average_gradients(params: list[torch.nn.Parameter], procs: Processes) -> Non
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+# ------------------------------------------------------------------------------ FSDP2
+def _unet_blocks(unet) -> list[torch.nn.Module]:
+    blocks = list(unet.down_blocks) + list(unet.up_blocks)
+    if unet.mid_block is not None:
+        blocks.append(unet.mid_block)
+    return blocks
+
+
+def shard_generator(generator) -> None:
+    """FSDP2: every UNet block its own unit, the rest in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _unet_blocks(generator.unet):
+        fully_shard(block)
+    fully_shard(generator)
+
+
+def shard_discriminator(discriminator) -> None:
+    """FSDP2 for D. Its parameters stay gathered from the first forward of a step to its end
+    : R1 differentiates D twice, and the second backward
+    needs the gathered weights the first one would otherwise free (``reshard_all`` after the
+    optimiser step). Gradients and AdamW states are still sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    unet = discriminator.unet
+    # D calls its up blocks' resnets, attentions and upsamplers one by one (to tap features
+    # between them), so those are the units there; FSDP gathers a unit when it is called.
+    units = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else [])
+    for block in unet.up_blocks:
+        units += list(block.resnets) + list(getattr(block, "attentions", None) or []) + \
+            list(block.upsamplers or [])
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=False)
+    fully_shard(discriminator, reshard_after_forward=False)
+    discriminator.set_reshard_after_backward(False)
+
+
+def reshard_all(module: torch.nn.Module) -> None:
+    """Free the gathered weights of every FSDP unit in ``module`` (``reshard()`` of one unit
+    does not recurse), so the next forward gathers the updated shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict:
+    """The module's whole state on the CPU (a collective under FSDP: every process calls it)."""
+    if not sharded:
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in
+                module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict, sharded: bool) -> None:
+    if not sharded:
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(module, optimizer, sharded: bool) -> dict:
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(module, optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+
+    set_optimizer_state_dict(module, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -85,21 +85,24 @@ def make_loader(run: Run, start_step: int):
 
 @torch.no_grad()
 def validate(run: Run) -> float | None:
-    """Mean E-LatentLPIPS (no augmentation) of G on the held-out pairs, over all processes."""
+    """Mean E-LatentLPIPS (no augmentation) of G on the held-out pairs, over all processes.
+    Every process runs the same number of G calls (FSDP's gathers are collective): a process
+    with nothing left in the last round repeats a pair with weight 0."""
     if run.config.val_pairs <= 0 or run.dataset is None:
         return None
     held_out = list(range(run.num_train, len(run.dataset)))
-    mine = held_out[run.procs.rank::run.procs.world]
+    bs, rank, world = run.config.batch_size, run.procs.rank, run.procs.world
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
-    bs = run.config.batch_size
-    for start in range(0, len(mine), bs):
-        items = [run.dataset[i] for i in mine[start:start + bs]]
+    for start in range(0, len(held_out), bs * world):
+        mine = held_out[start + rank * bs:start + (rank + 1) * bs]
+        weight = 1.0 if mine else 0.0
+        items = [run.dataset[i] for i in (mine or held_out[:1])]
         batch = torch.utils.data.default_collate(items)
         ehs, added = conditioning(run, batch)
         fake = run.generator(batch["noise"].to(run.device), ehs, added)
         d = run.lpips(fake, batch["latent"].to(run.device), ensembling=False)
-        total[0] += d.double().sum()
-        total[1] += d.shape[0]
+        total[0] += weight * d.double().sum()
+        total[1] += weight * d.shape[0]
     run.procs.sum_(total)
     return float(total[0] / total[1])
 
@@ -124,7 +127,12 @@ class SampleWriter:
 
     @torch.no_grad()
     def write(self, step: int) -> str | None:
-        if self.failed:
+        """Every process calls this (G's forward is collective under FSDP); rank 0 saves."""
+        run = self.run
+        model = run.ema if run.ema is not None else run.generator
+        ehs, added = conditioning(run, {"prompt": self.prompts})
+        latents = model(self.noise.to(run.device), ehs, added)
+        if self.failed or not run.procs.is_main:
             return None
         if self.vae is None:
             try:
@@ -134,10 +142,6 @@ class SampleWriter:
                 print(f"d2g distill: sample grids disabled: the teacher's VAE cannot be loaded "
                       f"({self.failed})")
                 return None
-        run = self.run
-        model = run.ema if run.ema is not None else run.generator
-        ehs, added = conditioning(run, {"prompt": self.prompts})
-        latents = model(self.noise.to(run.device), ehs, added)
         images = decode_latents(self.vae, latents)
         path = os.path.join(self.folder, f"{ckpt.checkpoint_name(step)}.png")
         save_png(image_grid(images, columns=min(4, len(self.prompts))), path)
@@ -188,14 +192,16 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, log) -> 
             log(f"d2g distill: resuming from {resume_from} (step {start_step})"
                 + (f"; changed settings: {'; '.join(changes)}" if changes else ""))
     elif procs.is_main:
+        if config.fsdp and procs.world == 1:
+            log("d2g distill: --fsdp with one process: nothing to shard, training replicated")
         log(f"d2g distill: starting {run_dir} ({run.global_batch} pairs per step on "
             f"{procs.world} process(es), {run.num_train} training pairs)")
     metrics_log = samples = None
     if procs.is_main:
         write_config(run_dir, config)
         metrics_log = MetricsLog(run_dir, start_step if resume_from else None)
-        if config.sample_every:
-            samples = SampleWriter(run, run_dir)
+    if config.sample_every:
+        samples = SampleWriter(run, run_dir)
     bar = progress_bar(config.max_steps, start_step, config.progress and procs.is_main)
     loader_iter = iter(make_loader(run, start_step))
     last = {}

@@ -1,6 +1,6 @@
 """One optimiser step of the distillation: G's step and D's step on a global batch.
 
-For every micro-batch of the step (this process's share of them):
+For the micro-batches of the step (this process's share of them), first G's phase, then D's:
   1. G: x = G(z, c); loss = E-LatentLPIPS(x, teacher latent) + lambda_GAN * L_GAN(D(x, z, c)),
      D frozen (no D gradients); the GAN term is off during the warm-up.
   2. D: non-saturating loss on (teacher latent: real) vs (x detached, some replaced by
@@ -9,9 +9,7 @@ Both losses are divided by the number of micro-batches of the step; after the la
 the gradients are averaged over processes, the step is skipped everywhere if any loss was not
 finite, gradients are clipped, AdamW steps G and D, and the EMA follows G.
 
-Interleaving G's and D's micro-steps is the same as two phases: D's backward never reaches G
-(its inputs are detached) and G's never reaches D's parameters (frozen), and neither optimiser
-steps before the last micro-batch. The random draws of a micro-batch (augmentation,
+D's phase judges G's fakes from before G's update (no second G forward). The random draws of a micro-batch (augmentation,
 mix-and-match) are seeded from (seed, step, micro-batch number), so a resumed run and a run on
 another number of processes draw the same numbers.
 """
@@ -58,53 +56,54 @@ def gan_active(run, step: int) -> bool:
     return run.config.lambda_gan > 0 and step >= run.config.warmup_steps
 
 
-def generator_micro_step(run, noise, target, ehs, added, step: int, scale: float):
-    """G's loss on one micro-batch, backpropagated (times ``scale``). Returns (fake detached,
-    {"e_latentlpips": tensor, "g_gan": tensor or None})."""
+def gan_gradient(run, fake: torch.Tensor, micro: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_GAN(G), dL_GAN/dfake): D's verdict on G's fakes and its gradient with respect to the
+    fakes only. Asking autograd for that one input leaves D's weight gradients uncomputed (D is
+    frozen for G's step) without touching D's parameters, which also works under FSDP, where
+    the weights D computes with are not the parameters a caller could freeze."""
     from d2g_fast.losses import generator_loss
 
-    for p in run.d_params:
-        p.requires_grad_(False)
-    try:
-        with autocast(run):
-            fake = run.g_forward(noise, ehs, added)
-        regression = run.lpips(fake, target).mean()
-        loss = regression
-        gan = None
-        if gan_active(run, step):
-            gan = generator_loss(run.discriminator, fake, noise, ehs, added)
-            loss = loss + run.config.lambda_gan * gan
-        (loss * scale).backward()
-    finally:
-        for p in run.d_params:
-            p.requires_grad_(True)
-    return fake.detach(), {"e_latentlpips": regression.detach(),
-                           "g_gan": None if gan is None else gan.detach()}
+    leaf = fake.detach().requires_grad_(True)
+    gan = generator_loss(run.discriminator, leaf, micro["noise"], micro["ehs"], micro["added"])
+    (grad,) = torch.autograd.grad(gan, leaf)
+    return gan.detach(), grad
 
 
-def discriminator_micro_step(run, real, fake, noise, ehs, added, step: int, scale: float,
-                             generator: torch.Generator):
-    """D's loss on one micro-batch, backpropagated (times ``scale``)."""
-    out = run.d_loss(run.discriminator, real, fake, noise, ehs, added, step=step,
-                     generator=generator)
+def generator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
+    """G's loss on one prepared micro-batch, backpropagated into G (times ``scale``); stores the
+    detached fake in ``micro["fake"]``. Returns {"e_latentlpips", "g_gan" (None in warm-up)}."""
+    torch.manual_seed(micro["seed"])  # the augmentation draws (host or device sampler)
+    with autocast(run):
+        fake = run.g_forward(micro["noise"], micro["ehs"], micro["added"])
+    regression = run.lpips(fake, micro["target"]).mean()
+    loss = regression
+    gan = None
+    if gan_active(run, step):
+        gan, grad = gan_gradient(run, fake, micro)
+        # d/dG of <fake, grad> is the GAN loss's gradient through G.
+        loss = loss + run.config.lambda_gan * (fake * grad).sum()
+    (loss * scale).backward()
+    micro["fake"] = fake.detach()
+    return {"e_latentlpips": regression.detach(), "g_gan": gan}
+
+
+def discriminator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
+    """D's loss on one micro-batch (teacher latents vs G's detached fakes), backpropagated."""
+    draws = torch.Generator().manual_seed(micro["seed"])  # mix-and-match
+    out = run.d_loss(run.discriminator, micro["target"], micro["fake"], micro["noise"],
+                     micro["ehs"], micro["added"], step=step, generator=draws)
     (out.loss * scale).backward()
     return {"d_loss": out.loss.detach(), "d_gan": out.gan_loss.detach(),
             "r1": None if out.r1_penalty is None else out.r1_penalty.detach(),
             "d_real": out.real_score.mean(), "d_fake": out.fake_score.mean()}
 
 
-def micro_step(run, batch: dict, step: int, micro: int) -> dict:
-    """G's and D's micro-steps on one micro-batch; returns the losses as tensors."""
-    seed = micro_batch_seed(run.config.seed, step, micro)
-    torch.manual_seed(seed)  # the augmentation draws (host or device sampler)
-    draws = torch.Generator().manual_seed(seed)  # mix-and-match
-    noise = batch["noise"].to(run.device, torch.float32)
-    target = batch["latent"].to(run.device, torch.float32)
+def prepare_micro_batch(run, batch: dict, step: int, micro: int) -> dict:
+    """Tensors on the device, the text conditioning, and the seed of the micro-batch's draws."""
     ehs, added = conditioning(run, batch)
-    scale = 1.0 / run.micro_batches
-    fake, g_logs = generator_micro_step(run, noise, target, ehs, added, step, scale)
-    d_logs = discriminator_micro_step(run, target, fake, noise, ehs, added, step, scale, draws)
-    return {**g_logs, **d_logs}
+    return {"seed": micro_batch_seed(run.config.seed, step, micro),
+            "noise": batch["noise"].to(run.device, torch.float32),
+            "target": batch["latent"].to(run.device, torch.float32), "ehs": ehs, "added": added}
 
 
 def _sum_logs(logs: list[dict], run) -> dict:
@@ -128,6 +127,8 @@ def _clip(params, max_norm: float) -> float:
     if not params:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
     return float(norm)
 
 
@@ -146,8 +147,9 @@ def apply_updates(run, losses: dict) -> dict:
 
     g_params = list(run.generator.parameters())
     d_params = run.d_params
-    average_gradients(g_params, run.procs)
-    average_gradients(d_params, run.procs)
+    if not run.sharded:
+        average_gradients(g_params, run.procs)
+        average_gradients(d_params, run.procs)
     finite = all(v is None or math.isfinite(v) for v in losses.values())
     if finite:
         grad_norm_g = _clip(g_params, run.config.grad_clip)
@@ -165,6 +167,10 @@ def apply_updates(run, losses: dict) -> dict:
         run.counters["nonfinite_skipped"] += 1
     run.opt_g.zero_grad(set_to_none=True)
     run.opt_d.zero_grad(set_to_none=True)
+    if run.sharded:
+        from d2g_fast.train.distributed import reshard_all
+
+        reshard_all(run.discriminator)
     return {"grad_norm_g": grad_norm_g, "grad_norm_d": grad_norm_d, "skipped": not finite}
 
 
@@ -188,10 +194,13 @@ def train_step(run, batches: list[dict] | dict, step: int) -> dict:
                          f"{run.config.grad_accum}")
     run.generator.train()
     run.discriminator.train()
-    logs = []
-    for a, batch in enumerate(batches):
-        micro = a * run.procs.world + run.procs.rank
-        logs.append(micro_step(run, batch, step, micro))
+    micros = [prepare_micro_batch(run, batch, step, a * run.procs.world + run.procs.rank)
+              for a, batch in enumerate(batches)]
+    # FSDP averages gradients over processes itself; replicated training sums them.
+    scale = 1.0 / (run.config.grad_accum if run.sharded else run.micro_batches)
+    logs = [generator_micro_step(run, m, step, scale) for m in micros]
+    for m, entry in zip(micros, logs):
+        entry.update(discriminator_micro_step(run, m, step, scale))
     losses = _sum_logs(logs, run)
     update = apply_updates(run, losses)
     if run.counters["nonfinite_in_a_row"] >= run.config.max_nonfinite:
