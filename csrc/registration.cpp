@@ -33,8 +33,8 @@ TORCH_LIBRARY(d2g_fast, m) {
   // synchronisation: preset_flags = 1 b | 2 g | 4 c | 8 o, p = probability multiplier;
   // seed (>= 0) replaces the generator.
   m.def(
-      "augment_params_sample_(Tensor(a!) out, int C, int H, int W, int preset_flags, float p, "
-      "Generator? generator=None, int? seed=None) -> ()");
+      "augment_params_sample_on_device_(Tensor(a!) out, int C, int H, int W, int preset_flags, "
+      "float p, Generator? generator=None, int? seed=None) -> ()");
   // Fused multi-scale discriminator heads (csrc/multiscale_heads): K heads of per-pixel
   // LayerNorm over channels -> SiLU -> 1x1 conv to one logit, and the non-saturating loss
   // sum_k head_weights[k] * mean softplus(-target[n] * logit). Returns (loss, scores (K, N)

@@ -11,14 +11,16 @@ generated and the target latent by :func:`d2g_fast.ops.paired_augment`:
 
 Sampling follows the draw order of the StyleGAN2-ADA / E-LatentLPIPS pipeline with every
 probability multiplier at ``p`` (1 by default), so that with the default CPU generator seeded
-identically the same transform is drawn (float32 latents).  ``debug_percentile`` reproduces
-the official deterministic mode; in addition every colour draw equals the percentile (the
-official colour draws ignore it).
+identically the same transform is drawn: at float32 as the pipeline on float32 latents, or at
+float64 (``dtype=torch.float64``) as the pipeline run in float64.  ``debug_percentile``
+reproduces the official deterministic mode; in addition every colour draw equals the
+percentile (the official colour draws ignore it).
 
 :meth:`AugmentParams.sample_on_device` draws the same distributions on the latents' device
-instead (op ``augment_params_sample_``: a counter-based Philox RNG, one kernel launch, no host
-synchronisation, CUDA-graph safe), keeping only the packed tensor; the draws differ from the
-host ones (another RNG).  :meth:`AugmentParams.to_host` rebuilds the host fields from it.
+instead (op ``augment_params_sample_on_device_``: a counter-based Philox RNG, one kernel
+launch, no host synchronisation, CUDA-graph safe), keeping only the packed tensor; the draws
+differ from the host ones (another RNG).  :meth:`AugmentParams.to_host` rebuilds the host
+fields from it.
 """
 from __future__ import annotations
 
@@ -291,7 +293,8 @@ class AugmentParams:
     batch_size: int
     height: int
     width: int
-    g_inv: torch.Tensor | None = None            # (N, 3, 3) float32: output pixel -> input pixel
+    # host fields: CPU tensors at the sampler's precision (float32 or float64)
+    g_inv: torch.Tensor | None = None            # (N, 3, 3): output pixel -> input pixel
     margins: tuple[int, int, int, int] = (0, 0, 0, 0)  # reflect padding (x0, y0, x1, y1)
     brightness: torch.Tensor | None = None       # (N,) offset added (u - 0.5)
     contrast: torch.Tensor | None = None         # (N,) factor (u + 0.5)
@@ -375,13 +378,13 @@ class AugmentParams:
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         if not device_sampler_available(device.type):
             raise RuntimeError(f"AugmentParams.sample_on_device needs the compiled extension with "
-                               f"the 'augment_params_sample_' op for {device.type} (rebuild it: "
+                               f"the '{SAMPLER_OP}' op for {device.type} (rebuild it: "
                                f"make build)"
                                + ("" if _ext.ext_loaded() else "; the extension is not loaded"))
         packed = torch.empty((batch_size, PACKED_COLUMNS), dtype=torch.float64, device=device)
         bits = sum(PRESET_BITS[ch] for ch in preset)
-        torch.ops.d2g_fast.augment_params_sample_(packed, num_channels, height, width, bits,
-                                                  float(p), generator, seed)
+        getattr(torch.ops.d2g_fast, SAMPLER_OP)(packed, num_channels, height, width, bits,
+                                                float(p), generator, seed)
         return cls(batch_size, height, width, packed_params=packed, preset=preset)
 
     @classmethod
@@ -516,18 +519,21 @@ class AugmentParams:
         return int(self.has_geometry) | 2 * int(self.has_colour) | 4 * int(self.has_cutout)
 
 
+# The device-side sampler op (AugmentParams.sample_on_device).
+SAMPLER_OP = "augment_params_sample_on_device_"
+
+
 @torch.compiler.assume_constant_result  # torch.compile: a constant, not a traced call
 def device_sampler_available(device_type: str | None = None) -> bool:
     """Whether the compiled extension has the device-side sampler op (with a kernel for
-    ``device_type``, e.g. "cuda", when given)."""
+    ``device_type``, "cpu" or "cuda", when given)."""
     from d2g_fast import _ext  # noqa: PLC0415
-    if not (_ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_")):
+    if not (_ext.ext_loaded() and hasattr(torch.ops.d2g_fast, SAMPLER_OP)):
         return False
-    if device_type is None:
-        return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "d2g_fast::augment_params_sample_", key)
+    # The extension registers the op's CPU kernel always and its CUDA kernel whenever it is
+    # built with CUDA kernels, so the build record answers without asking the dispatcher.
+    kernels = {None: True, "cpu": True, "cuda": _ext.cuda_kernels_compiled()}
+    return kernels.get(device_type, False)
 
 
 def g_inv_from_packed(packed: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -551,9 +557,9 @@ def compute_margins(g_inv: torch.Tensor, height: int, width: int, dtype=np.float
                     ) -> tuple[int, int, int, int]:
     """Reflect-padding margins (x0, y0, x1, y1) that cover where the output corners land in the
     input plus the filter support, taken over the whole batch, clamped to size - 1 (the most
-    a reflection can pad).  Float32 arithmetic like the reference pipeline, so the ceil agrees
-    even where a corner lands a rounding error away from an integer (``dtype=np.float64`` for
-    device-drawn, float64 matrices)."""
+    a reflection can pad).  ``dtype`` arithmetic (numpy float32 or float64), the pipeline's at
+    the same precision, so the ceil agrees even where a corner lands a rounding error away from
+    an integer."""
     f32 = dtype
     cx, cy = (width - 1) / 2, (height - 1) / 2
     corners = np.array([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=f32)

@@ -95,7 +95,7 @@ inline std::tuple<uint64_t, uint64_t> unpack(PhiloxCudaState) { return {0, 0}; }
 
 @pytest.fixture(scope="module")
 def emulated_sampler(tmp_path_factory):
-    return emulated_ops(tmp_path_factory, "paired_augment/cuda/augment_sampling_kernel.cu",
+    return emulated_ops(tmp_path_factory, "paired_augment/cuda/augment_params_sample_on_device_kernel.cu",
                         "d2g_emu_sampler", ["paired_augment/paired_augment.cpp"],
                         replacements=SAMPLER_REPLACEMENTS, prelude=SAMPLER_PRELUDE)
 
@@ -108,8 +108,8 @@ def test_emulated_cuda_sampler_matches_cpu_kernel(emulated_sampler, preset_flags
     c, h, w = 4, 29, 37
     got = torch.full((n, 17), float("nan"), dtype=torch.float64)
     want = torch.full((n, 17), float("nan"), dtype=torch.float64)
-    emulated_sampler.augment_params_sample_(got, c, h, w, preset_flags, 0.8, None, 1234)
-    torch.ops.d2g_fast.augment_params_sample_(want, c, h, w, preset_flags, 0.8, None, 1234)
+    emulated_sampler.augment_params_sample_on_device_(got, c, h, w, preset_flags, 0.8, None, 1234)
+    torch.ops.d2g_fast.augment_params_sample_on_device_(want, c, h, w, preset_flags, 0.8, None, 1234)
     assert torch.isfinite(got).all(), "emulated sampler left unwritten (NaN) entries"
     assert torch.equal(got[:, 6:], want[:, 6:]), \
         f"colour/cutout/margin columns differ: {(got[:, 6:] - want[:, 6:]).abs().max():.3g}"

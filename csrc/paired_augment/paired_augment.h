@@ -14,7 +14,7 @@ namespace augment {
 void check_args(const char* op, const char* name_x, const at::Tensor& x, const char* name_y,
                 const std::optional<at::Tensor>& y, const at::Tensor& params, int64_t flags);
 
-// Checks of the sampler op augment_params_sample_ (every backend).
+// Checks of the sampler op augment_params_sample_on_device_ (every backend).
 void check_sample_args(const char* op, const at::Tensor& out, int64_t C, int64_t H, int64_t W,
                        int64_t preset_flags, double p, const std::optional<int64_t>& seed);
 

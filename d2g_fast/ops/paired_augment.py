@@ -136,8 +136,8 @@ def _register(prefix: str, suffix: str) -> None:
 if _has_cpp_op():
     _register(OP, "")
 
-if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_"):
-    @torch.library.register_fake("d2g_fast::augment_params_sample_")
+if _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, "augment_params_sample_on_device_"):
+    @torch.library.register_fake("d2g_fast::augment_params_sample_on_device_")
     def _fake_sample(out, C, H, W, preset_flags, p, generator=None, seed=None):
         return None
 

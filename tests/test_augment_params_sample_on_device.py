@@ -1,6 +1,6 @@
-"""Device-side drawing of the paired-augmentation parameters (op augment_params_sample_).
+"""Device-side drawing of the paired-augmentation parameters (op augment_params_sample_on_device_).
 
-Oracle: the numpy Philox4x32-10 reference d2g_fast/ref/augment_sampling.py (itself checked
+Oracle: the numpy Philox4x32-10 reference d2g_fast/ref/augment_params_sample_on_device.py (itself checked
 against the Random123 known answers).  Distributions: against the host sampler
 AugmentParams.sample (two-sample KS statistics and categorical frequencies over 20000 draws).
 """
@@ -14,10 +14,10 @@ from d2g_fast import _ext
 from d2g_fast.augment_params import (AugmentParams, compute_margins, device_sampler_available,
                                      g_inv_from_packed)
 from d2g_fast.ops.paired_augment import paired_augment
-from d2g_fast.ref import augment_sampling as ref
+from d2g_fast.ref import augment_params_sample_on_device as ref
 
 needs_sampler = pytest.mark.skipif(not device_sampler_available(),
-                                   reason="compiled extension without augment_params_sample_")
+                                   reason="compiled extension without augment_params_sample_on_device_")
 
 PRESETS = ("b", "g", "c", "o", "co", "bg", "bgc", "bgco", "go")
 
@@ -327,7 +327,7 @@ def test_triton_interpreted_with_device_params():
 
 @needs_sampler
 def test_bad_input_names_the_argument():
-    op = torch.ops.d2g_fast.augment_params_sample_
+    op = torch.ops.d2g_fast.augment_params_sample_on_device_
     good = torch.empty(4, 17, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="'out'"):
         op(torch.empty(4, 17), 4, 8, 8, 15, 1.0, None, 0)
@@ -358,7 +358,7 @@ def test_bad_input_names_the_argument():
 @needs_sampler
 def test_sampler_opcheck():
     out = torch.empty(5, 17, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.d2g_fast.augment_params_sample_.default, (out, 4, 9, 8, 15, 0.5, None, 3),
+    torch.library.opcheck(torch.ops.d2g_fast.augment_params_sample_on_device_.default, (out, 4, 9, 8, 15, 0.5, None, 3),
                           test_utils=("test_schema", "test_faketensor"))
 
 

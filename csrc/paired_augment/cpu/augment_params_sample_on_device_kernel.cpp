@@ -1,5 +1,5 @@
-// CPU kernel of augment_params_sample_: draws the packed augmentation parameters of every
-// sample (augment_sampling.h), then the batch-wide margins and the rows that depend on them.
+// CPU kernel of augment_params_sample_on_device_: draws the packed augmentation parameters of every
+// sample (augment_params_sample_on_device.h), then the batch-wide margins and the rows that depend on them.
 // Seed: `seed` when given, else one random64() of the (given or default) CPU generator, so
 // successive calls differ and torch.manual_seed reproduces them. Counter offset 0.
 #include <ATen/CPUGeneratorImpl.h>
@@ -11,7 +11,7 @@
 #include <mutex>
 #include <vector>
 
-#include "paired_augment/augment_sampling.h"
+#include "paired_augment/augment_params_sample_on_device.h"
 #include "paired_augment/paired_augment.h"
 
 namespace d2g {
@@ -20,7 +20,7 @@ namespace {
 
 void sample_cpu(at::Tensor out, int64_t C, int64_t H, int64_t W, int64_t preset_flags, double p,
                 std::optional<at::Generator> generator, std::optional<int64_t> seed) {
-  const char* op = "d2g_fast::augment_params_sample_";
+  const char* op = "d2g_fast::augment_params_sample_on_device_";
   check_sample_args(op, out, C, H, W, preset_flags, p, seed);
   TORCH_CHECK(out.device().is_cpu(), op, ": 'out' must be a CPU tensor here, got ", out.device());
   uint64_t key = 0;
@@ -52,7 +52,7 @@ void sample_cpu(at::Tensor out, int64_t C, int64_t H, int64_t W, int64_t preset_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(d2g_fast, CPU, m) { m.impl("augment_params_sample_", &sample_cpu); }
+TORCH_LIBRARY_IMPL(d2g_fast, CPU, m) { m.impl("augment_params_sample_on_device_", &sample_cpu); }
 
 }  // namespace augment
 }  // namespace d2g

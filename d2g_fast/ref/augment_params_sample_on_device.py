@@ -1,6 +1,6 @@
-"""Numpy reference of the device-side parameter sampler (op ``augment_params_sample_``).
+"""Numpy reference of the device-side parameter sampler (op ``augment_params_sample_on_device_``).
 
-The test oracle of csrc/paired_augment/augment_sampling.h, written from the algorithms:
+The test oracle of csrc/paired_augment/augment_params_sample_on_device.h, written from the algorithms:
 
 * Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC11) in numpy
   uint64 arithmetic: key = seed (lo, hi), counter = (offset lo, offset hi, subsequence lo,
@@ -115,7 +115,7 @@ def preset_bits(preset: str) -> int:
 
 def sample_packed(preset: str, batch_size: int, height: int, width: int, num_channels: int = 4,
                   p: float = 1.0, seed: int = 0, offset: int = 0) -> np.ndarray:
-    """(N, 17) float64: what ``augment_params_sample_`` writes for this seed and offset."""
+    """(N, 17) float64: what ``augment_params_sample_on_device_`` writes for this seed and offset."""
     n, h, w, p = int(batch_size), int(height), int(width), float(p)
     bits = preset_bits(preset)
     r = _Draws(philox_stream(seed, n, offset))

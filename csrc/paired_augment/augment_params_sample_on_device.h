@@ -1,7 +1,7 @@
 #pragma once
 // Per-sample drawing of the paired-augmentation parameters from a counter-based RNG, shared by
-// the CPU and CUDA sampler kernels (augment_params_sample_). The numpy reference is
-// d2g_fast/ref/augment_sampling.py: keep the two in the same order, operation for operation.
+// the CPU and CUDA sampler kernels (augment_params_sample_on_device_). The numpy reference is
+// d2g_fast/ref/augment_params_sample_on_device.py: keep the two in the same order, operation for operation.
 //
 // Random numbers: at::Philox4_32 (Philox4x32-10, ATen/core/PhiloxRNGEngine.h) with key = seed,
 // subsequence = sample index, counter offset = `offset` 128-bit blocks. Sample n consumes at

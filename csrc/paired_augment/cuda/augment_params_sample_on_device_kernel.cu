@@ -1,5 +1,5 @@
-// CUDA kernel of augment_params_sample_: ONE launch of one block. Its threads loop over the
-// samples drawing each row (augment_sampling.h), block-reduce the corner extents into the
+// CUDA kernel of augment_params_sample_on_device_: ONE launch of one block. Its threads loop over the
+// samples drawing each row (augment_params_sample_on_device.h), block-reduce the corner extents into the
 // batch-wide margins, then finish the rows that depend on them. No host synchronisation.
 // Random numbers: the Philox state of the (given or default) CUDA generator, reserved under its
 // mutex with philox_cuda_state and unpacked in the kernel (as torch's dropout does), so the op
@@ -14,7 +14,7 @@
 
 #include <mutex>
 
-#include "paired_augment/augment_sampling.h"
+#include "paired_augment/augment_params_sample_on_device.h"
 #include "paired_augment/paired_augment.h"
 
 namespace d2g {
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kSampleThreads)
 
 void sample_cuda(at::Tensor out, int64_t C, int64_t H, int64_t W, int64_t preset_flags, double p,
                  std::optional<at::Generator> generator, std::optional<int64_t> seed) {
-  const char* op = "d2g_fast::augment_params_sample_";
+  const char* op = "d2g_fast::augment_params_sample_on_device_";
   check_sample_args(op, out, C, H, W, preset_flags, p, seed);
   c10::cuda::CUDAGuard guard(out.device());
   at::PhiloxCudaState state;
@@ -87,7 +87,7 @@ void sample_cuda(at::Tensor out, int64_t C, int64_t H, int64_t W, int64_t preset
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) { m.impl("augment_params_sample_", &sample_cuda); }
+TORCH_LIBRARY_IMPL(d2g_fast, CUDA, m) { m.impl("augment_params_sample_on_device_", &sample_cuda); }
 
 }  // namespace augment
 }  // namespace d2g
