@@ -151,3 +151,26 @@ def test_cli_bad_arguments_are_named(tmp_path, vae_dir, capsys):
     assert "--shift/--scale" in capsys.readouterr().err
     assert main(["lpips", "eval", "--weights", str(tmp_path / "none.safetensors"), "--data", "x"]) == 2
     assert "--weights: file not found" in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_ranks_train_a_trunk(tmp_path):
+    """DDP with gloo on the CPU: two ranks share each global batch; rank 0 writes and reports."""
+    import os
+    import subprocess
+    import sys
+    x = torch.randn(64, 4, 8, 8)
+    torch.save({"latents": x, "labels": torch.arange(64) % 2}, tmp_path / "lat.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "t.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "d2g_fast.cli", "lpips", "train-trunk", "--data", str(tmp_path / "lat.pt"),
+         "--encoder", "sd15", "--output", str(out), "--width-div", "8", "--steps", "4",
+         "--batch-size", "16", "--checkpoint-every", "2", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1, proc.stdout
+    assert trunk_info(out)["steps"] == "4"
+    assert torch.load(str(out) + ".ckpt", weights_only=True)["settings"]["world_size"] == 2
