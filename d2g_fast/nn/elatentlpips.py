@@ -481,6 +481,7 @@ class ELatentLPIPS(nn.Module):
         return (val, res) if retPerLayer else val
 
     def extra_repr(self) -> str:
-        return (f"encoder={self.encoder!r}, augment={self.augment_preset!r}, "
+        return (f"encoder={self.encoder!r}, latent_channels={self.latent_channels}, "
+                f"width_div={self.width_div}, augment={self.augment_preset!r}, "
                 f"elatentlpips={self.elatentlpips}, spatial={self.spatial}, "
                 f"precision={self.precision!r}, channels_last={self.channels_last}, impl={self.impl!r}")
