@@ -289,6 +289,17 @@ def test_triton_interpreted_matches_reference(preset, layout):
     _compare_backward("triton", preset, (1, 2, 6, 5), torch.float32, "cpu")
 
 
+@pytest.mark.triton
+@needs_triton_op
+def test_triton_interpreted_float64_computes_in_float64():
+    """Float64 inputs accumulate in float64, as the C++ kernels do: the float64 tolerance of the
+    reference comparison (1e-10) is four orders below what float32 arithmetic reaches."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test; the GPU test covers Triton on CUDA")
+    _compare_forward("triton", "bgco", (1, 2, 6, 5), torch.float64, "cpu", "contiguous")
+    _compare_backward("triton", "bgco", (1, 2, 6, 5), torch.float64, "cpu", tol=TOL[torch.float64])
+
+
 @pytest.mark.cuda
 @pytest.mark.triton
 @needs_triton_op

@@ -1,12 +1,13 @@
 """Triton kernels of the paired latent augmentation (same math as csrc/paired_augment).
 
 Triton has no explicit shared memory, so the fused tile of the CUDA kernel becomes passes over
-a float32 buffer of the resampling grid (about 4.8x the latent):
+a buffer of the resampling grid (about 4.8x the latent):
   forward, per tensor: grid points (each a separable 7x7 weighted sum of input pixels) ->
   2x downsampling (+ cutout) -> [colour + cutout, one program per sample];
   backward, per tensor: [cutout + colour transposed] -> grid-point gradients (transposed
   downsampling, gathered) scattered through the 7x7 weights with atomic adds.
-Computes in float32 (also for float64 inputs).  Registered with torch.library.triton_op.
+Computes at the accumulation precision of the C++ kernels (ACC: float64 for float64 inputs,
+float32 otherwise).  Registered with torch.library.triton_op.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ BLOCK_PIXELS = 256
 
 
 @triton.jit
-def _axis_weights(a, m0, size, padded, f_ptr):
+def _axis_weights(a, m0, size, padded, f_ptr, ACC: tl.constexpr):
     """[BLOCK, 8] weights and source indices (-1 = zero) of 7 padded-input pixels per point."""
     up = 2 * padded
     a = tl.minimum(tl.maximum(a, -4.0), up + 4.0)
     fl = tl.floor(a)
     a0 = fl.to(tl.int32)
-    frac = (a - fl).to(tl.float32)
+    frac = (a - fl).to(ACC)
     base = (tl.floor((fl + 1.0) * 0.5) - 3.0).to(tl.int32)
     i = tl.arange(0, 8)[None, :]
     p = base[:, None] + i
@@ -62,7 +63,7 @@ def _sample_margins(params_ptr, n, H, W):
 
 
 @triton.jit
-def _point_weights(params_ptr, n, idx, GW, H, W, f_ptr):
+def _point_weights(params_ptr, n, idx, GW, H, W, f_ptr, ACC: tl.constexpr):
     mx0, my0, Hp, Wp = _sample_margins(params_ptr, n, H, W)
     ly = idx // GW
     lx = idx % GW
@@ -71,8 +72,8 @@ def _point_weights(params_ptr, n, idx, GW, H, W, f_ptr):
     jy = (ly + 1).to(tl.float64)
     ax = tl.load(P + 0) * jx + tl.load(P + 1) * jy + tl.load(P + 2)
     ay = tl.load(P + 3) * jx + tl.load(P + 4) * jy + tl.load(P + 5)
-    wx, sx = _axis_weights(ax, mx0, W, Wp, f_ptr)
-    wy, sy = _axis_weights(ay, my0, H, Hp, f_ptr)
+    wx, sx = _axis_weights(ax, mx0, W, Wp, f_ptr, ACC)
+    wy, sy = _axis_weights(ay, my0, H, Hp, f_ptr, ACC)
     return ly, lx, wx, sx, wy, sy
 
 
@@ -83,38 +84,38 @@ def _column(v, r):
 
 
 @triton.jit
-def _keep(qx, qy, W, H, P):
-    u = (qx.to(tl.float32) + 0.5) / W
-    v = (qy.to(tl.float32) + 0.5) / H
-    cx = tl.load(P + 9).to(tl.float32)
-    cy = tl.load(P + 10).to(tl.float32)
-    hx = tl.load(P + 11).to(tl.float32)
-    hy = tl.load(P + 12).to(tl.float32)
+def _keep(qx, qy, W, H, P, ACC: tl.constexpr):
+    u = (qx.to(ACC) + 0.5) / W
+    v = (qy.to(ACC) + 0.5) / H
+    cx = tl.load(P + 9).to(ACC)
+    cy = tl.load(P + 10).to(ACC)
+    hx = tl.load(P + 11).to(ACC)
+    hy = tl.load(P + 12).to(ACC)
     return (tl.abs(u - cx) >= hx) | (tl.abs(v - cy) >= hy)
 
 
 @triton.jit
 def _grid_points_kernel(x_ptr, s_ptr, params_ptr, f_ptr, sxn, sxc, sxh, sxw,
-                        C, H, W, GH, GW, BLOCK: tl.constexpr):
+                        C, H, W, GH, GW, ACC: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < GH * GW
-    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, H, W, f_ptr)
+    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, H, W, f_ptr, ACC)
     base = x_ptr + n * sxn
     for c in range(C):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK], dtype=ACC)
         for r in tl.static_range(7):
             wy_r = _column(wy, r)
             sy_r = _column(sy, r)
             ok = (sx >= 0) & (sy_r >= 0)[:, None] & inb[:, None]
             v = tl.load(base + c * sxc + sy_r[:, None] * sxh + sx * sxw, mask=ok, other=0.0)
-            acc += wy_r * tl.sum(v.to(tl.float32) * wx, axis=1)
+            acc += wy_r * tl.sum(v.to(ACC) * wx, axis=1)
         tl.store(s_ptr + (n * C + c) * GH * GW + idx, acc, mask=inb)
 
 
 @triton.jit
 def _downsample_kernel(s_ptr, o_ptr, params_ptr, f_ptr, son, soc, soh, sow, C, H, W, GH, GW,
-                       CUT: tl.constexpr, BLOCK: tl.constexpr):
+                       CUT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     nc = tl.program_id(0)
     n = nc // C
     c = nc % C
@@ -125,43 +126,43 @@ def _downsample_kernel(s_ptr, o_ptr, params_ptr, f_ptr, son, soc, soh, sow, C, H
     l16 = tl.arange(0, 16)
     fl = tl.load(f_ptr + l16, mask=l16 < 12, other=0.0)
     plane = s_ptr + nc * GH * GW
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=ACC)
     for k in tl.static_range(12):
         ptrs = plane + (2 * qy + k)[:, None] * GW + (2 * qx)[:, None] + l16[None, :]
         row = tl.load(ptrs, mask=inb[:, None] & (l16 < 12)[None, :], other=0.0)
         acc += tl.load(f_ptr + k) * tl.sum(row * fl[None, :], axis=1)
     if CUT:
-        acc = tl.where(_keep(qx, qy, W, H, params_ptr + n * 17), acc, 0.0)
+        acc = tl.where(_keep(qx, qy, W, H, params_ptr + n * 17, ACC), acc, 0.0)
     tl.store(o_ptr + n * son + c * soc + qy * soh + qx * sow, acc.to(o_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
 def _colour_kernel(i_ptr, o_ptr, params_ptr, sin, sic, sih, siw, son, soc, soh, sow, C, H, W,
                    COL: tl.constexpr, CUT: tl.constexpr, ADJOINT: tl.constexpr, LIN: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   ACC: tl.constexpr, BLOCK: tl.constexpr):
     """One program per sample: colour (or its transpose) and cutout, in place when i == o."""
     n = tl.program_id(0)
     P = params_ptr + n * 17
     HW = H * W
     mean = 0.0
     if COL:
-        total = tl.zeros([BLOCK], dtype=tl.float32)
+        total = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, HW, BLOCK):
             idx = start + tl.arange(0, BLOCK)
             ok = idx < HW
             qy = idx // W
             qx = idx % W
             if ADJOINT and CUT:
-                ok = ok & _keep(qx, qy, W, H, P)
+                ok = ok & _keep(qx, qy, W, H, P, ACC)
             for c in range(C):
                 v = tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=ok, other=0.0)
-                total += v.to(tl.float32)
+                total += v.to(ACC)
         mean = tl.sum(total, axis=0) / (C * HW)
-    b = tl.load(P + 6).to(tl.float32)
+    b = tl.load(P + 6).to(ACC)
     if LIN:
         b = 0.0
-    cf = tl.load(P + 7).to(tl.float32)
-    sf = tl.load(P + 8).to(tl.float32)
+    cf = tl.load(P + 7).to(ACC)
+    sf = tl.load(P + 8).to(ACC)
     for start in range(0, HW, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         inb = idx < HW
@@ -169,16 +170,16 @@ def _colour_kernel(i_ptr, o_ptr, params_ptr, sin, sic, sih, siw, son, soc, soh, 
         qx = idx % W
         keep = inb
         if CUT:
-            keep = keep & _keep(qx, qy, W, H, P)
-        cmean = tl.zeros([BLOCK], dtype=tl.float32)
+            keep = keep & _keep(qx, qy, W, H, P, ACC)
+        cmean = tl.zeros([BLOCK], dtype=ACC)
         if COL:
             for c in range(C):
-                cmean += tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=inb, other=0.0).to(tl.float32)
+                cmean += tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=inb, other=0.0).to(ACC)
             cmean = cmean / C
             if ADJOINT:
                 cmean = tl.where(keep, cmean, 0.0)
         for c in range(C):
-            v = tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=inb, other=0.0).to(tl.float32)
+            v = tl.load(i_ptr + n * sin + c * sic + qy * sih + qx * siw, mask=inb, other=0.0).to(ACC)
             if ADJOINT:
                 v = tl.where(keep, v, 0.0)
                 if COL:
@@ -191,20 +192,21 @@ def _colour_kernel(i_ptr, o_ptr, params_ptr, sin, sic, sih, siw, son, soc, soh, 
 
 
 @triton.jit
-def _scatter_kernel(g_ptr, out_ptr, params_ptr, f_ptr, C, H, W, GH, GW, BLOCK: tl.constexpr):
-    """Transposed geometry: grid-point gradients gathered from the (contiguous float32) output
-    gradient g, scattered into out (contiguous float32, zeroed) with atomic adds."""
+def _scatter_kernel(g_ptr, out_ptr, params_ptr, f_ptr, C, H, W, GH, GW, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Transposed geometry: grid-point gradients gathered from the (contiguous, ACC) output
+    gradient g, scattered into out (contiguous, ACC, zeroed) with atomic adds."""
     n = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < GH * GW
-    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, H, W, f_ptr)
+    ly, lx, wx, sx, wy, sy = _point_weights(params_ptr, n, idx, GW, H, W, f_ptr, ACC)
     l16 = tl.arange(0, 16)
     fl = tl.load(f_ptr + l16, mask=l16 < 12, other=0.0)
     qx2 = lx[:, None] - l16[None, :]
     okx = (qx2 >= 0) & (qx2 % 2 == 0) & (qx2 < 2 * W) & (l16 < 12)[None, :]
     for c in range(C):
         plane = g_ptr + (n * C + c) * H * W
-        gs = tl.zeros([BLOCK], dtype=tl.float32)
+        gs = tl.zeros([BLOCK], dtype=ACC)
         for k in tl.static_range(12):
             qy2 = ly - k
             oky = (qy2 >= 0) & (qy2 % 2 == 0) & (qy2 < 2 * H) & inb
@@ -223,58 +225,75 @@ def _geometry_sizes(x: torch.Tensor):
     return N, C, H, W, 2 * H + 10, 2 * W + 10
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The C++ kernels' rule (at::opmath_type): float64 stays float64, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
 def _forward_one(x, params, flags, f):
     N, C, H, W, GH, GW = _geometry_sizes(x)
+    acc_dtype = f.dtype
+    ACC = _TRITON_DTYPES[acc_dtype]
     out = poisoned_empty_like(x)
     geom, col, cut = bool(flags & GEOMETRY), bool(flags & COLOUR), bool(flags & CUTOUT)
     src = x
     if geom:
-        s = torch.empty((N, C, GH, GW), device=x.device, dtype=torch.float32)
+        s = torch.empty((N, C, GH, GW), device=x.device, dtype=acc_dtype)
         wrap_triton(_grid_points_kernel)[(N, triton.cdiv(GH * GW, BLOCK_POINTS))](
-            x, s, params, f, *x.stride(), C, H, W, GH, GW, BLOCK=BLOCK_POINTS)
+            x, s, params, f, *x.stride(), C, H, W, GH, GW, ACC=ACC, BLOCK=BLOCK_POINTS)
         wrap_triton(_downsample_kernel)[(N * C, triton.cdiv(H * W, BLOCK_PIXELS))](
-            s, out, params, f, *out.stride(), C, H, W, GH, GW, CUT=cut and not col, BLOCK=BLOCK_PIXELS)
+            s, out, params, f, *out.stride(), C, H, W, GH, GW, CUT=cut and not col, ACC=ACC,
+            BLOCK=BLOCK_PIXELS)
         src = out
     if col or not geom:
         wrap_triton(_colour_kernel)[(N,)](
             src, out, params, *src.stride(), *out.stride(), C, H, W, COL=col, CUT=cut,
-            ADJOINT=False, LIN=bool(flags & LINEAR), BLOCK=BLOCK_PIXELS)
+            ADJOINT=False, LIN=bool(flags & LINEAR), ACC=ACC, BLOCK=BLOCK_PIXELS)
     return out
 
 
 def _backward_one(g, params, flags, f):
     N, C, H, W, GH, GW = _geometry_sizes(g)
+    acc_dtype = f.dtype
+    ACC = _TRITON_DTYPES[acc_dtype]
     geom, col, cut = bool(flags & GEOMETRY), bool(flags & COLOUR), bool(flags & CUTOUT)
     if not geom:
         out = poisoned_empty_like(g)
         wrap_triton(_colour_kernel)[(N,)](
             g, out, params, *g.stride(), *out.stride(), C, H, W, COL=col, CUT=cut, ADJOINT=True,
-            LIN=False, BLOCK=BLOCK_PIXELS)
+            LIN=False, ACC=ACC, BLOCK=BLOCK_PIXELS)
         return out
-    gg = torch.empty((N, C, H, W), device=g.device, dtype=torch.float32)
+    gg = torch.empty((N, C, H, W), device=g.device, dtype=acc_dtype)
     wrap_triton(_colour_kernel)[(N,)](
         g, gg, params, *g.stride(), *gg.stride(), C, H, W, COL=col, CUT=cut, ADJOINT=True,
-        LIN=False, BLOCK=BLOCK_PIXELS)
-    acc = torch.zeros((N, C, H, W), device=g.device, dtype=torch.float32)
+        LIN=False, ACC=ACC, BLOCK=BLOCK_PIXELS)
+    acc = torch.zeros((N, C, H, W), device=g.device, dtype=acc_dtype)
     wrap_triton(_scatter_kernel)[(N, triton.cdiv(GH * GW, BLOCK_POINTS))](
-        gg, acc, params, f, C, H, W, GH, GW, BLOCK=BLOCK_POINTS)
-    return acc.to(dtype=g.dtype, memory_format=torch.preserve_format) if g.dtype != torch.float32 else acc
+        gg, acc, params, f, C, H, W, GH, GW, ACC=ACC, BLOCK=BLOCK_POINTS)
+    if g.dtype == acc_dtype:
+        return acc
+    return acc.to(dtype=g.dtype, memory_format=torch.preserve_format)
 
 
 _FILTERS: dict = {}
 
 
-def _filter(device) -> torch.Tensor:
-    f = _FILTERS.get(device)
+def _filter(device, dtype: torch.dtype) -> torch.Tensor:
+    """The resampling filter at the accumulation precision of ``dtype`` inputs (cached)."""
+    acc_dtype = _accumulation_dtype(dtype)
+    f = _FILTERS.get((device, acc_dtype))
     if f is None:
-        f = _FILTERS[device] = resampling_filter(torch.float32, device)
+        f = _FILTERS[(device, acc_dtype)] = resampling_filter(acc_dtype, device)
     return f
 
 
 @triton_op("d2g_fast::paired_augment_triton", mutates_args={})
 def paired_augment_triton(x: torch.Tensor, y: torch.Tensor | None, params: torch.Tensor,
                           flags: int) -> tuple[torch.Tensor, torch.Tensor]:
-    f = _filter(x.device)
+    f = _filter(x.device, x.dtype)
     ox = _forward_one(x, params, flags, f)
     oy = _forward_one(y, params, flags, f) if y is not None else x.new_empty((0,))
     return ox, oy
@@ -284,7 +303,7 @@ def paired_augment_triton(x: torch.Tensor, y: torch.Tensor | None, params: torch
 def paired_augment_backward_triton(grad_x: torch.Tensor, grad_y: torch.Tensor | None,
                                    params: torch.Tensor, flags: int
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    f = _filter(grad_x.device)
+    f = _filter(grad_x.device, grad_x.dtype)
     gx = _backward_one(grad_x, params, flags, f)
     gy = _backward_one(grad_y, params, flags, f) if grad_y is not None else grad_x.new_empty((0,))
     return gx, gy
