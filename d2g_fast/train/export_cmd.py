@@ -20,6 +20,9 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast.train.export import export_pipeline
 
     quiet_model_loading()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
     out = export_pipeline(args.run_dir, args.out, step=args.step, use_ema=not args.no_ema)
     print(f"d2g export: wrote {out}: DiffusionPipeline.from_pretrained(...)(prompt, "
           f"num_inference_steps=1, guidance_scale=1.0)")
