@@ -54,13 +54,8 @@ D2G_CPU_CLONES void forward_row_range(const scalar_t* a, const scalar_t* b, cons
       for (int64_t x = 0; x < W; ++x) {
         const scalar_t* pa = ra + x * sa.w;
         const scalar_t* pb = rb + x * sb.w;
-        NormSums<acc_t> ns;
-        zero(ns);
-        for (int64_t c = 0; c < C; ++c) accumulate_norms(ns, acc_t(pa[c]), acc_t(pb[c]));
-        const Norms<acc_t> nm = finalize_norms(ns);
-        DistSums<acc_t> ds;
-        zero(ds);
-        for (int64_t c = 0; c < C; ++c) accumulate_dist(ds, acc_t(pa[c]), acc_t(pb[c]), w[c], nm);
+        const Norms<acc_t> nm = finalize_norms(norms_pixel<scalar_t, acc_t>(pa, pb, C));
+        const DistSums<acc_t> ds = dist_pixel<scalar_t, acc_t>(pa, pb, w, C, nm);
         store(x, ds.d, nm.i0, nm.i1, nm.di, ds.s0, ds.s1);
       }
       continue;
@@ -100,54 +95,77 @@ void forward_rows(const scalar_t* a, const scalar_t* b, const Strides4& sa, cons
   });
 }
 
-// Writes the gradient for one input: self_ is the input being differentiated, other its pair;
-// i_self = its 1/|.|, di_self = i_self - i_other (sign +1 for f0, -1 for f1 applied to the
-// stored i0 - i1), s_self its s statistic.
-template <typename scalar_t>
-D2G_CPU_CLONES void backward_row_range(
-    const scalar_t* self_, const scalar_t* other, const Strides4& ss, const Strides4& so, scalar_t* out,
-    const Strides4& sout, const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* pixel_grad,
-    const at::opmath_type<scalar_t>* i_self, const at::opmath_type<scalar_t>* di,
-    at::opmath_type<scalar_t> di_sign, const at::opmath_type<scalar_t>* s_self, int64_t C, int64_t H,
-    int64_t W, int64_t begin, int64_t end) {
+// Per-pixel rows of the backward: the stats rows [i0, i1, di = i0 - i1, s0, s1] and dL/dd.
+template <typename acc_t>
+struct PixelStats {
+  const acc_t *i0, *i1, *di, *s0, *s1, *g;
+};
+
+// Rows [begin, end) of the backward: BOTH gradients in one pass over the two inputs (each read
+// once; kA / kB: whether f0's / f1's gradient is wanted). Planar tensors with unit stride along
+// the row take grad_row_pixels (vectorised); other layouts go element by element in the
+// gradients' memory order.
+template <typename scalar_t, bool kA, bool kB>
+D2G_CPU_CLONES void backward_row_range(const scalar_t* a, const scalar_t* b, const Strides4& sa,
+                                       const Strides4& sb, scalar_t* ga, const Strides4& sga, scalar_t* gb,
+                                       const Strides4& sgb, const at::opmath_type<scalar_t>* w,
+                                       const PixelStats<at::opmath_type<scalar_t>>& ps, int64_t C, int64_t H,
+                                       int64_t W, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool unit_rows = sa.w == 1 && sb.w == 1 && (!kA || sga.w == 1) && (!kB || sgb.w == 1);
+  const Strides4& sout = kA ? sga : sgb;
+  const bool channels_unit = sa.c == 1 && sb.c == 1 && (!kA || sga.c == 1) && (!kB || sgb.c == 1);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / H, h = row % H;
-    const int64_t pix0 = (n * H + h) * W;
-    const scalar_t* ra = self_ + n * ss.n + h * ss.h;
-    const scalar_t* rb = other + n * so.n + h * so.h;
-    scalar_t* ro = out + n * sout.n + h * sout.h;
-    if (sout.channels_inner()) {
+    const int64_t p = (n * H + h) * W;
+    const scalar_t* ra = a + n * sa.n + h * sa.h;
+    const scalar_t* rb = b + n * sb.n + h * sb.h;
+    scalar_t* rga = kA ? ga + n * sga.n + h * sga.h : nullptr;
+    scalar_t* rgb = kB ? gb + n * sgb.n + h * sgb.h : nullptr;
+    auto element = [&](int64_t c, int64_t x) {
+      acc_t g0, g1;
+      grad_pair<acc_t>(ps.g[p + x], w[c], acc_t(ra[c * sa.c + x * sa.w]), acc_t(rb[c * sb.c + x * sb.w]),
+                       ps.i0[p + x], ps.i1[p + x], ps.di[p + x], ps.s0[p + x], ps.s1[p + x], g0, g1);
+      if (kA) rga[c * sga.c + x * sga.w] = static_cast<scalar_t>(g0);
+      if (kB) rgb[c * sgb.c + x * sgb.w] = static_cast<scalar_t>(g1);
+    };
+    if (!sout.channels_inner() && unit_rows) {
+      for (int64_t c = 0; c < C; ++c)
+        grad_row_pixels<scalar_t, acc_t, kA, kB>(ra + c * sa.c, rb + c * sb.c, kA ? rga + c * sga.c : nullptr,
+                                                 kB ? rgb + c * sgb.c : nullptr, W, w[c], ps.g + p, ps.i0 + p,
+                                                 ps.i1 + p, ps.di + p, ps.s0 + p, ps.s1 + p);
+    } else if (sout.channels_inner() && channels_unit) {  // one pixel's channels: unit stride
       for (int64_t x = 0; x < W; ++x) {
-        const int64_t p = pix0 + x;
-        for (int64_t c = 0; c < C; ++c)
-          ro[x * sout.w + c] = static_cast<scalar_t>(grad_one<acc_t>(
-              pixel_grad[p], w[c], acc_t(ra[x * ss.w + c * ss.c]), acc_t(rb[x * so.w + c * so.c]),
-              i_self[p], di_sign * di[p], s_self[p]));
-      }
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t x = 0; x < W; ++x) {
-          const int64_t p = pix0 + x;
-          ro[c * sout.c + x * sout.w] = static_cast<scalar_t>(grad_one<acc_t>(
-              pixel_grad[p], w[c], acc_t(ra[c * ss.c + x * ss.w]), acc_t(rb[c * so.c + x * so.w]),
-              i_self[p], di_sign * di[p], s_self[p]));
+        const scalar_t* __restrict__ pa = ra + x * sa.w;
+        const scalar_t* __restrict__ pb = rb + x * sb.w;
+        scalar_t* __restrict__ pga = kA ? rga + x * sga.w : nullptr;
+        scalar_t* __restrict__ pgb = kB ? rgb + x * sgb.w : nullptr;
+        const acc_t g = ps.g[p + x], i0 = ps.i0[p + x], i1 = ps.i1[p + x], di = ps.di[p + x],
+                    s0 = ps.s0[p + x], s1 = ps.s1[p + x];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t g0, g1;
+          grad_pair<acc_t>(g, w[c], acc_t(pa[c]), acc_t(pb[c]), i0, i1, di, s0, s1, g0, g1);
+          if (kA) pga[c] = static_cast<scalar_t>(g0);
+          if (kB) pgb[c] = static_cast<scalar_t>(g1);
         }
       }
+    } else if (sout.channels_inner()) {
+      for (int64_t x = 0; x < W; ++x)
+        for (int64_t c = 0; c < C; ++c) element(c, x);
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t x = 0; x < W; ++x) element(c, x);
     }
   }
 }
 
-template <typename scalar_t>
-void backward_one(const scalar_t* self_, const scalar_t* other, const Strides4& ss,
-                  const Strides4& so, scalar_t* out, const Strides4& sout,
-                  const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* pixel_grad,
-                  const at::opmath_type<scalar_t>* i_self, const at::opmath_type<scalar_t>* di,
-                  at::opmath_type<scalar_t> di_sign, const at::opmath_type<scalar_t>* s_self, int64_t N,
-                  int64_t C, int64_t H, int64_t W) {
+template <typename scalar_t, bool kA, bool kB>
+void backward_rows(const scalar_t* a, const scalar_t* b, const Strides4& sa, const Strides4& sb, scalar_t* ga,
+                   const Strides4& sga, scalar_t* gb, const Strides4& sgb, const at::opmath_type<scalar_t>* w,
+                   const PixelStats<at::opmath_type<scalar_t>>& ps, int64_t N, int64_t C, int64_t H, int64_t W) {
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    backward_row_range<scalar_t>(self_, other, ss, so, out, sout, w, pixel_grad, i_self, di, di_sign,
-                                 s_self, C, H, W, begin, end);
+    backward_row_range<scalar_t, kA, kB>(a, b, sa, sb, ga, sga, gb, sgb, w, ps, C, H, W, begin, end);
   });
 }
 
@@ -184,14 +202,18 @@ std::tuple<at::Tensor, at::Tensor> lpips_distance_backward_cpu(
     const scalar_t* a = f0.const_data_ptr<scalar_t>();
     const scalar_t* b = f1.const_data_ptr<scalar_t>();
     // stats rows: [i0, i1, di = i0 - i1, s0, s1]
-    if (need_f0)
-      backward_one<scalar_t>(a, b, Strides4(f0), Strides4(f1), g0.mutable_data_ptr<scalar_t>(), Strides4(g0),
-                             w.const_data_ptr<acc_t>(), pg, st, st + 2 * plane, acc_t(1), st + 3 * plane, N, C, H,
-                             W);
-    if (need_f1)
-      backward_one<scalar_t>(b, a, Strides4(f1), Strides4(f0), g1.mutable_data_ptr<scalar_t>(), Strides4(g1),
-                             w.const_data_ptr<acc_t>(), pg, st + plane, st + 2 * plane, acc_t(-1), st + 4 * plane, N,
-                             C, H, W);
+    const PixelStats<acc_t> ps{st, st + plane, st + 2 * plane, st + 3 * plane, st + 4 * plane, pg};
+    const Strides4 sa(f0), sb(f1);
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    if (need_f0 && need_f1)
+      backward_rows<scalar_t, true, true>(a, b, sa, sb, g0.mutable_data_ptr<scalar_t>(), Strides4(g0),
+                                          g1.mutable_data_ptr<scalar_t>(), Strides4(g1), wp, ps, N, C, H, W);
+    else if (need_f0)
+      backward_rows<scalar_t, true, false>(a, b, sa, sb, g0.mutable_data_ptr<scalar_t>(), Strides4(g0), nullptr,
+                                           sa, wp, ps, N, C, H, W);
+    else if (need_f1)
+      backward_rows<scalar_t, false, true>(a, b, sa, sb, nullptr, sb, g1.mutable_data_ptr<scalar_t>(),
+                                           Strides4(g1), wp, ps, N, C, H, W);
   });
   return {g0, g1};
 }

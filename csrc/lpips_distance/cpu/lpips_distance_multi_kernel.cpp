@@ -137,11 +137,20 @@ D2G_CPU_CLONES acc_t forward_row_channels_inner(const Layer<scalar_t, acc_t>& l,
     const scalar_t* pb = l.b + n * l.sb.n + h * l.sb.h + x * l.sb.w;
     NormSums<acc_t> ns;
     zero(ns);
-    for (int64_t c = 0; c < l.C; ++c) accumulate_norms(ns, acc_t(pa[c * l.sa.c]), acc_t(pb[c * l.sb.c]));
+    if (l.sa.c == 1 && l.sb.c == 1) {
+      ns = norms_pixel<scalar_t, acc_t>(pa, pb, l.C);
+    } else {
+      for (int64_t c = 0; c < l.C; ++c) accumulate_norms(ns, acc_t(pa[c * l.sa.c]), acc_t(pb[c * l.sb.c]));
+    }
     const Norms<acc_t> nm = finalize_norms(ns);
     DistSums<acc_t> ds;
     zero(ds);
-    for (int64_t c = 0; c < l.C; ++c) accumulate_dist(ds, acc_t(pa[c * l.sa.c]), acc_t(pb[c * l.sb.c]), l.w[c], nm);
+    if (l.sa.c == 1 && l.sb.c == 1) {
+      ds = dist_pixel<scalar_t, acc_t>(pa, pb, l.w, l.C, nm);
+    } else {
+      for (int64_t c = 0; c < l.C; ++c)
+        accumulate_dist(ds, acc_t(pa[c * l.sa.c]), acc_t(pb[c * l.sb.c]), l.w[c], nm);
+    }
     st[pix + x] = nm.i0;
     st[P + pix + x] = nm.i1;
     st[2 * P + pix + x] = nm.di;
