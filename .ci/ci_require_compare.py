@@ -35,9 +35,15 @@ def pytest_sessionstart(session):
                                 + "; ".join(missing) + ". `make venv` installs them.")
 
 
+def _skip_reason(report) -> str:
+    """A skip's reason: longrepr is (path, line, reason) for skips."""
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr)
+
+
 def pytest_collectreport(report):
-    if report.skipped and "lpips" in str(report.longrepr):  # elatentlpips or lpips
-        _skipped.append(f"{report.nodeid} (skipped at collection: {report.longrepr})")
+    if report.skipped and "lpips" in _skip_reason(report):  # elatentlpips or lpips
+        _skipped.append(f"{report.nodeid} (skipped at collection: {_skip_reason(report)})")
 
 
 def pytest_runtest_logreport(report):
@@ -45,7 +51,7 @@ def pytest_runtest_logreport(report):
     if "compare" not in report.keywords:
         return
     if report.skipped:
-        _skipped.append(f"{report.nodeid} ({report.longrepr})")
+        _skipped.append(f"{report.nodeid} ({_skip_reason(report)})")
     elif report.when == "call" and report.passed:
         _passed += 1
 
