@@ -109,7 +109,9 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: torch has no allocator statistics there,
     so the call runs under ``torch.profiler`` with ``profile_memory=True`` and the peak is the
-    largest running sum of its allocation events (alloc +bytes, free -bytes) in time order."""
+    largest running sum of its allocation events (alloc +bytes, free -bytes) in time order.
+    The profiler does not see frees of blocks allocated before it started, so a call that frees
+    earlier tensors (``param.grad = None``) reads high by their size on the CPU."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
