@@ -1,6 +1,6 @@
 """Public op: the paired latent augmentation (one per-sample transform applied to x and y).
 
-``paired_augment(x, y, params, impl="auto") -> (x_aug, y_aug)`` applies the transform described
+``paired_augment(x, y, params, *, impl="auto") -> (x_aug, y_aug)`` applies the transform described
 by an :class:`~d2g_fast.augment_params.AugmentParams` identically to ``x`` and ``y``
 (N, C, H, W; float32 / float64 / float16 / bfloat16; any strides).  Gradients flow to x and y.
 Every kernel reads the parameters, the reflect-padding margins included, from the packed
@@ -53,11 +53,21 @@ def _has_cpp_op() -> bool:
     return _ext.ext_loaded() and hasattr(torch.ops.d2g_fast, OP)
 
 
-def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams, impl: str = "auto"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the per-sample transform ``params`` identically to ``x`` and ``y`` (N, C, H, W).
+def paired_augment(x: torch.Tensor, y: torch.Tensor, params: AugmentParams, *,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the per-sample transform ``params`` identically to ``x`` and ``y``.
 
-    Differentiable in x and y.  Identity parameters return copies of the inputs."""
+    Args:
+        x, y: latents (N, C, H, W) of one floating dtype and device (any memory layout);
+            differentiable in both.
+        params: the N per-sample transforms (:class:`d2g_fast.AugmentParams`, drawn on the host
+            or on the device), for this N, H, W.
+        impl: "auto" | "ref" | "cpu" | "cuda" | "triton" (keyword-only).
+
+    Returns:
+        (x_aug, y_aug), each (N, C, H, W) in the input's dtype; an output requires grad only
+        where its own input does. Identity parameters return copies of the inputs.
+    """
     _check_inputs(x, y, params)
     backend = _dispatch.resolve_impl(OP, impl, x.device)
     if backend in ("cpu", "cuda") and not _has_cpp_op():
