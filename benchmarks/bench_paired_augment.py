@@ -3,7 +3,7 @@
 Every provider includes drawing the per-sample parameters (that is what a training step pays):
 ours = ``PairedAugment(preset)(x, y)`` (CPU-side sampling + the op; providers "<impl>+devrng":
 ``PairedAugment(preset, sampler="device")``, the parameters drawn on the device by the
-augment_params_sample_ kernel, no host synchronisation), official =
+augment_params_sample_on_device_ kernel, no host synchronisation), official =
 ``AdaAugment(**ada_augpipe[preset])(x, y)``. Both tensors require grad; "bwd" re-runs the
 backward of ``(x_aug * gx).sum() + (y_aug * gy).sum()``.
 
@@ -73,7 +73,7 @@ def _make(provider: str, preset: str, N: int, C: int, H: int, W: int, dtype, dev
                 raise SkipCase("no Triton paired_augment kernel registered")
             if rng == "devrng":
                 if not device_sampler_available():
-                    raise SkipCase("compiled extension without augment_params_sample_")
+                    raise SkipCase("compiled extension without augment_params_sample_on_device_")
                 mod = PairedAugment(preset, impl=impl, sampler="device")
                 fn = lambda a, b: mod(a, b)  # noqa: E731
             else:
@@ -113,7 +113,7 @@ def _make_sample(provider: str, preset: str, N: int, C: int, H: int, W: int, dev
             return {"fwd": lambda: AugmentParams.sample(preset, N, H, W, num_channels=C,
                                                         generator=gen).packed(device)}
         if not device_sampler_available():
-            raise SkipCase("compiled extension without augment_params_sample_")
+            raise SkipCase("compiled extension without augment_params_sample_on_device_")
         return {"fwd": lambda: AugmentParams.sample_on_device(preset, N, H, W, num_channels=C,
                                                              device=device)}
     return make
