@@ -171,9 +171,11 @@ def test_evaluate_writes_metrics_grids_chart_and_report(shipped, tmp_path):
 
 
 def test_evaluate_rejects_a_bad_student(shipped, tmp_path):
-    with pytest.raises(ValueError, match="student"):
-        toy.evaluate({"student_1step": 42}, out=tmp_path, n=2, teacher_steps=1, few_steps=(),
-                     progress=False)
+    with pytest.raises(ValueError, match="student_1step"):
+        toy.evaluate({"student_1step": 42}, out=tmp_path, n=2, progress=False)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        toy.evaluate({"student_1step": str(tmp_path)}, out=tmp_path, n=2, progress=False)
+    assert not (tmp_path / "metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------- d2g toy train

@@ -174,13 +174,21 @@ def teacher_check(folder: str | os.PathLike, n: int = 144, steps: int = 25,
 
 
 # ---------------------------------------------------------------------------------- evaluate()
-def _generator_of(name: str, student: Student, teacher, n_steps_guidance=None):
-    """A function (prompts, noise) -> latents for a student given as a folder or a callable."""
+def _check_student(name: str, student: Student) -> None:
     if callable(student):
-        return lambda prompts, noise: student(noise.clone(), list(prompts))
+        return
     if not isinstance(student, (str, os.PathLike)):
         raise ValueError(f"evaluate: student {name!r} must be a pipeline folder or a callable "
                          f"G(noise, prompts) -> latents, got {type(student).__name__}")
+    if not os.path.isfile(os.path.join(student, "model_index.json")):
+        raise FileNotFoundError(f"evaluate: student {name!r}: no diffusers pipeline folder at "
+                                f"{str(student)!r} (model_index.json missing)")
+
+
+def _generator_of(student: Student):
+    """A function (prompts, noise) -> latents for a student given as a folder or a callable."""
+    if callable(student):
+        return lambda prompts, noise: student(noise.clone(), list(prompts))
     pipe = load_pipeline(student)
     return lambda prompts, noise: pipeline_latents(pipe, prompts, noise, 1, 1.0)
 
@@ -290,6 +298,8 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     students = dict(students or {})
+    for name, student in students.items():
+        _check_student(name, student)
     pipe = use_ddim(load_pipeline(toy_dir / "teacher"))
     clf = load_classifier(toy_dir / "classifier.safetensors")
     lpips = load_elatentlpips(toy_dir / "elatentlpips.safetensors")
@@ -306,7 +316,7 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
         samplers[f"teacher_{k}step"] = (k, 2 * k, lambda p, z, k=k: pipeline_latents(
             pipe, p, z, k, guidance))
     for name, student in students.items():
-        samplers[name] = (1, 1, _generator_of(name, student, pipe))
+        samplers[name] = (1, 1, _generator_of(student))
 
     metrics, reference = {}, None
     real_images, _, _ = data.sample(grid, REAL_SEED)

@@ -134,7 +134,12 @@ def build_unet(seed: int):
         block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=16)
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=16,
+        # An attention-pooled caption embedding added to the time embedding: global attributes
+        # (colour, background) condition every ResNet block directly, which a from-scratch
+        # text encoder learns far sooner than through cross-attention alone. The pipeline
+        # needs nothing extra (it pools encoder_hidden_states itself).
+        addition_embed_type="text", addition_embed_type_num_heads=4)
 
 
 def build_scheduler():

@@ -59,7 +59,7 @@ class ToySettings:
     vae_lr: float = 3e-3
     kl_weight: float = 1e-6
     latent_pool: int = 4096
-    unet_steps: int = 900
+    unet_steps: int = 1500
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
