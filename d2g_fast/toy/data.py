@@ -19,6 +19,8 @@ Labels are int64 tensors (N, 4): the index of each attribute in ``ATTRIBUTES`` o
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -68,13 +70,19 @@ def all_captions() -> list[str]:
     return captions(all_labels())
 
 
+@functools.lru_cache(maxsize=1)
+def _caption_table() -> dict[str, tuple[int, ...]]:
+    return {caption(row): tuple(row.tolist()) for row in all_labels()}
+
+
 def parse_caption(text: str) -> torch.Tensor:
     """The label row (4,) of a caption; ValueError if ``text`` is not a caption of this world."""
-    table = {caption(row): row for row in all_labels()}
+    table = _caption_table()
     if text not in table:
+        example = caption((0, 0, 0, 0))
         raise ValueError(f"prompt {text!r} is not a caption of the toy world "
-                         f"(expected e.g. {CAPTION.format(colour='red', shape='circle', position='top left', background='black')!r})")
-    return table[text].clone()
+                         f"(expected e.g. {example!r})")
+    return torch.tensor(table[text])
 
 
 def random_labels(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -106,7 +114,8 @@ def draw(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [-1, 1] of the given (N, 4) labels; the within-caption variation
     is drawn from ``generator``."""
     if labels.ndim != 2 or labels.shape[1] != len(ATTRIBUTES):
-        raise ValueError(f"labels must have shape (N, {len(ATTRIBUTES)}), got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have shape (N, {len(ATTRIBUTES)}), "
+                         f"got {tuple(labels.shape)}")
     labels = labels.long()
     n = labels.shape[0]
     mask = _shape_masks(labels, generator)

@@ -58,6 +58,7 @@ class ToySettings:
     vae_batch: int = 8
     vae_lr: float = 3e-3
     kl_weight: float = 1e-6
+    scaling_images: int = 1024
     latent_pool: int = 4096
     unet_steps: int = 1500
     unet_batch: int = 32
@@ -76,8 +77,8 @@ class ToySettings:
     @classmethod
     def quick(cls) -> "ToySettings":
         """A few steps of every stage: the plumbing end to end in well under a minute."""
-        return cls(vae_steps=4, vae_batch=8, latent_pool=96, unet_steps=4, unet_batch=8,
-                   classifier_steps=4, classifier_batch=8, trunk_steps=4, triplets=48,
+        return cls(vae_steps=4, vae_batch=8, scaling_images=64, latent_pool=96, unet_steps=4,
+                   unet_batch=8, classifier_steps=4, classifier_batch=8, trunk_steps=4, triplets=48,
                    calibrate_epochs=1, eval_samples=8, eval_steps=2)
 
 
@@ -136,7 +137,7 @@ def train_vae(s: ToySettings, seed: int, progress: bool):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update()
     vae.eval().requires_grad_(False)
-    images, _, _ = data.sample(1024, _batch_seed(seed, 1, 10**5))
+    images, _, _ = data.sample(s.scaling_images, _batch_seed(seed, 1, 10**5))
     with torch.no_grad():
         raw = vae.encode(images).latent_dist.mode()
         mse = F.mse_loss(vae.decode(raw).sample, images).item()
