@@ -9,8 +9,6 @@ DESCRIPTION = HELP + (". Every setting has a default; --config FILE (json/toml/y
                       "several, flags override it. Start with torchrun --nproc-per-node N -m "
                       "d2g_fast.cli distill ... for N processes. Rerun the same command to "
                       "resume from the newest checkpoint.")
-# Fields whose flag is not simply --name VALUE.
-_SPECIAL = {"progress": "--no-progress", "betas_g": 2, "betas_d": 2, "sample_prompts": "+"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,23 +19,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         name, help_text = f.name, helps.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text += f" [default: {default!r}]"
+        # argparse formats help with %: escape ours; the default shown is the dataclass's (the
+        # parser's own default is SUPPRESS, so that only flags actually given override a file).
+        help_text = (help_text + f" [default: {default!r}]").replace("%", "%%")
         if name == "progress":
             p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                           default=None, help="hide the progress bar")
+                           default=argparse.SUPPRESS, help="hide the progress bar")
         elif isinstance(default, bool):
-            p.add_argument(flag(name), dest=name, action="store_const", const=True, default=None,
-                           help=help_text)
+            p.add_argument(flag(name), dest=name, action="store_const", const=True,
+                           default=argparse.SUPPRESS, help=help_text)
         elif name in ("betas_g", "betas_d"):
-            p.add_argument(flag(name), dest=name, type=float, nargs=2, default=None,
+            p.add_argument(flag(name), dest=name, type=float, nargs=2, default=argparse.SUPPRESS,
                            metavar=("BETA1", "BETA2"), help=help_text)
         elif name == "sample_prompts":
-            p.add_argument(flag(name), dest=name, nargs="+", default=None, help=help_text)
+            p.add_argument(flag(name), dest=name, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif name == "timestep":
-            p.add_argument(flag(name), dest=name, type=int, default=None, help=help_text)
+            p.add_argument(flag(name), dest=name, type=int, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = type(default) if default is not None else str
-            p.add_argument(flag(name), dest=name, type=kind, default=None, help=help_text)
+            p.add_argument(flag(name), dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -45,7 +45,7 @@ def config_from_args(args: argparse.Namespace):
 
     file_values = read_config_file(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
+             if hasattr(args, f.name)}
     return build_config(file_values, given)
 
 
