@@ -60,7 +60,7 @@ class ToySettings:
     kl_weight: float = 1e-6
     scaling_images: int = 1024
     latent_pool: int = 4096
-    unet_steps: int = 1500
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
