@@ -220,7 +220,7 @@ def test_vae_stage_is_deterministic():
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("D2G_TOY_REPRODUCE") != "1",
-                    reason="the full toy training (~30 min on a busy 2-core CPU); "
+                    reason="the full toy training (~21 min on a busy 2-core CPU); "
                            "set D2G_TOY_REPRODUCE=1 to run it")
 def test_toy_train_reproduces_the_shipped_metrics(shipped, tmp_path):
     """``d2g toy train --seed 0`` remade from scratch matches the shipped metrics: teacher
