@@ -253,8 +253,13 @@ def test_export_reproduces_the_generator(v_world, tmp_path):
     from d2g_fast.train.build import build_run
     from d2g_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 
-    config = _config(v_world, tmp_path / "run", max_steps=2, ema_decay=0.5)
+    config = _config(v_world, tmp_path / "run", max_steps=2, ema_decay=0.5, sample_every=2,
+                     sample_prompts=["a red cube", "a blue sphere"])
     train(config, log=lambda *a: None)
+    from PIL import Image
+
+    grid = Image.open(os.path.join(config.out, "samples", "step-0000002.png"))
+    assert grid.size == (2 * 16, 16)  # two 16x16 decoded samples side by side
     out = tmp_path / "student"
     assert d2g_main(["export", config.out, "--out", str(out)]) == 0
     pipe = DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
