@@ -85,6 +85,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: str) -> None:
+    """Flush a folder's entries (a rename in it) to disk."""
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

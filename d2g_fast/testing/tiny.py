@@ -32,7 +32,7 @@ _HIDDEN = 32
 _MAX_LEN = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP convention)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -48,7 +48,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
     """A CLIP vocabulary: every byte character, its end-of-word form, a few merges, specials."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     merges = ["t h", "th e</w>", "a n", "o n</w>", "i n", "e r</w>"]
     for m in merges:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from d2g_fast.testing.tiny import bytes_to_unicode
 from d2g_fast.toy import data
 
 LATENT_CHANNELS = 4
@@ -24,20 +25,6 @@ TEXT_HIDDEN = 64
 # "<|startoftext|>" + 12 caption words + "<|endoftext|>" fit with room to spare.
 MAX_TOKENS = 20
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP convention)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def caption_words() -> list[str]:
@@ -78,7 +65,7 @@ def write_tokenizer_files(folder: str) -> None:
     byte character and its end-of-word form (any text still tokenizes), the merged caption
     words and their prefixes, and the two special tokens."""
     merges = learn_merges(caption_words())
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + [_BOS, _EOS]
     vocab: dict[str, int] = {}
     for t in tokens:

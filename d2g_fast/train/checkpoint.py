@@ -22,7 +22,7 @@ import signal
 import numpy as np
 import torch
 
-from d2g_fast.data.store import atomic_write_json
+from d2g_fast.data.store import atomic_write_json, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{7,})$")
@@ -166,20 +166,9 @@ def save_checkpoint(run, run_dir: str, step: int, extra_state: dict) -> str:
         if os.path.isdir(final):  # an incomplete folder of the same name: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     procs.barrier()
     return final
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
