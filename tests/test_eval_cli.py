@@ -18,6 +18,7 @@ from d2g_fast.eval.protocol import Protocol
 from d2g_fast.testing.tiny import save_tiny_sd_pipeline
 
 NUM = 24
+DIV_PROMPTS = 4  # x 2 seeds: one extra shard of 8 images
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +39,8 @@ def _args(fx, out, **over):
     flags = {"--model": fx["pipe"], "--captions": fx["captions"], "--reference": fx["reference"],
              "--out": str(out), "--inception-weights": fx["inception"], "--clip": fx["clip"],
              "--num-images": str(NUM), "--resolution": "16", "--steps": "2", "--guidance": "7.5",
-             "--batch-size": "4", "--shard-size": "8"}
+             "--batch-size": "4", "--shard-size": "8", "--diversity-prompts": str(DIV_PROMPTS),
+             "--diversity-seeds": "2"}
     flags.update(over)
     return ["eval"] + [x for k, v in flags.items() if v is not None for x in (k, v)]
 
@@ -78,6 +80,38 @@ def test_report_lists_every_protocol_choice(first):
     assert m["num_images"] == NUM and np.isfinite(m["fid"]) and m["fid"] > 0
     assert -1 <= m["clip_score"] <= 1
     assert report["run"]["shards"] == 3 and report["run"]["shards_made"] == 3
+    assert report["run"]["diversity_shards"] == 1
+    assert (protocol["pr_k"], protocol["diversity_prompts"], protocol["diversity_seeds"]) == \
+        (3, DIV_PROMPTS, 2)
+    for title in ("| precision |", "| recall |", "| diversity |", "Kynkäänniemi"):
+        assert title in md
+
+
+def test_precision_recall_and_diversity_match_the_shards(first):
+    """The report's precision / recall and diversity recomputed by hand from what the run
+    stored: the reference features, the generated features, the diversity set's features."""
+    from d2g_fast.data.store import plan_shards, read_json
+    from d2g_fast.eval import generate as gen
+    from d2g_fast.eval import load_statistics, per_prompt_diversity, precision_recall
+
+    out, report = first
+    m = report["metrics"]
+    ref = load_statistics(str(out / "reference-stats.npz"))
+    assert ref["features"].dtype == np.float32 and ref["features"].shape == (20, 12)
+    config_hash = read_json(str(out / "eval-config.json"))["config_hash"]
+    fake = gen.read_shards(str(out), plan_shards(NUM, 8), config_hash)["inception"]
+    pr = precision_recall(ref["features"], fake, 3)
+    assert (m["precision"], m["recall"]) == (pr["precision"], pr["recall"])
+    assert (m["pr_num_real"], m["pr_num_fake"]) == (20, NUM)
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    div_dir = out / "diversity"
+    div_hash = read_json(str(div_dir / "eval-config.json"))["config_hash"]
+    div = gen.read_shards(str(div_dir), plan_shards(2 * DIV_PROMPTS, 8), div_hash)
+    np.testing.assert_array_equal(div["index"], np.arange(2 * DIV_PROMPTS))
+    by_caption = per_prompt_diversity(div["inception"], [i // 2 for i in range(2 * DIV_PROMPTS)])
+    assert m["diversity"] == by_caption["mean"] > 0 and m["diversity_pairs"] == DIV_PROMPTS
+    # The diversity images are other noises than the main set's images of the same captions.
+    assert not np.array_equal(div["inception"][0], fake[0])
 
 
 def test_deterministic_and_reference_stats_reusable(fx, first, tmp_path):
@@ -149,6 +183,7 @@ def test_compare_side_by_side_and_refuses_mismatched_protocols(fx, first, tmp_pa
     assert main(["compare", str(out), str(one_step / "report.json"), "--out", str(table)]) == 0
     text = capsys.readouterr().out
     assert "| student | 1 | 0.0000 |" in text and "| pipe | 2 | 7.5000 |" in text
+    assert "| precision | recall | diversity |" in text
     assert table.read_text() == text
     other = tmp_path / "other-protocol"
     _eval(fx, other, **{"--num-images": str(NUM - 4)})
@@ -167,6 +202,10 @@ def test_compare_side_by_side_and_refuses_mismatched_protocols(fx, first, tmp_pa
     ("--num-images", "1000", "--captions"),
     ("--num-images", "1", "--num-images"),
     ("--steps", "0", "--steps"),
+    ("--pr-k", "0", "--pr-k"),
+    ("--pr-k", str(NUM), "--pr-k"),
+    ("--diversity-prompts", str(NUM + 1), "--diversity-prompts"),
+    ("--diversity-seeds", "1", "--diversity-seeds"),
 ])
 def test_bad_input_names_the_argument(fx, tmp_path, capsys, flag, value, needle):
     if "missing" in value:
@@ -179,6 +218,37 @@ def test_bad_input_names_the_argument(fx, tmp_path, capsys, flag, value, needle)
     assert not os.path.exists(out / "shards")  # nothing started
     if flag == "--inception-weights":
         assert "inception-2015-12-05.pt" in err and "https://" in err
+
+
+def test_statistics_without_features_and_no_diversity(fx, first, tmp_path, capsys):
+    """clean-fid-style statistics (mu, sigma only): FID as before, no precision / recall; with
+    --diversity-prompts 0 no diversity set either. The main shards are reused when only these
+    choices change (they are not part of the images' configuration)."""
+    from d2g_fast.eval import load_statistics, save_statistics
+
+    out, report = first
+    ref = load_statistics(str(out / "reference-stats.npz"))
+    stats_only = tmp_path / "stats-only.npz"
+    save_statistics(str(stats_only), mu=ref["mu"], sigma=ref["sigma"])
+    bare = _eval(fx, tmp_path / "bare", **{"--reference": str(stats_only),
+                                            "--diversity-prompts": "0"})
+    m = bare["metrics"]
+    assert m["fid"] == report["metrics"]["fid"]
+    assert m["precision"] is m["recall"] is m["diversity"] is None
+    assert bare["protocol"]["reference_features_sha256"] is None
+    assert bare["protocol"]["diversity_prompts"] == 0 and bare["run"]["diversity_shards"] == 0
+    assert not (tmp_path / "bare" / "diversity").exists()
+    assert "precision / recall: not measured" in capsys.readouterr().out
+    md = (tmp_path / "bare" / "report.md").read_text(encoding="utf-8")
+    assert "| precision | - |" in md and "| diversity | - |" in md
+    # Another k on the same folder: the images are reused, only the metrics change.
+    again = _eval(fx, tmp_path / "bare", **{"--reference": str(stats_only),
+                                             "--diversity-prompts": "0", "--pr-k": "5"})
+    assert again["run"]["shards_made"] == 0 and again["protocol"]["pr_k"] == 5
+    # compare refuses to set different precision / recall or diversity choices side by side.
+    assert main(["compare", str(out), str(tmp_path / "bare")]) == 2
+    err = capsys.readouterr().err
+    assert "pr_k" in err and "diversity_prompts" in err and "reference_features_sha256" in err
 
 
 def test_out_with_another_configuration_is_refused(fx, first, capsys):

@@ -1,5 +1,7 @@
 """``d2g compare``: reports of ``d2g eval`` side by side (teacher at N steps, student at one step,
-baselines), refused when they were measured under different protocols."""
+baselines: FID, CLIP score, second-space FD, precision, recall, diversity), refused when they were
+measured under different protocols (including another precision / recall k, reference features or
+diversity sampling)."""
 from __future__ import annotations
 
 import argparse

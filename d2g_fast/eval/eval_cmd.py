@@ -18,6 +18,17 @@ val2014, CLIP ViT-B/32), with weight files fetched once where there is network a
       --reference eval-teacher/reference-stats.npz --out eval-student/
   d2g compare eval-teacher/ eval-student/
 
+Beside FID and CLIP score, every report holds two measures of the sample distribution in the
+same Inception space (d2g_fast.eval.manifold and .diversity):
+  precision / recall   Kynkäänniemi et al. 2019's k-NN manifold estimate (--pr-k, default 3) of
+                       all generated images against the reference images' features (which
+                       reference-stats.npz keeps beside mu and sigma, float32; statistics without
+                       them, e.g. clean-fid's own, give no precision / recall)
+  diversity            mean Inception distance between images of the same caption under
+                       different noise: --diversity-seeds extra images (default 4) of each of the
+                       first --diversity-prompts captions (default 200, 0 skips it), generated
+                       in their own resumable shards (diversity/ in --out)
+
 Making the weight folders once (on a machine with network access):
   name, folder = "openai/clip-vit-base-patch32", "clip-vit-base-patch32"
   CLIPModel.from_pretrained(name).save_pretrained(folder)
@@ -41,10 +52,11 @@ import time
 HELP = "evaluate a pipeline: FID, CLIP score (pinned protocol, offline, resumable)"
 REFERENCE_STATS = "reference-stats.npz"
 STATS = "stats.npz"
+DIVERSITY = "diversity"  # the diversity images' own evaluation folder inside --out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from d2g_fast.eval.protocol import PROTOCOLS
+    from d2g_fast.eval.protocol import DIVERSITY_PROMPTS, DIVERSITY_SEEDS, PR_K, PROTOCOLS
 
     p.add_argument("--model", required=True, help="local diffusers pipeline folder (a teacher, "
                    "or a one-step student exported by d2g export)")
@@ -79,6 +91,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the pipeline's dtype")
     p.add_argument("--label", default=None, help="name in reports (default: the model folder)")
+    p.add_argument("--pr-k", type=int, default=PR_K, help="neighbourhood size k of precision / "
+                   "recall (Kynkäänniemi et al. 2019's k-NN manifold estimate)")
+    p.add_argument("--diversity-prompts", type=int, default=None, help=(
+        f"captions whose diversity is measured (the first ones; default {DIVERSITY_PROMPTS} or "
+        "--num-images when fewer; 0: no diversity)"))
+    p.add_argument("--diversity-seeds", type=int, default=DIVERSITY_SEEDS,
+                   help="extra images (noises) per diversity caption, >= 2")
+
+
+def sample_metric_choices(args, protocol):
+    """The protocol with the precision / recall and diversity choices of the flags (checked)."""
+    from d2g_fast.eval.protocol import DIVERSITY_PROMPTS
+
+    prompts = args.diversity_prompts
+    if prompts is None:
+        prompts = min(DIVERSITY_PROMPTS, protocol.num_images)
+    if not 0 <= prompts <= protocol.num_images:
+        raise ValueError(f"--diversity-prompts: must be in [0, --num-images "
+                         f"{protocol.num_images}], got {prompts}")
+    if prompts and args.diversity_seeds < 2:
+        raise ValueError(f"--diversity-seeds: need >= 2 images per caption to compare, got "
+                         f"{args.diversity_seeds}")
+    if not 1 <= args.pr_k < protocol.num_images:
+        raise ValueError(f"--pr-k: must be in [1, --num-images - 1 = {protocol.num_images - 1}]"
+                         f", got {args.pr_k}")
+    return dataclasses.replace(protocol, pr_k=args.pr_k, diversity_prompts=prompts,
+                               diversity_seeds=args.diversity_seeds if prompts else 0)
 
 
 def _check_arguments(args) -> None:
@@ -117,7 +156,17 @@ def _reference_file(args, extra) -> dict | None:
     if extra is not None and "extra_mu" not in stats:
         raise ValueError(f"--reference: {args.reference!r} has no extra_mu/extra_sigma for "
                          f"--extra-features; pass the reference image folder instead")
+    _check_reference_features(stats, args.pr_k)
     return stats
+
+
+def _check_reference_features(stats: dict, k: int) -> None:
+    """Precision / recall needs more than k reference features (errors name --pr-k)."""
+    from d2g_fast.eval.frechet import FEATURES
+
+    if FEATURES in stats and len(stats[FEATURES]) <= k:
+        raise ValueError(f"--pr-k: {k} needs more than {k} reference images; the reference "
+                         f"holds {len(stats[FEATURES])}")
 
 
 def _reference_folder(args, protocol, inception, extra, out: str) -> dict:
@@ -132,11 +181,14 @@ def _reference_folder(args, protocol, inception, extra, out: str) -> dict:
     chunks = range(0, len(images), args.batch_size)
     feats = np.concatenate([inception(images[i:i + args.batch_size]) for i in chunks])
     stats = dict(zip(("mu", "sigma"), feature_statistics(feats)))
+    stats["features"] = feats  # saved in float32, for precision / recall
     if extra is not None:
         extra_feats = np.concatenate([extra(images[i:i + args.batch_size]) for i in chunks])
         stats.update(zip(("extra_mu", "extra_sigma"), feature_statistics(extra_feats)))
     stats["num_images"] = np.array(len(images))
     save_statistics(os.path.join(out, REFERENCE_STATS), **stats)
+    _check_reference_features(stats, args.pr_k)
+    stats["features"] = stats["features"].astype(np.float32)  # exactly as saved and reloaded
     return stats
 
 
@@ -145,6 +197,15 @@ def _statistics_sha256(stats: dict, extra) -> str:
     they came from an image folder or from the reference-stats.npz saved from it."""
     keys = ("mu", "sigma") + (("extra_mu", "extra_sigma") if extra is not None else ())
     return hashlib.sha256(b"".join(stats[k].astype("<f8").tobytes() for k in keys)).hexdigest()
+
+
+def _features_sha256(stats: dict) -> str | None:
+    """sha256 of the reference features (float32 bytes) used by precision / recall, or None."""
+    from d2g_fast.eval.frechet import FEATURES
+
+    if FEATURES not in stats:
+        return None
+    return hashlib.sha256(stats[FEATURES].astype("<f4").tobytes()).hexdigest()
 
 
 def _metrics(arrays: dict, ref: dict, out: str) -> dict:
@@ -169,6 +230,60 @@ def _metrics(arrays: dict, ref: dict, out: str) -> dict:
     return metrics
 
 
+def _sample_metrics(arrays: dict, diversity: dict | None, ref: dict, protocol,
+                    device: str) -> dict:
+    """Precision / recall against the reference features and per-caption diversity, in the
+    Inception space (None where not measured)."""
+    from d2g_fast.eval.diversity import per_prompt_diversity
+    from d2g_fast.eval.frechet import FEATURES
+    from d2g_fast.eval.manifold import precision_recall
+
+    metrics = dict.fromkeys(("precision", "recall", "pr_num_real", "pr_num_fake", "diversity",
+                             "diversity_std", "diversity_pairs"))
+    if FEATURES in ref:
+        pr = precision_recall(ref[FEATURES], arrays["inception"], protocol.pr_k, device=device)
+        metrics.update(precision=pr["precision"], recall=pr["recall"],
+                       pr_num_real=pr["num_real"], pr_num_fake=pr["num_fake"])
+    if diversity is not None:
+        captions = (diversity["index"] // protocol.diversity_seeds).tolist()
+        div = per_prompt_diversity(diversity["inception"], captions)
+        metrics.update(diversity=div["mean"], diversity_std=div["std"],
+                       diversity_pairs=div["pairs"])
+    return metrics
+
+
+def _diversity_shards(out: str, config: dict, protocol, captions: list[str], args, dist, log,
+                      **shard_kwargs) -> tuple[list, str | None]:
+    """Generate (or find done) this rank's shards of the diversity set: diversity_seeds images
+    of each of the first diversity_prompts captions, in out/diversity/ (same shard layout and
+    resume rules as the main set, its own configuration). Returns (plan, config hash)."""
+    from d2g_fast.data.store import plan_shards, remove_stale_temporaries
+    from d2g_fast.eval import generate as gen
+
+    if not protocol.diversity_prompts:
+        return [], None
+    seeds = protocol.diversity_seeds
+    folder = os.path.join(out, DIVERSITY)
+    div_protocol = dataclasses.replace(protocol, seed=protocol.diversity_seed())
+    div_config = {**config, "diversity": {"prompts": protocol.diversity_prompts, "seeds": seeds,
+                                          "rule": protocol.diversity_rule}}
+    div_hash = gen.check_config(folder, div_config)
+    if dist.rank == 0:
+        os.makedirs(os.path.join(folder, gen.SHARDS), exist_ok=True)
+        remove_stale_temporaries(os.path.join(folder, gen.SHARDS))
+        gen.write_config(folder, div_config, div_hash)
+    dist.barrier()
+    plan = plan_shards(protocol.diversity_prompts * seeds, args.shard_size)
+    repeated = [captions[p] for p in range(protocol.diversity_prompts) for _ in range(seeds)]
+    made, reused = gen.run_shards(
+        folder, plan, rank=dist.rank, world=dist.world, config_hash=div_hash,
+        log=lambda text: log(f"diversity {text}"), captions=repeated, protocol=div_protocol,
+        steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, **shard_kwargs)
+    made, reused = _sum_over_ranks([made, reused], dist.world)
+    log(f"diversity shards: {made} made, {reused} already done (of {len(plan)})")
+    return plan, div_hash
+
+
 def _sum_over_ranks(values: list[int], world: int) -> list[int]:
     import torch
 
@@ -190,6 +305,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     protocol = resolve_protocol(args.protocol, num_images=args.num, resolution=args.resolution,
                                 seed=args.seed)
+    protocol = sample_metric_choices(args, protocol)
     captions = load_captions(args.captions, protocol.num_images)
     _check_arguments(args)
     out = ensure_writable(args.out)
@@ -234,7 +350,7 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
     model = {"path": os.path.abspath(args.model), "sha256": folder_sha256(args.model),
              "steps": args.steps, "guidance": args.guidance, "generation_resolution": size,
              "dtype": args.dtype}
-    shard_protocol = protocol.to_dict()  # the reference's identity is filled in at step 5
+    shard_protocol = protocol.shard_dict()  # the reference's identity is filled in at step 5
     config = {"protocol": shard_protocol, "model": model, "batch_size": args.batch_size,
               "shard_size": args.shard_size}
     config_hash = gen.check_config(out, config)
@@ -251,6 +367,8 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
         pipe=pipe, captions=captions, protocol=protocol, steps=args.steps,
         guidance=args.guidance, size=size, batch_size=args.batch_size, inception=inception,
         clip=clip, extra=extra)
+    div_plan, div_hash = _diversity_shards(out, config, protocol, captions, args, dist, log,
+                                           pipe=pipe, size=size, inception=inception)
     made, reused = _sum_over_ranks([made, reused], dist.world)
     log(f"shards: {made} made, {reused} already done (of {len(plan)})")
     dist.barrier()
@@ -260,8 +378,13 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
     # 5. Metrics against the reference, and the report.
     if ref is None:
         ref = _reference_folder(args, protocol, inception, extra, out)
-    protocol = dataclasses.replace(protocol, reference_sha256=_statistics_sha256(ref, extra))
-    metrics = _metrics(gen.read_shards(out, plan, config_hash), ref, out)
+    protocol = dataclasses.replace(protocol, reference_sha256=_statistics_sha256(ref, extra),
+                                   reference_features_sha256=_features_sha256(ref))
+    arrays = gen.read_shards(out, plan, config_hash)
+    metrics = _metrics(arrays, ref, out)
+    diversity = (gen.read_shards(os.path.join(out, DIVERSITY), div_plan, div_hash)
+                 if div_plan else None)
+    metrics.update(_sample_metrics(arrays, diversity, ref, protocol, device))
     report = {
         "format": FORMAT, "version": VERSION,
         "label": args.label or os.path.basename(os.path.normpath(args.model)),
@@ -272,10 +395,18 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
         "run": {"device": device_name(device), "world_size": dist.world,
                 "batch_size": args.batch_size, "shard_size": args.shard_size,
                 "shards": len(plan), "shards_made": made, "shards_reused": reused,
+                "diversity_shards": len(div_plan),
                 "seconds": round(time.perf_counter() - t0, 2)},
         "environment": _versions()}
     _, md_path = write_report(out, report)
     clip_text = "" if metrics["clip_score"] is None else f", CLIP score {metrics['clip_score']:.4f}"
-    log(f"FID {metrics['fid']:.4f}{clip_text} over {metrics['num_images']} images; "
-        f"report: {md_path}")
+    pr_text = ("" if metrics["precision"] is None else
+               f", precision {metrics['precision']:.4f}, recall {metrics['recall']:.4f}")
+    div_text = "" if metrics["diversity"] is None else f", diversity {metrics['diversity']:.4f}"
+    log(f"FID {metrics['fid']:.4f}{clip_text}{pr_text}{div_text} over {metrics['num_images']} "
+        f"images; report: {md_path}")
+    if metrics["precision"] is None:
+        log("precision / recall: not measured (--reference holds statistics without the "
+            "reference images' features; pass the image folder, or a reference-stats.npz "
+            "written by this version)")
     return 0

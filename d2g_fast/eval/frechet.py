@@ -99,28 +99,43 @@ def frechet_distance(feats_a, feats_b) -> float:
     return frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b)
 
 
+# The per-image features of a reference set (for precision / recall), kept beside its statistics
+# in float32: the feature networks' own precision, half the size of float64.
+FEATURES = "features"
+
+
+def _stored_dtype(key: str):
+    return np.float32 if key == FEATURES else np.float64
+
+
 def save_statistics(path: str, **stats: np.ndarray) -> None:
     """Write statistics as an .npz (clean-fid's layout: ``mu`` and ``sigma``, plus any other
-    named arrays such as ``extra_mu`` / ``extra_sigma``)."""
+    named arrays such as ``extra_mu`` / ``extra_sigma``) in float64; ``features`` (the reference
+    images' features [N, D], for precision / recall) in float32."""
     from d2g_fast.data.store import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()})
+    np.savez(buf, **{k: np.asarray(v, dtype=_stored_dtype(k)) for k, v in stats.items()})
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_statistics(path: str, what: str = "--reference") -> dict[str, np.ndarray]:
     """Read an .npz of statistics holding at least ``mu`` [D] and ``sigma`` [D, D] (clean-fid's
-    layout). Errors name ``what`` (the argument the path came from)."""
+    layout; float64), and ``features`` [N, D] (float32) when it was saved with them. Errors name
+    ``what`` (the argument the path came from)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: no such file {path!r}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            stats = {k: np.asarray(data[k], dtype=np.float64) for k in data.files}
+            stats = {k: np.asarray(data[k], dtype=_stored_dtype(k)) for k in data.files}
     except (OSError, ValueError) as exc:
         raise ValueError(f"{what}: {path!r} is not a readable .npz of statistics: {exc}") from exc
     for key, ndim in (("mu", 1), ("sigma", 2)):
         if key not in stats or stats[key].ndim != ndim:
             raise ValueError(f"{what}: {path!r} lacks {key!r} ({ndim}-D); expected clean-fid's "
                              f"layout (mu [D], sigma [D, D])")
+    features = stats.get(FEATURES)
+    if features is not None and (features.ndim != 2 or features.shape[1] != stats["mu"].shape[0]):
+        raise ValueError(f"{what}: {path!r} holds {FEATURES!r} of shape {features.shape}, not "
+                         f"[N, {stats['mu'].shape[0]}]")
     return stats

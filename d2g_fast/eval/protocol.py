@@ -19,6 +19,26 @@ QUANTISATION = "pipeline output in [0, 1] -> round(x * 255) as uint8, before any
 SAFETY_CHECKER = "none (disabled at load)"
 CLIP_RULE = "mean over images of cos(CLIP image embedding, CLIP text embedding of prefix + caption)"
 RESIZE_FILTERS = ("lanczos", "bicubic", "bilinear", "box")
+# Sample-distribution measures in the Inception space (d2g_fast.eval.manifold, .diversity).
+PR_K = 3  # Kynkäänniemi et al. 2019's default neighbourhood size
+PR_RULE = ("improved precision / recall (Kynkäänniemi et al. 2019): k-NN balls (k = pr_k, the "
+           "point itself not counted) around each reference and each generated Inception "
+           "feature; precision = generated points inside some reference ball, recall = reference "
+           "points inside some generated ball (distance <= radius); all generated images against "
+           "all reference features; float64 distances")
+DIVERSITY_PROMPTS = 200  # the first 200 captions (fewer when --num-images is smaller)
+DIVERSITY_SEEDS = 4
+DIVERSITY_STREAM = "eval-diversity"
+DIVERSITY_RULE = (
+    "diversity_seeds extra images of each of the first diversity_prompts captions: sample s of "
+    "caption p is image j = p * diversity_seeds + s of a second set whose latents are drawn as "
+    f"in seed_rule with base seed derive_seed(seed, 0, '{DIVERSITY_STREAM}'); diversity = mean "
+    "over captions of the mean Euclidean distance between the Inception features of the "
+    "caption's samples (all unordered pairs)")
+# Fields that only the final metrics depend on (not the main shards' contents): left out of the
+# main shards' configuration, so changing them never invalidates generated images.
+SAMPLE_METRIC_FIELDS = ("pr_k", "pr_rule", "reference_features_sha256", "diversity_prompts",
+                        "diversity_seeds", "diversity_rule")
 
 # Named protocols. coco30k-gigagan: GigaGAN's evaluation, reused by DMD2 (30k COCO2014-val
 # captions, centre crop + LANCZOS to 256, clean-fid vs val2014, CLIP ViT-B/32 "A photo depicts ").
@@ -50,9 +70,24 @@ class Protocol:
     clip_rule: str = CLIP_RULE
     clip_sha256: str | None = None   # None: no CLIP score
     extra_features_sha256: str | None = None  # None: no second feature space
+    pr_k: int = PR_K
+    pr_rule: str = PR_RULE
+    reference_features_sha256: str | None = None  # None: the reference has no features (no P/R)
+    diversity_prompts: int = DIVERSITY_PROMPTS  # 0: no diversity measured
+    diversity_seeds: int = DIVERSITY_SEEDS
+    diversity_rule: str = DIVERSITY_RULE
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def shard_dict(self) -> dict:
+        """The choices the generated images and their features depend on (no metric-only
+        fields): what the main shards' configuration records."""
+        return {k: v for k, v in self.to_dict().items() if k not in SAMPLE_METRIC_FIELDS}
+
+    def diversity_seed(self) -> int:
+        """The base seed of the diversity set (its image j uses image_seed(this, j))."""
+        return derive_seed(self.seed, 0, DIVERSITY_STREAM)
 
 
 def resolve_protocol(name: str, **overrides) -> Protocol:

@@ -12,7 +12,22 @@ VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
-_METRICS = (("fid", "FID"), ("clip_score", "CLIP score"), ("fd_extra", "FD (2nd space)"))
+_METRICS = (("fid", "FID"), ("clip_score", "CLIP score"), ("fd_extra", "FD (2nd space)"),
+            ("precision", "precision"), ("recall", "recall"), ("diversity", "diversity"))
+# Rows of a report's metrics table after _METRICS (counts and spreads behind the numbers).
+_DETAILS = (("pr_num_real", "precision / recall: reference images"),
+            ("pr_num_fake", "precision / recall: generated images"),
+            ("diversity_std", "diversity: std over captions"),
+            ("diversity_pairs", "diversity: image pairs compared"))
+_EXPLAINED = [
+    "- **precision / recall**: Kynkäänniemi et al. 2019's k-NN manifold estimate in the Inception "
+    "space (k = protocol pr_k): the share of generated images inside the reference images' "
+    "manifold (fidelity), and of reference images inside the generated images' manifold "
+    "(coverage); \"-\": the reference statistics hold no per-image features.",
+    "- **diversity**: mean Inception-feature distance between images of the same caption under "
+    "different noise (protocol diversity_prompts x diversity_seeds extra images); 0 is a "
+    "generator that ignores its noise.",
+]
 
 
 def _fmt(value) -> str:
@@ -35,8 +50,9 @@ def markdown(report: dict) -> str:
     """A report as markdown: metrics, then every protocol choice, the model and the run."""
     lines = [f"# Evaluation: {report['label']}", "", "## Metrics", ""]
     metrics = report["metrics"]
-    lines += _table([(title, metrics.get(key)) for key, title in _METRICS]
+    lines += _table([(title, metrics.get(key)) for key, title in _METRICS + _DETAILS]
                     + [("images", metrics.get("num_images"))], ("metric", "value"))
+    lines += [""] + _EXPLAINED
     for section, title in (("protocol", "Protocol (every choice)"), ("model", "Model"),
                            ("reference", "Reference"), ("run", "Run"),
                            ("environment", "Environment")):
