@@ -256,6 +256,13 @@ def test_out_with_another_configuration_is_refused(fx, first, capsys):
     with one_thread():
         assert main(_args(fx, out, **{"--steps": "3"})) == 2
     assert "--out" in capsys.readouterr().err
+    # Another diversity sampling: refused before anything is generated.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with one_thread():
+        assert main(_args(fx, out, **{"--diversity-seeds": "3"})) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "diversity" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
 def _no_network(*args, **kwargs):

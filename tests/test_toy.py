@@ -171,6 +171,13 @@ def test_evaluate_writes_metrics_grids_chart_and_report(shipped, tmp_path):
     assert (tmp_path / "fd_vs_nfe.png").stat().st_size > 0
     report = (tmp_path / "report.md").read_text()
     assert "toy" in report and "student_1step" in report and "Stable Diffusion" in report
+    # Diversity (None: n = 8 holds no caption twice) and precision / recall in the report.
+    for m in on_disk.values():
+        assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
+        assert m["diversity_features"] is None and m["real_floor_precision"] is not None
+    assert metrics["replay"]["precision"] == metrics["teacher_multistep"]["precision"]
+    assert "| sampler | diversity | diversity (E-LatentLPIPS) | precision | recall |" in report
+    assert "| real images |" in report and "Kynkäänniemi" in report
 
 
 def test_evaluate_rejects_a_bad_student(shipped, tmp_path):

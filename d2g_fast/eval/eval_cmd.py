@@ -252,22 +252,33 @@ def _sample_metrics(arrays: dict, diversity: dict | None, ref: dict, protocol,
     return metrics
 
 
-def _diversity_shards(out: str, config: dict, protocol, captions: list[str], args, dist, log,
-                      **shard_kwargs) -> tuple[list, str | None]:
-    """Generate (or find done) this rank's shards of the diversity set: diversity_seeds images
-    of each of the first diversity_prompts captions, in out/diversity/ (same shard layout and
-    resume rules as the main set, its own configuration). Returns (plan, config hash)."""
-    from d2g_fast.data.store import plan_shards, remove_stale_temporaries
+def _diversity_config(out: str, config: dict, protocol) -> tuple[dict, str | None]:
+    """The diversity set's configuration and hash, checked against out/diversity/ before any
+    image is generated (another diversity sampling in the same --out is refused, like any other
+    change of what the shards hold). (None, None) when no diversity is measured."""
     from d2g_fast.eval import generate as gen
 
     if not protocol.diversity_prompts:
-        return [], None
+        return None, None
+    div_config = {**config, "diversity": {"prompts": protocol.diversity_prompts,
+                                          "seeds": protocol.diversity_seeds,
+                                          "rule": protocol.diversity_rule}}
+    return div_config, gen.check_config(os.path.join(out, DIVERSITY), div_config)
+
+
+def _diversity_shards(out: str, div_config: dict | None, div_hash: str | None, protocol,
+                      captions: list[str], args, dist, log, **shard_kwargs) -> list:
+    """Generate (or find done) this rank's shards of the diversity set: diversity_seeds images
+    of each of the first diversity_prompts captions, in out/diversity/ (same shard layout and
+    resume rules as the main set, its own configuration). Returns the shard plan."""
+    from d2g_fast.data.store import plan_shards, remove_stale_temporaries
+    from d2g_fast.eval import generate as gen
+
+    if div_config is None:
+        return []
     seeds = protocol.diversity_seeds
     folder = os.path.join(out, DIVERSITY)
     div_protocol = dataclasses.replace(protocol, seed=protocol.diversity_seed())
-    div_config = {**config, "diversity": {"prompts": protocol.diversity_prompts, "seeds": seeds,
-                                          "rule": protocol.diversity_rule}}
-    div_hash = gen.check_config(folder, div_config)
     if dist.rank == 0:
         os.makedirs(os.path.join(folder, gen.SHARDS), exist_ok=True)
         remove_stale_temporaries(os.path.join(folder, gen.SHARDS))
@@ -281,7 +292,7 @@ def _diversity_shards(out: str, config: dict, protocol, captions: list[str], arg
         steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, **shard_kwargs)
     made, reused = _sum_over_ranks([made, reused], dist.world)
     log(f"diversity shards: {made} made, {reused} already done (of {len(plan)})")
-    return plan, div_hash
+    return plan
 
 
 def _sum_over_ranks(values: list[int], world: int) -> list[int]:
@@ -310,9 +321,17 @@ def run(args) -> int:
     _check_arguments(args)
     out = ensure_writable(args.out)
     dist, device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from d2g_fast.runtime import signals
+    from d2g_fast.runtime.lock import lock_for_job
+
+    lock = None
     try:
-        return _evaluate(args, protocol, captions, out, dist, device, t0)
+        lock = lock_for_job(out, "d2g eval", dist.rank)  # one writer; before any model loads
+        with signals.watch("d2g eval"):
+            return _evaluate(args, protocol, captions, out, dist, device, t0)
     finally:
+        if lock is not None:
+            lock.release()
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -354,6 +373,7 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
     config = {"protocol": shard_protocol, "model": model, "batch_size": args.batch_size,
               "shard_size": args.shard_size}
     config_hash = gen.check_config(out, config)
+    div_config, div_hash = _diversity_config(out, config, protocol)
     if dist.rank == 0:
         os.makedirs(os.path.join(out, gen.SHARDS), exist_ok=True)
         remove_stale_temporaries(os.path.join(out, gen.SHARDS))  # left by a killed run
@@ -367,10 +387,15 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
         pipe=pipe, captions=captions, protocol=protocol, steps=args.steps,
         guidance=args.guidance, size=size, batch_size=args.batch_size, inception=inception,
         clip=clip, extra=extra)
-    div_plan, div_hash = _diversity_shards(out, config, protocol, captions, args, dist, log,
-                                           pipe=pipe, size=size, inception=inception)
+    div_plan = _diversity_shards(out, div_config, div_hash, protocol, captions, args, dist, log,
+                                 pipe=pipe, size=size, inception=inception)
     made, reused = _sum_over_ranks([made, reused], dist.world)
     log(f"shards: {made} made, {reused} already done (of {len(plan)})")
+    from d2g_fast.runtime.signals import Preempted, requested_on_any_rank, resume_line
+
+    if requested_on_any_rank():  # the finished shards are kept; the rerun makes the rest
+        raise Preempted(resume_line("d2g eval", f"the finished shards are in {out}")
+                        if dist.rank == 0 else "")
     dist.barrier()
     if dist.rank != 0:
         return 0

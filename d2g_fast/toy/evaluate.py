@@ -16,6 +16,26 @@ Metrics per sampler (keys of metrics.json):
                   the same prompt and noise; 0 for the multi-step teacher itself.
   images_per_s    samples per second including VAE decoding, on this machine, batch ``batch``.
   nfe             UNet evaluations per image (a guided step costs two).
+  diversity_features       per-prompt diversity: mean distance, in the classifier's feature
+                  space, between samples of the same prompt under different noise (the held-out
+                  set holds n / 72 samples of each caption), averaged over prompts; 0: the
+                  sampler ignores its noise. "real_diversity_features": the same for fresh real
+                  images of the held-out captions (the target).
+  diversity_e_latentlpips  the same with E-LatentLPIPS (augmentation off) between the latents.
+  precision, recall        Kynkäänniemi et al. 2019's k-NN manifold estimate (k = PR_K = 3) in
+                  the classifier's feature space against the first n real features (equal set
+                  sizes): the share of samples inside the real manifold, and of real images
+                  inside the samples' manifold. "real_floor_precision" / "real_floor_recall":
+                  a second real set of n images scored the same way (what sampling alone costs).
+  (The diversity values are None when n < 144: no caption has two samples.)
+
+For one sampler's samples (e.g. per row of ``d2g toy ablate``)::
+
+    distribution_metrics(clf, images (N, 3, 32, 32), latents (N, 4, 8, 8), prompts (N),
+                         real_feats (M >= N, D), *, lpips=None, k=PR_K)
+        -> {"diversity_features", "diversity_e_latentlpips", "precision", "recall"}
+    real_distribution_metrics(clf, prompts, real_feats, *, k=PR_K)
+        -> {"real_diversity_features", "real_floor_precision", "real_floor_recall"}
 """
 from __future__ import annotations
 
@@ -33,6 +53,8 @@ from d2g_fast.toy import data, models
 HELDOUT_SEED = 20_240_917
 REAL_SEED = 31_415
 TEACHER_FEW_STEPS = (1, 2, 4)
+PR_K = 3  # neighbourhood size of precision / recall (Kynkäänniemi et al. 2019's default)
+REAL_DIVERSITY_SEED = REAL_SEED + 2  # fresh real images of the held-out captions
 GRID_COLUMNS = 8
 Student = Union[str, os.PathLike, Callable[[torch.Tensor, list], torch.Tensor]]
 
@@ -153,6 +175,91 @@ def image_metrics(clf, images: torch.Tensor, prompts: list[str], real_feats) -> 
     return {"fd": float(fd), "accuracy": hits.all(1).float().mean().item(),
             "attribute_accuracy": {name: hits[:, k].float().mean().item()
                                    for k, name in enumerate(data.ATTRIBUTES)}}
+
+
+def _classifier_features(clf, images: torch.Tensor):
+    from d2g_fast.eval import extract_features
+
+    return extract_features(images, _Features(clf), batch_size=256)
+
+
+def _diversity_or_none(samples, prompts: list[str], distance=None) -> float | None:
+    """per_prompt_diversity's mean, or None when no prompt has two samples (n < 144)."""
+    from d2g_fast.eval import per_prompt_diversity
+
+    if len(set(prompts)) == len(prompts):
+        return None
+    return per_prompt_diversity(samples, prompts, distance=distance)["mean"]
+
+
+def _precision_recall(real_feats, feats, k: int) -> dict:
+    """Precision / recall against as many real features as samples (equal set sizes); None
+    for sets of k samples or fewer (no k-th neighbour)."""
+    from d2g_fast.eval import precision_recall
+
+    if len(feats) <= k:
+        return {"precision": None, "recall": None}
+    if len(real_feats) < len(feats):
+        raise ValueError(f"real_feats: {len(real_feats)} real features for {len(feats)} "
+                         f"samples; precision / recall compares sets of equal size")
+    pr = precision_recall(real_feats[:len(feats)], feats, k)
+    return {"precision": pr["precision"], "recall": pr["recall"]}
+
+
+def distribution_metrics(clf, images: torch.Tensor, latents: torch.Tensor, prompts: list[str],
+                         real_feats, *, lpips=None, k: int = PR_K) -> dict:
+    """Diversity and precision / recall of one sampler's samples (see the module docstring).
+
+    Args:
+        clf: the evaluation classifier (its penultimate layer is the feature space of FD).
+        images: (N, 3, 32, 32) in [-1, 1]; latents: (N, 4, 8, 8) the samples' model-space
+            latents (what E-LatentLPIPS compares); prompts: N captions (equal captions with
+            different noise are the pairs of the diversity).
+        real_feats: (M, D) features of real images (``real_features``), M >= N; the first N
+            are the real set of precision / recall.
+        lpips: the toy E-LatentLPIPS (``load_elatentlpips``); None leaves
+            "diversity_e_latentlpips" None.
+        k: neighbourhood size of precision / recall.
+    Returns:
+        {"diversity_features": float | None, "diversity_e_latentlpips": float | None,
+         "precision": float | None, "recall": float | None}; the diversities are None when no
+        prompt has two samples, precision / recall when N <= k.
+    """
+    if not len(images) == len(latents) == len(prompts):
+        raise ValueError(f"distribution_metrics: {len(images)} images, {len(latents)} latents "
+                         f"and {len(prompts)} prompts (one of each per sample)")
+    feats = _classifier_features(clf, images)
+    out = {"diversity_features": _diversity_or_none(feats, prompts),
+           "diversity_e_latentlpips": None}
+    if lpips is not None:
+        def lpips_distance(a, b):
+            return lpips(a.float(), b.float(), ensembling=False, add_l1_loss=False)
+
+        out["diversity_e_latentlpips"] = _diversity_or_none(latents, prompts, lpips_distance)
+    out.update(_precision_recall(real_feats, feats, k))
+    return out
+
+
+def real_distribution_metrics(clf, prompts: list[str], real_feats, *, k: int = PR_K,
+                              floor_feats=None) -> dict:
+    """What real images score on the same measures: the diversity of fresh real images of
+    ``prompts`` (the target of a sampler's diversity), and the precision / recall of a second
+    real set of len(prompts) images (``floor_feats``, default ``real_features(clf, n,
+    REAL_SEED + 1)``) against ``real_feats``: the values sampling alone gives.
+
+    Returns:
+        {"real_diversity_features": float | None, "real_floor_precision": float,
+         "real_floor_recall": float}
+    """
+    n = len(prompts)
+    labels = torch.stack([data.parse_caption(p) for p in prompts])
+    images = data.draw(labels, torch.Generator().manual_seed(REAL_DIVERSITY_SEED))
+    if floor_feats is None:
+        floor_feats = real_features(clf, n, REAL_SEED + 1)
+    floor = _precision_recall(real_feats, floor_feats, k)
+    return {"real_diversity_features": _diversity_or_none(_classifier_features(clf, images),
+                                                          prompts),
+            "real_floor_precision": floor["precision"], "real_floor_recall": floor["recall"]}
 
 
 def teacher_check(folder: str | os.PathLike, n: int = 144, steps: int = 25,
@@ -287,7 +394,9 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
 
     Returns:
         metrics: {sampler: {"fd", "accuracy", "attribute_accuracy", "e_latentlpips",
-        "images_per_s", "nfe", "steps", "real_floor_fd"}}, also written to out/metrics.json.
+        "images_per_s", "nfe", "steps", "real_floor_fd", "diversity_features",
+        "diversity_e_latentlpips", "precision", "recall", "real_diversity_features",
+        "real_floor_precision", "real_floor_recall"}}, also written to out/metrics.json.
     """
     from tqdm.auto import tqdm
 
@@ -305,9 +414,11 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
     lpips = load_elatentlpips(toy_dir / "elatentlpips.safetensors")
     prompts, noise = heldout(n, seed)
     real_feats = real_features(clf, max(n, 512))
+    floor_feats = real_features(clf, n, REAL_SEED + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        floor = float(frechet_distance(real_features(clf, n, REAL_SEED + 1), real_feats))
+        floor = float(frechet_distance(floor_feats, real_feats))
+    real_side = real_distribution_metrics(clf, prompts, real_feats, floor_feats=floor_feats)
 
     samplers = {"teacher_multistep": (teacher_steps, 2 * teacher_steps,
                                       lambda p, z: pipeline_latents(pipe, p, z, teacher_steps,
@@ -329,6 +440,8 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
         m = image_metrics(clf, images, prompts, real_feats)
         m.update(e_latentlpips=mean_latent_distance(lpips, latents, reference),
                  images_per_s=speed, nfe=nfe, steps=steps, real_floor_fd=floor)
+        m.update(distribution_metrics(clf, images, latents, prompts, real_feats, lpips=lpips))
+        m.update(real_side)
         metrics[name] = m
         save_grid(images[:grid], out / f"grid_{name}.png")
     with open(out / "metrics.json", "w", encoding="utf-8") as f:
@@ -338,6 +451,27 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
         report_markdown(metrics, prompts[:grid], n=n, teacher_steps=teacher_steps,
                         guidance=guidance), encoding="utf-8")
     return metrics
+
+
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def distribution_table(metrics: Mapping[str, dict]) -> list[str]:
+    """Markdown lines: diversity and precision / recall per sampler, and real images' values."""
+    lines = ["Diversity and precision / recall (classifier features unless named):", "",
+             "| sampler | diversity | diversity (E-LatentLPIPS) | precision | recall |",
+             "|---|---:|---:|---:|---:|"]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | {_number(m.get('diversity_features'))} | "
+                     f"{_number(m.get('diversity_e_latentlpips'), 4)} | "
+                     f"{_number(m.get('precision'))} | {_number(m.get('recall'))} |")
+    first = next(iter(metrics.values()), {})
+    if "real_floor_precision" in first:
+        lines.append(f"| real images | {_number(first.get('real_diversity_features'))} | - | "
+                     f"{_number(first['real_floor_precision'])} | "
+                     f"{_number(first['real_floor_recall'])} |")
+    return lines
 
 
 def report_markdown(metrics: Mapping[str, dict], grid_prompts: list[str], *, n: int,
@@ -374,6 +508,7 @@ def report_markdown(metrics: Mapping[str, dict], grid_prompts: list[str], *, n: 
     for name, m in metrics.items():
         lines.append(f"| {name} | " + " | ".join(
             f"{100 * m['attribute_accuracy'][a]:.1f} %" for a in data.ATTRIBUTES) + " |")
+    lines += ["", *distribution_table(metrics)]
     lines += [
         "",
         "## What the numbers mean",
@@ -388,6 +523,17 @@ def report_markdown(metrics: Mapping[str, dict], grid_prompts: list[str], *, n: 
         "weights, without augmentation) from each sample to the multi-step teacher's sample for "
         "the same prompt and noise: how well a sampler reproduces the teacher's ODE solution.",
         "- **images/s**: samples per second including VAE decoding, on this machine's CPU.",
+        "- **diversity**: per-prompt diversity, the mean distance between samples of the same "
+        "prompt under different noise (each held-out caption appears n / 72 times), averaged "
+        "over prompts, in the classifier's feature space and in E-LatentLPIPS between latents; "
+        "0 is a sampler that ignores its noise. Real images of the same captions give the "
+        "target in feature space: a sampler far above it varies what the prompt fixes (e.g. "
+        "the position it ignores), far below it has collapsed.",
+        f"- **precision / recall**: the k-nearest-neighbour manifold estimate (k = {PR_K}) of "
+        "Kynkäänniemi et al. 2019 in the classifier's feature space, samples against the same "
+        f"number of real images: precision is the share of samples inside the real images' "
+        "manifold (fidelity), recall the share of real images inside the samples' manifold "
+        "(coverage). A second real set scores the 'real' row: what sampling alone costs.",
         "",
         "## Pictures (same prompts and noise in every grid, row by row)",
         "",
