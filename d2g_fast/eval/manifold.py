@@ -16,10 +16,13 @@ points); ``d2g eval`` and the toy evaluation record both counts.
 
 Scaling: distances are computed block by block (``batch_size`` rows of one set against the
 whole other set, as |a|^2 - 2 a.b + |b|^2 with one matrix product per block), so memory is
-O(batch_size * N) and the work runs on any torch device. ``dtype`` is float64 by default (exact on
-the hand-worked cases of the tests; 30k x 40k Inception features take about a minute on a GPU);
-float32 halves memory and time where that matters more than boundary cases. Squared distances
-are compared with squared radii, so no square root decides membership.
+O(batch_size * N) and the work runs on any torch device. The work is 2 D (N^2 + M^2 + 2 N M)
+flops for N real and M generated D-dimensional features: about 20 TFLOP for COCO-30k against
+val2014 (30,000 vs 40,504 Inception features), 0.26 TFLOP for 4,000 vs 4,000, which took 20 s in
+float64 and 11 s in float32 on a shared 2-core CPU (2 threads, 2026-12-05; same precision and
+recall). ``dtype`` is float64 by default (exact on the hand-worked cases of the tests); float32
+halves memory and time where that matters more than boundary cases. Squared distances are
+compared with squared radii, so no square root decides membership.
 
 Public API:
     precision_recall(real [N, D], fake [M, D], k=3, batch_size=None, dtype=float64, device=None)
