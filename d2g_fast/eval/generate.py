@@ -48,16 +48,22 @@ def load_pipeline(folder: str, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
+def _family(pipe):
+    from d2g_fast.teacher.families import family_for_pipeline
+
+    return family_for_pipeline(pipe)
+
+
 def native_resolution(pipe) -> int:
-    """The pipeline's default image size in pixels (UNet sample size x VAE scale factor)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The pipeline's default image size in pixels (its teacher family's rule: UNet sample size
+    x VAE scale factor; SD3/FLUX the pipeline's default_sample_size x VAE scale factor)."""
+    return _family(pipe).pipeline_default_size(pipe)
 
 
 def image_latents(pipe, seed: int, indices, size: int) -> torch.Tensor:
-    """Initial latents of images ``indices``: [n, C, size/f, size/f] float32 on the CPU, image i
-    from its own generator (so any subset reproduces, in any batch)."""
-    f = int(pipe.vae_scale_factor)
-    shape = (int(pipe.unet.config.in_channels), size // f, size // f)
+    """Initial latents of images ``indices``: [n, C, size/f, size/f] float32 on the CPU (FLUX:
+    unpacked), image i from its own generator (so any subset reproduces, in any batch)."""
+    shape = _family(pipe).pipeline_latent_shape(pipe, size, size)
     return torch.stack([
         torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, i)))
         for i in indices])
@@ -70,8 +76,9 @@ def generate_images(pipe, captions: list[str], indices, *, seed: int, steps: int
     Returns:
         uint8 [n, size, size, 3].
     """
-    latents = image_latents(pipe, seed, indices, size)
-    param = next(pipe.unet.parameters())
+    family = _family(pipe)
+    latents = family.pipeline_latents(image_latents(pipe, seed, indices, size))
+    param = next(getattr(pipe, family.denoiser_name).parameters())
     out = pipe(prompt=[captions[i] for i in indices], num_inference_steps=steps,
                guidance_scale=guidance, height=size, width=size,
                latents=latents.to(param.device, param.dtype), output_type="np")

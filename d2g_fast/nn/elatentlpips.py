@@ -371,11 +371,13 @@ class ELatentLPIPS(nn.Module):
                              f"{in0.device} and {in1.device}")
         if self.check_inputs and not torch.compiler.is_compiling() and not (
                 in0.is_cuda and torch.cuda.is_current_stream_capturing()):
-            # One sync for both inputs (the loss would be NaN anyway; this names the culprit).
-            finite = torch.stack([torch.isfinite(in0).all(), torch.isfinite(in1).all()]).tolist()
-            for name, ok in zip(("in0", "in1"), finite):
-                if not ok:
-                    raise ValueError(f"ELatentLPIPS: {name} contains NaN or Inf values")
+            # One read of each input and one sync: a sum is NaN/Inf whenever an element is (the
+            # loss would be NaN anyway; this names the culprit). Only when it is not finite
+            # (or overflowed) is each input checked element-wise, to name it.
+            if not torch.isfinite(in0.sum() + in1.sum()).item():
+                for name, x in (("in0", in0), ("in1", in1)):
+                    if not torch.isfinite(x).all():
+                        raise ValueError(f"ELatentLPIPS: {name} contains NaN or Inf values")
 
     def _head_weights(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         if self.lins is not None:

@@ -15,7 +15,15 @@ Fast path (:meth:`LatentVGG16BN.fast_features`), used in eval mode:
   - every BatchNorm is folded into the conv before it (one conv + bias + ReLU per stage);
   - the folded weights are cached per (device, dtype, memory format) and rebuilt when any
     parameter or buffer changes in place (tracked through tensor version counters);
-  - optional channels_last memory format and bfloat16 compute (fp32 stays the default).
+  - optional channels_last memory format and bfloat16 compute (fp32 stays the default);
+  - on the CPU (oneDNN), bf16/fp32: each ReLU runs inside its convolution (oneDNN's ReLU
+    post-op, ``torch.ops.mkldnn._convolution_pointwise``), and a branch that needs an input
+    gradient runs the whole trunk as ONE autograd function (:class:`_FusedTrunk`) whose backward
+    is the convolutions' data gradients (each a forward convolution with the flipped, transposed
+    weights, so a tap's gradient is added by the convolution's "add" post-op), the ReLU masks
+    (in place, from the saved outputs) and the two pool backwards: no separate ReLU pass, no
+    gradient zero-fill or accumulation. Same numbers as the unfused path (tested); ``fused=False``
+    or ``D2G_FUSED_TRUNK=0`` selects the unfused path (see :func:`fused_trunk_supported`).
 
 Width option: ``width_div`` (1, 2, 4 or 8) divides every conv width, so the taps have
 ``tap_channels(width_div)`` channels. 1 is the official layout (about 15 M parameters); narrow
@@ -23,6 +31,7 @@ trunks are for small latent worlds where the weights must stay small (width_div=
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Mapping
 
@@ -84,6 +93,117 @@ def _tensor_versions(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+# ------------------------------------------------------------------ fused CPU trunk
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+FUSED_ENV = "D2G_FUSED_TRUNK"  # "0" turns the fused CPU trunk off (auto otherwise)
+_CONV_ARGS = ([1, 1], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups of every VGG conv
+
+
+def fused_trunk_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused CPU trunk can run: a CPU tensor in fp32/bf16, oneDNN present and enabled,
+    torch's ``mkldnn._convolution_pointwise`` op registered, and ``D2G_FUSED_TRUNK`` not "0".
+    It needs no AMX: without it oneDNN runs the same fused kernels on AVX-512 / AVX2."""
+    return (device.type == "cpu" and dtype in FUSED_DTYPES
+            and os.environ.get(FUSED_ENV, "1") != "0"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _conv_relu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """relu(conv2d(h, w, b, padding=1)) in one oneDNN call (ReLU as the conv's post-op)."""
+    return torch.ops.mkldnn._convolution_pointwise(h, w, b, *_CONV_ARGS, "relu", [], "")
+
+
+def _conv_data_grad(g: torch.Tensor, w_t: torch.Tensor, tap_grad: torch.Tensor | None) -> torch.Tensor:
+    """Gradient w.r.t. a 3x3 / stride 1 / padding 1 conv's input: the forward conv of the output
+    gradient ``g`` with ``w_t`` (the weight flipped in H, W and with in/out channels swapped),
+    plus ``tap_grad`` (the gradient reaching that input from a tap) through the "add" post-op."""
+    if tap_grad is None:
+        return torch.ops.mkldnn._convolution_pointwise(g, w_t, None, *_CONV_ARGS, "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        g, tap_grad, w_t, None, *_CONV_ARGS, "add", None, None, [], None)
+
+
+def _relu_mask_(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """g *= (y > 0) in place (y the ReLU output): the ReLU backward without a new tensor."""
+    return torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+
+
+def _trunk_plan(layers) -> list[str]:
+    """The fast path's steps in order: "conv" (conv + ReLU), "pool" and "tap" (a feature tap)."""
+    plan = []
+    for block in layers:
+        for layer in block:
+            if isinstance(layer, nn.Conv2d):
+                plan.append("conv")
+            elif isinstance(layer, nn.MaxPool2d):
+                plan.append("pool")
+        plan.append("tap")
+    return plan
+
+
+class _FusedTrunk(torch.autograd.Function):
+    """The folded trunk on the CPU with a hand-written backward (see the module docstring).
+
+    ``apply(x, plan, weights, flipped)``: ``x`` already in the compute dtype and layout,
+    ``weights`` the folded (w, b) pairs, ``flipped`` the data-gradient weights. Returns the taps.
+    The weights take no gradient (the caller uses the autograd path when they need one)."""
+
+    @staticmethod
+    def forward(ctx, x, plan, weights, flipped):
+        saved, taps, h, k = [], [], x, 0
+        for step in plan:
+            if step == "conv":
+                w, b = weights[k]
+                h = _conv_relu(h, w, b)
+                saved.append(h)
+                k += 1
+            elif step == "pool":
+                h, indices = torch.ops.aten.max_pool2d_with_indices(h, [2, 2], [2, 2])
+                saved.append(indices)
+            else:
+                taps.append(h)
+        ctx.plan, ctx.flipped = plan, flipped
+        ctx.memory_format = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                             and not x.is_contiguous() else torch.contiguous_format)
+        ctx.save_for_backward(*saved)
+        return tuple(taps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *tap_grads):
+        saved = list(ctx.saved_tensors)
+        plan, flipped, fmt = ctx.plan, ctx.flipped, ctx.memory_format
+        t = len(tap_grads)  # taps not yet consumed: tap_grads[:t]
+        k = len(flipped)    # convs not yet walked back: flipped[:k]
+        g, owned = None, False  # gradient w.r.t. the current step's output; ours to overwrite?
+        i = len(plan) - 1
+        while i >= 0:
+            step = plan[i]
+            if step == "tap":
+                t -= 1
+                tg = tap_grads[t].to(flipped[0].dtype, memory_format=fmt)
+                g, owned = (tg, False) if g is None else (g + tg, True)
+            elif step == "pool":
+                indices = saved.pop()
+                g = torch.ops.aten.max_pool2d_with_indices_backward(
+                    g, saved[-1], [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+                owned = True
+            else:
+                y = saved.pop()
+                g = _relu_mask_(g if owned else g.clone(), y)
+                k -= 1
+                tap_grad = None
+                if i > 0 and plan[i - 1] == "tap":
+                    # The tap is this conv's input: its gradient joins through the add post-op.
+                    t -= 1
+                    tap_grad = tap_grads[t].to(g.dtype, memory_format=fmt)
+                    i -= 1
+                g, owned = _conv_data_grad(g, flipped[k], tap_grad), True
+            i -= 1
+        return g, None, None, None
+
+
 class LatentVGG16BN(nn.Module):
     """Latent VGG16-BN trunk returning the five LPIPS feature taps.
 
@@ -141,23 +261,37 @@ class LatentVGG16BN(nn.Module):
             folded.append((w.to(dtype).contiguous(memory_format=memory_format), b.to(dtype)))
         return folded
 
+    def _flip(self, dtype: torch.dtype, channels_last: bool) -> list[torch.Tensor]:
+        """Data-gradient weights of the fused trunk: each folded weight flipped in H, W with its
+        in/out channels swapped (the conv whose forward is the original's input gradient)."""
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return [w.flip(2, 3).transpose(0, 1).contiguous(memory_format=memory_format)
+                for w, _ in self.folded_weights(dtype, channels_last)]
+
     def folded_weights(self, dtype: torch.dtype = torch.float32, channels_last: bool = False):
         """Folded weights for the fast path; cached unless the trunk is being tuned."""
+        return self._cached("fold", self._fold, dtype, channels_last)
+
+    def flipped_weights(self, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        """:meth:`_flip` of the folded weights, cached like them."""
+        return self._cached("flip", self._flip, dtype, channels_last)
+
+    def _cached(self, what: str, build, dtype: torch.dtype, channels_last: bool):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             # pnet_tune: fold inside the autograd graph so gradients reach conv and BN params.
-            return self._fold(dtype, channels_last)
+            return build(dtype, channels_last)
         params = list(self.parameters()) + list(self.buffers())
-        key = (params[0].device, dtype, channels_last)
+        key = (what, params[0].device, dtype, channels_last)
         if torch.compiler.is_compiling():
             # Version counters are invisible to the compiler: use the cache as it stands (call
             # invalidate_fold_cache() after changing trunk weights of a compiled model).
             hit = self._fold_cache.get(key)
-            return hit[1] if hit is not None else self._fold(dtype, channels_last)
+            return hit[1] if hit is not None else build(dtype, channels_last)
         versions = _tensor_versions(params)
         hit = self._fold_cache.get(key)
         if hit is None or hit[0] != versions:
             with torch.no_grad():
-                hit = (versions, self._fold(dtype, channels_last))
+                hit = (versions, build(dtype, channels_last))
             self._fold_cache[key] = hit
         return hit[1]
 
@@ -170,18 +304,28 @@ class LatentVGG16BN(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def fast_features(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                      channels_last: bool = False) -> tuple[torch.Tensor, ...]:
+                      channels_last: bool = False, fused: bool | None = None) -> tuple[torch.Tensor, ...]:
         """The five taps with BatchNorm folded (eval-mode semantics), computed in ``dtype``.
 
         Tap tensors are in ``dtype`` and, with ``channels_last``, in channels_last layout.
+        ``fused``: run the fused CPU trunk (None: when :func:`fused_trunk_supported`, the trunk
+        weights take no gradient and no compiler is tracing).
         """
         if self.training:
             raise RuntimeError("LatentVGG16BN.fast_features folds BatchNorm with its running "
                                "statistics and needs eval mode; call .eval() or use forward()")
+        # One conversion of the input: dtype and layout in the same copy.
+        h = x.to(dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        tuned = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if fused is None:
+            fused = (not tuned and not torch.compiler.is_compiling()
+                     and fused_trunk_supported(x.device, dtype))
+        if fused:
+            if tuned:
+                raise RuntimeError("LatentVGG16BN.fast_features: fused=True needs trunk weights "
+                                   "that take no gradient (pnet_tune uses the autograd path)")
+            return self._fused_features(h, dtype, channels_last)
         weights = iter(self.folded_weights(dtype, channels_last))
-        h = x.to(dtype)
-        if channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
         taps = []
         for block in self.slices:
             for layer in block:
@@ -193,6 +337,23 @@ class LatentVGG16BN(nn.Module):
                     h = F.max_pool2d(h, kernel_size=2, stride=2)
                 # BatchNorm is folded, ReLU fused above, Identity skipped.
             taps.append(h)
+        return tuple(taps)
+
+    def _fused_features(self, h: torch.Tensor, dtype: torch.dtype,
+                        channels_last: bool) -> tuple[torch.Tensor, ...]:
+        weights = self.folded_weights(dtype, channels_last)
+        plan = _trunk_plan(self.slices)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return _FusedTrunk.apply(h, plan, weights, self.flipped_weights(dtype, channels_last))
+        taps, k = [], 0
+        for step in plan:
+            if step == "conv":
+                h = _conv_relu(h, *weights[k])
+                k += 1
+            elif step == "pool":
+                h = F.max_pool2d(h, kernel_size=2, stride=2)
+            else:
+                taps.append(h)
         return tuple(taps)
 
     def extra_repr(self) -> str:

@@ -33,7 +33,9 @@ Speed options (GPU): channels_last and fused QKV (on by default in ``d2g collect
 replay (``--cuda-graphs``) or ``torch.compile`` (``--compile``) of the UNet, bf16/fp16.
 """
 from d2g_fast.teacher.adapter import Conditioning, NonFiniteLatentError, Teacher, parse_dtype
+from d2g_fast.teacher.families import FAMILIES, TeacherFamily, load_teacher
 from d2g_fast.teacher.collect import collect, collection_config, recompute_pairs
 
-__all__ = ["Teacher", "Conditioning", "NonFiniteLatentError", "parse_dtype", "collect",
+__all__ = ["Teacher", "TeacherFamily", "FAMILIES", "load_teacher", "Conditioning",
+           "NonFiniteLatentError", "parse_dtype", "collect",
            "collection_config", "recompute_pairs"]

@@ -19,7 +19,8 @@ import torch
 
 from d2g_fast.data import store
 from d2g_fast.data.seeding import NOISE_RULE, PROMPT_RULE, PromptSchedule, batch_noise, derive_seed
-from d2g_fast.teacher.adapter import Teacher, clean_config
+from d2g_fast.teacher.families import TeacherFamily as Teacher
+from d2g_fast.teacher.families import clean_config, family_class
 
 
 @dataclass
@@ -160,9 +161,12 @@ def _tensor_layout(config: dict) -> dict:
                "latent": {"dtype": "float32", "shape": ["n", c, h, w]},
                "index": {"dtype": "int64", "shape": ["n"]},
                "prompt_index": {"dtype": "int64", "shape": ["n"]}}
+    family = family_class(config["teacher_kind"])
+    if family.latent_note:
+        tensors["latent"]["layout"] = tensors["noise"]["layout"] = family.latent_note
     if config["store_embeddings"]:
         tensors["prompt_embeds"] = {"dtype": config["dtype"], "shape": ["n", "L", "D"]}
-        if config["teacher_kind"] == "sdxl":
+        if family.stores_pooled:
             tensors["pooled_prompt_embeds"] = {"dtype": config["dtype"], "shape": ["n", "P"]}
     return tensors
 
@@ -305,7 +309,7 @@ def _log_cost(manifest: dict, log) -> None:
 
 
 def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, steps: int = 50,
-            guidance: float = 8.0, scheduler: str | None = "ddim",
+            guidance: float = 8.0, scheduler: str | None = None,
             negative_prompt: str | None = None, batch_size: int = 8, shard_size: int = 1000,
             seed: int = 0, store_embeddings: bool = False, prompt_source: str | None = None,
             group: ProcessGroup | None = None, progress: bool = True,
@@ -320,6 +324,7 @@ def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, s
     stored."""
     group = group or ProcessGroup()
     _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance)
+    teacher.check_sample_options(negative_prompt)
     out = store.ensure_writable(out)
     config = collection_config(teacher, prompts, steps=steps, guidance=guidance,
                                scheduler=scheduler, negative_prompt=negative_prompt,
@@ -360,6 +365,9 @@ def recompute_pairs(teacher: Teacher, root: str, indices: list[int], *, atol: fl
     ds = PairDataset(root, check="none", load_embeddings=False)
     config = ds.manifest["config"]
     ident = teacher.identity()
+    if ident["kind"] != config["teacher_kind"]:
+        raise ValueError(f"teacher (--teacher): the store holds {config['teacher_kind']} pairs; "
+                         f"the teacher is a {ident['kind']} teacher")
     if ident["sha256"] != config["teacher_sha256"]:
         raise ValueError(f"teacher (--teacher): its identity {ident['sha256'][:16]} differs from "
                          f"the store's teacher {config['teacher_sha256'][:16]} (other weights, "

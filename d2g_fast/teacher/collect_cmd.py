@@ -18,12 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="store folder (created; resumed when it exists)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--guidance", type=float, default=8.0,
-                   help="classifier-free guidance scale (<= 1: no guidance)")
+                   help="classifier-free guidance scale (<= 1: no guidance); FLUX-dev: the "
+                        "embedded guidance (the pipeline's guidance_scale, e.g. 3.5)")
     p.add_argument("--negative-prompt", default=None,
-                   help="negative prompt (default: the empty prompt; zeros for SDXL)")
-    p.add_argument("--scheduler", default="ddim",
-                   help="ddim, euler, dpm++, unipc, pndm, ... or a diffusers class name")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per UNet batch")
+                   help="negative prompt (default: the empty prompt; zeros for SDXL; FLUX "
+                        "takes none)")
+    p.add_argument("--scheduler", default=None,
+                   help="UNet teachers: ddim (default), euler, dpm++, unipc, pndm, ... or a "
+                        "diffusers class name; SD3/FLUX: their own FlowMatchEulerDiscreteScheduler "
+                        "(the only choice)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per network batch")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard file")
     p.add_argument("--seed", type=int, default=0,
                    help="pair i's noise and prompt depend only on (seed, i)")
@@ -31,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float32, float16, bfloat16; auto: float16 on GPUs, float32 on CPUs")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ...; auto: cuda if present")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels (None: the UNet's sample size x VAE factor)")
+                   help="image side in pixels (None: the pipeline's default size)")
     p.add_argument("--store-embeddings", action="store_true",
                    help="also store the prompt embeddings (and SDXL pooled embeddings)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -73,11 +77,15 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast.data.prompts import load_prompts
     from d2g_fast.teacher.adapter import Teacher, parse_dtype
     from d2g_fast.teacher.collect import collect, init_distributed
+    from d2g_fast.teacher.families import check_teacher_folder
 
     quiet_model_loading()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     parse_dtype(dtype)
     prompts = load_prompts(args.prompts)
+    # A folder, resolution or option the teacher cannot take is refused before --out exists.
+    check_teacher_folder(args.teacher, args.resolution).check_sample_options(
+        args.negative_prompt)
     store.ensure_writable(args.out)  # fail before loading a large teacher
     group, device = init_distributed(device)
     try:

@@ -14,10 +14,15 @@ Public API (all arguments optional):
     tiny_sdxl_components(seed=0) -> dict                       # StableDiffusionXLPipeline kwargs
     tiny_sdxl_pipeline(seed=0) -> StableDiffusionXLPipeline
     save_tiny_sdxl_pipeline(path, seed=0) -> path
+    tiny_t5_tokenizer(model_max_length=512) -> T5TokenizerFast    # tokenizers Unigram, offline
+    tiny_sd3_components(seed=0, **shape) / tiny_sd3_pipeline / save_tiny_sd3_pipeline(path, ...)
+    tiny_flux_components(seed=0, **shape) / tiny_flux_pipeline / save_tiny_flux_pipeline(path, ...)
     sd15_shaped_components(device="cpu", dtype=torch.float32) -> dict   # full-size, for timing
     SD15_UNET_CONFIG, SD15_TEXT_CONFIG                                  # the SD1.5 configs
 
-Latent shapes: tiny SD (4, 8, 8) at 16x16 pixels; tiny SDXL (4, 8, 8) at 16x16 pixels.
+Latent shapes: tiny SD (4, 8, 8) at 16x16 pixels; tiny SDXL (4, 8, 8) at 16x16 pixels; tiny SD3
+(16, 8, 8) at 16x16 pixels by default; tiny FLUX (16, h/2, w/2) at the pixel size asked for (the
+shapes are keyword arguments of the builders, so tests can use others).
 """
 from __future__ import annotations
 
@@ -187,6 +192,173 @@ def save_tiny_sd_pipeline(path: str, seed: int = 0, prediction_type: str = "epsi
 def save_tiny_sdxl_pipeline(path: str, seed: int = 0) -> str:
     """Write a tiny SDXL-shaped pipeline as a local diffusers folder (safetensors weights)."""
     tiny_sdxl_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow-matching transformer pipelines (SD3 / FLUX shapes)
+
+# Words of the tiny T5 vocabulary (whole-word pieces); anything else falls back to characters.
+_T5_WORDS = ("a an the of in on at with and red blue green black white small large old fox "
+             "cat dog bird snow lighthouse cliff photo painting city street tree river house "
+             "car boat mountain portrait of by night sunset x").split()
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5 tokenizer without downloads: a ``tokenizers`` Unigram model over a small word list
+    plus single characters (with the Metaspace pre-tokenizer and an appended ``</s>``), saved
+    and loaded back with ``T5TokenizerFast.from_pretrained`` so it saves and reloads like a
+    real one. Ids 0/1/2 are <pad>, </s>, <unk> as in T5."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5TokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in _T5_WORDS]
+    vocab += [("\u2581" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory(prefix="d2g_tiny_t5_") as tmp:
+        fast.save_pretrained(tmp)
+        return T5TokenizerFast.from_pretrained(tmp, model_max_length=model_max_length)
+
+
+def _tiny_t5_encoder(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+        num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        is_encoder_decoder=False, use_cache=False)).eval()
+
+
+def _tiny_vae16(vae_blocks: int, shift_factor: float, scaling_factor: float):
+    """A 16-channel AutoencoderKL (no quant convs) with scale factor 2 ** (vae_blocks - 1)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32,) * vae_blocks, in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                         up_block_types=("UpDecoderBlock2D",) * vae_blocks, latent_channels=16,
+                         layers_per_block=1, norm_num_groups=32, sample_size=32,
+                         use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=shift_factor, scaling_factor=scaling_factor).eval()
+
+
+def _flow_scheduler(shift: float, dynamic_shifting: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=shift, use_dynamic_shifting=dynamic_shifting,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def tiny_sd3_components(seed: int = 0, *, sample_size: int = 8, patch_size: int = 2,
+                        num_layers: int = 2, num_heads: int = 2, head_dim: int = 8,
+                        t5: bool = True, t5_dim: int = 2 * _HIDDEN, vae_blocks: int = 2,
+                        shift: float = 3.0, dynamic_shifting: bool = False) -> dict:
+    """Components of a tiny ``StableDiffusion3Pipeline``: two ``CLIPTextModelWithProjection``
+    (CLIP-L and CLIP-G shapes), a ``T5EncoderModel`` (``t5=False``: none, the pipeline then uses
+    zeros), an ``SD3Transformer2DModel`` (16 latent channels, ``patch_size``), a 16-channel VAE
+    (scale factor 2 ** (vae_blocks - 1)) and a ``FlowMatchEulerDiscreteScheduler`` with
+    ``shift``. ``t5_dim`` (the joint attention width) must be >= 2 x the CLIP width (64).
+    Default image: sample_size x VAE factor = 16 px, latent (16, 8, 8)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=patch_size, in_channels=16, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=num_heads, joint_attention_dim=t5_dim,
+        caption_projection_dim=num_heads * head_dim, pooled_projection_dim=2 * _HIDDEN,
+        out_channels=16, pos_embed_max_size=max(16, 2 * sample_size // patch_size)).eval()
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae16(vae_blocks, shift_factor=0.0609, scaling_factor=1.5305)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer)).eval()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2)).eval()
+    tokenizer_3 = text_encoder_3 = None
+    if t5:
+        tokenizer_3 = tiny_t5_tokenizer()
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = _tiny_t5_encoder(tokenizer_3, t5_dim)
+    return dict(transformer=transformer, scheduler=_flow_scheduler(shift, dynamic_shifting),
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
+def tiny_sd3_pipeline(seed: int = 0, **shape):
+    """A tiny ``StableDiffusion3Pipeline`` (random weights, CPU, float32); ``shape``: the keyword
+    arguments of :func:`tiny_sd3_components`."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed, **shape))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd3_pipeline(path: str, seed: int = 0, **shape) -> str:
+    """Write a tiny SD3-shaped pipeline as a local diffusers folder (safetensors weights)."""
+    tiny_sd3_pipeline(seed, **shape).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_flux_components(seed: int = 0, *, num_layers: int = 1, num_single_layers: int = 1,
+                         num_heads: int = 2, head_dim: int = 16,
+                         axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
+                         guidance_embeds: bool = True, t5_dim: int = _HIDDEN,
+                         vae_blocks: int = 2, shift: float = 3.0,
+                         dynamic_shifting: bool = True) -> dict:
+    """Components of a tiny ``FluxPipeline``: a ``CLIPTextModel`` (pooled), a
+    ``T5EncoderModel``, a ``FluxTransformer2DModel`` (in_channels 64 = 16 x 2x2 packing,
+    ``guidance_embeds`` True: FLUX.1-dev-like, False: schnell-like; sum(axes_dims_rope) must be
+    ``head_dim``), a 16-channel VAE (scale factor 2 ** (vae_blocks - 1)) and a
+    ``FlowMatchEulerDiscreteScheduler`` with dynamic (resolution-dependent) shifting.
+    The pipeline's default size (128 x VAE factor) is large: pass ``height``/``width`` (or
+    --resolution), e.g. 32 px for a (16, 16, 16) latent."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=num_heads, joint_attention_dim=t5_dim,
+        pooled_projection_dim=_HIDDEN, guidance_embeds=guidance_embeds,
+        axes_dims_rope=tuple(axes_dims_rope)).eval()
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae16(vae_blocks, shift_factor=0.1159, scaling_factor=0.3611)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(tokenizer)).eval()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _tiny_t5_encoder(tokenizer_2, t5_dim)
+    return dict(transformer=transformer, scheduler=_flow_scheduler(shift, dynamic_shifting),
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+
+def tiny_flux_pipeline(seed: int = 0, **shape):
+    """A tiny ``FluxPipeline`` (random weights, CPU, float32); ``shape``: the keyword arguments
+    of :func:`tiny_flux_components`."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**tiny_flux_components(seed, **shape))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_flux_pipeline(path: str, seed: int = 0, **shape) -> str:
+    """Write a tiny FLUX-shaped pipeline as a local diffusers folder (safetensors weights)."""
+    tiny_flux_pipeline(seed, **shape).save_pretrained(path, safe_serialization=True)
     return path
 
 

@@ -10,7 +10,7 @@ import torch
 
 from d2g_fast.train.config import TrainConfig
 from d2g_fast.train.distributed import Processes
-from d2g_fast.train.generator import OneStepGenerator, generator_prediction_type
+from d2g_fast.train.generator import OneStepGenerator
 
 
 @dataclass
@@ -48,13 +48,25 @@ class Run:
 
 # ------------------------------------------------------------------------------ inputs
 def check_teacher_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"teacher (--teacher): no such folder {path!r}")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
+    """A teacher folder of a supported family with every part (d2g_fast.teacher.families)."""
+    from d2g_fast.teacher.families import check_teacher_folder as check_family_folder
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise ValueError(f"teacher (--teacher): {path!r} is not a diffusers pipeline folder "
                          f"(no model_index.json)")
-    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
-        raise ValueError(f"teacher (--teacher): {path!r} has no UNet (unet/config.json missing)")
+    check_family_folder(path)
+
+
+def stored_resolution(pairs: str | None):
+    """The (height, width) a pair store was collected at (None: no readable store)."""
+    from d2g_fast.data.store import MANIFEST, read_manifest
+
+    if not pairs or not os.path.isfile(os.path.join(pairs, MANIFEST)):
+        return None
+    try:
+        return tuple(read_manifest(pairs)["config"]["resolution"])
+    except Exception:  # noqa: BLE001 - open_pairs reports what is wrong with the store
+        return None
 
 
 def open_pairs(path: str, teacher, config: TrainConfig, world: int):
@@ -74,6 +86,9 @@ def open_pairs(path: str, teacher, config: TrainConfig, world: int):
     if len(dataset) == 0:
         raise ValueError(f"pairs (--pairs): {path!r} holds no pairs")
     stored = dataset.manifest["config"]
+    if stored.get("teacher_kind", teacher.name) != teacher.name:
+        raise ValueError(f"pairs (--pairs): {path!r} holds {stored['teacher_kind']} pairs; "
+                         f"--teacher {config.teacher!r} is a {teacher.name} teacher")
     if teacher_sha256(teacher, config.teacher, stored.get("dtype", "float32")) != \
             stored.get("teacher_sha256"):
         raise ValueError(f"pairs (--pairs): {path!r} was collected from another teacher (its "
@@ -106,17 +121,22 @@ def teacher_sha256(teacher, folder: str, store_dtype: str) -> str:
 
 
 # ------------------------------------------------------------------------------ models
-def make_generator(teacher, config: TrainConfig) -> OneStepGenerator:
-    sched = teacher.base_scheduler
-    timestep = config.timestep
-    if timestep is None:
-        timestep = int(sched.config.num_train_timesteps) - 1
-    prediction = generator_prediction_type(sched.config.get("prediction_type", "epsilon"),
-                                           config.parameterization)
-    unet = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return OneStepGenerator(unet, sched.alphas_cumprod, timestep, prediction)
+def make_generator(teacher, config: TrainConfig, guidance: float | None = None
+                   ) -> OneStepGenerator:
+    """G: the teacher family's one-step generator (d2g_fast.train.generator); ``guidance`` is
+    the pairs' collection guidance (FLUX-dev's embedding)."""
+    from d2g_fast.train.generator import make_generator as make_one_step
+
+    return make_one_step(teacher, timestep=config.timestep,
+                         parameterization=config.parameterization, guidance=guidance,
+                         gradient_checkpointing=config.gradient_checkpointing)
+
+
+def collection_guidance(dataset) -> float | None:
+    """The guidance the pairs were collected with (None without a store)."""
+    if dataset is None or not hasattr(dataset, "manifest"):
+        return None
+    return dataset.manifest["config"].get("guidance")
 
 
 def make_discriminator(teacher, config: TrainConfig):
@@ -130,7 +150,7 @@ def make_discriminator(teacher, config: TrainConfig):
 def lpips_encoder(teacher, config: TrainConfig) -> str:
     if config.lpips_encoder:
         return config.lpips_encoder
-    return "sdxl" if teacher.is_sdxl else "sd15"
+    return teacher.lpips_encoder
 
 
 def make_lpips(teacher, config: TrainConfig):
@@ -192,7 +212,9 @@ def load_teacher(config: TrainConfig, device: torch.device):
     from d2g_fast.teacher import Teacher
 
     check_teacher_folder(config.teacher)
-    teacher = Teacher.from_pretrained(config.teacher, dtype="float32", device="cpu")
+    # At the pairs' resolution (flow-matching pipelines default to large images).
+    teacher = Teacher.from_pretrained(config.teacher, dtype="float32", device="cpu",
+                                      resolution=stored_resolution(config.pairs))
     return teacher
 
 
@@ -226,7 +248,7 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         dataset, num_train = open_pairs(config.pairs, teacher, config, procs.world)
     elif dataset is not None:
         num_train = len(dataset) - config.val_pairs
-    generator = make_generator(teacher, config)
+    generator = make_generator(teacher, config, collection_guidance(dataset))
     discriminator = make_discriminator(teacher, config)
     lpips = make_lpips(teacher, config)
     # From here on the teacher only encodes text (its UNet stays with it: Teacher reads its

@@ -1,15 +1,21 @@
 """Export a trained generator as a diffusers pipeline folder that runs in ONE step.
 
-The folder is the teacher's pipeline (VAE, text encoder(s), tokenizer(s)) with the student's UNet
-(EMA weights by default) and a DDIMScheduler configured so that ``num_inference_steps=1``
-reproduces G exactly:
-  * ``timestep_spacing="trailing"``: one step evaluates the UNet at the last training timestep,
-    the timestep G is trained at by default;
-  * ``set_alpha_to_one=True``: the step goes to alpha = 1, so DDIM's update returns its
-    ``pred_original_sample``, which is G's x0 formula (d2g_fast.train.generator.to_x0);
-  * ``prediction_type``: the teacher's (or "sample" for an x0-parameterised student).
-Run it with guidance off (``guidance_scale=1``): G was distilled from guided teacher samples and
-takes no guidance itself::
+The folder is the teacher's own pipeline class (its VAE, text encoder(s), tokenizer(s)) with the
+student's network (EMA weights by default) and a scheduler, chosen by the teacher family
+(``export_scheduler``), that makes the stock ``pipe(prompt, num_inference_steps=1, ...)`` call
+the network exactly once and return G's x0:
+  * UNets (sd, sdxl): DDIM with ``timestep_spacing="trailing"`` (the one step evaluates the UNet
+    at the last training timestep, G's default) and ``set_alpha_to_one=True`` (the step returns
+    DDIM's ``pred_original_sample``: G's x0 formula), with the teacher's ``prediction_type`` (or
+    "sample" for an x0-parameterised student);
+  * flow-matching transformers (sd3, flux): the folder's FlowMatchEulerDiscreteScheduler with
+    terminal shift, inverted/Karras/exponential/beta sigmas and stochastic sampling off; its one
+    sigma is 1 for any shift or dynamic-shifting mu, and the Euler step to 0 is z - v: G.
+The ``guidance_scale`` a user must pass is written to ``d2g_student.json`` ("guidance_scale"):
+1.0 for sd, sdxl and sd3 (the student was distilled from classifier-free-guided samples and
+takes no CFG itself); for FLUX-dev the collection guidance, which G's guidance embedding was
+trained with; null for FLUX-schnell (no guidance input). The training resolution is recorded too
+("resolution"; pass it as height/width)::
 
     pipe = DiffusionPipeline.from_pretrained(DIR)
     image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]
@@ -43,6 +49,8 @@ def find_checkpoint(run_dir: str, step: int | None) -> str:
 
 
 def one_step_scheduler(base_config, prediction_type: str):
+    """The UNet families' one-step DDIM (kept for existing callers; see
+    ``families.sd.UNetFamily.export_scheduler``)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(base_config, timestep_spacing="trailing",
@@ -51,11 +59,39 @@ def one_step_scheduler(base_config, prediction_type: str):
                                      rescale_betas_zero_snr=False)
 
 
+def student_pipeline(teacher_dir: str, weights: dict, generator: dict):
+    """The teacher's pipeline (loaded from ``teacher_dir``) with G's network ``weights`` and the
+    family's one-step scheduler. ``generator`` is G's record in a checkpoint
+    (``OneStepGenerator.describe()``: timestep, prediction_type, guidance). Returns
+    (pipeline, family instance). Refuses students the stock pipeline cannot reproduce."""
+    from diffusers import DiffusionPipeline
+
+    from d2g_fast.teacher.families import family_for_pipeline
+
+    pipe = DiffusionPipeline.from_pretrained(teacher_dir, local_files_only=True)
+    teacher = family_for_pipeline(pipe).from_pipeline(pipe)
+    teacher.export_check(generator)
+    teacher.denoiser.load_state_dict(weights)
+    pipe.scheduler = teacher.export_scheduler(generator["prediction_type"])
+    return pipe, teacher
+
+
+def student_info(teacher, generator: dict, pipeline_class: str) -> dict:
+    """The family-dependent part of ``d2g_student.json``: how to call the exported pipeline."""
+    guidance = teacher.export_guidance(generator.get("guidance"))
+    resolution = generator.get("resolution")
+    call = f"num_inference_steps=1, guidance_scale={guidance!r}" if guidance is not None \
+        else "num_inference_steps=1"
+    if resolution:
+        call += f", height={resolution[0]}, width={resolution[1]}"
+    return {"family": teacher.name, "pipeline_class": pipeline_class, "guidance_scale": guidance,
+            "resolution": resolution, "usage": f"DiffusionPipeline.from_pretrained(DIR)(prompt, "
+                                               f"{call})"}
+
+
 def export_pipeline(run_dir: str, out: str, step: int | None = None,
                     use_ema: bool = True) -> str:
     """Write the one-step pipeline folder ``out`` from a run folder; returns ``out``."""
-    from diffusers import DiffusionPipeline
-
     from d2g_fast.data.store import atomic_write_json, ensure_writable
 
     path = find_checkpoint(run_dir, step)
@@ -65,23 +101,17 @@ def export_pipeline(run_dir: str, out: str, step: int | None = None,
         raise FileNotFoundError(f"the run's teacher folder {teacher_dir!r} is gone; the export "
                                 f"takes the VAE and text encoders from it")
     gen = state["generator"]
-    pipe = DiffusionPipeline.from_pretrained(teacher_dir, local_files_only=True)
-    last = int(pipe.scheduler.config.num_train_timesteps) - 1
-    if gen["timestep"] != last:
-        raise ValueError(f"run_dir: the generator was trained at timestep {gen['timestep']}; "
-                         f"diffusers' one-step schedule evaluates the UNet at {last} only, so "
-                         f"only students trained at the default --timestep export to a pipeline")
-    pipe.unet.load_state_dict(ckpt.load_generator_weights(path, use_ema=use_ema))
-    pipe.scheduler = one_step_scheduler(pipe.scheduler.config, gen["prediction_type"])
+    pipe, teacher = student_pipeline(teacher_dir, ckpt.load_generator_weights(
+        path, use_ema=use_ema), gen)
     out = ensure_writable(out)
     pipe.save_pretrained(out, safe_serialization=True)
+    info = student_info(teacher, gen, type(pipe).__name__)
     atomic_write_json(os.path.join(out, STUDENT_INFO), {
         "format": "d2g_fast one-step student", "checkpoint": os.path.abspath(path),
         "step": state["step"], "weights": "ema" if use_ema and state["config"]["ema_decay"] > 0
         else "generator", "timestep": gen["timestep"], "prediction_type": gen["prediction_type"],
         "teacher": teacher_dir, "teacher_sha256": state["teacher_sha256"],
-        "usage": "DiffusionPipeline.from_pretrained(DIR)(prompt, num_inference_steps=1, "
-                 "guidance_scale=1.0)"})
+        **info})
     return out
 
 

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     diffusers.utils.logging.disable_progress_bar()
     out = export_pipeline(args.run_dir, args.out, step=args.step, use_ema=not args.no_ema)
-    print(f"d2g export: wrote {out}: DiffusionPipeline.from_pretrained(...)(prompt, "
-          f"num_inference_steps=1, guidance_scale=1.0)")
+    from d2g_fast.train.export import read_student_info
+
+    print(f"d2g export: wrote {out}: {read_student_info(out)['usage']}")
     return 0

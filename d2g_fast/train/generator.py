@@ -1,74 +1,110 @@
-"""The one-step generator G(z, c): a copy of the teacher UNet evaluated once at a fixed timestep.
+"""The one-step generator G(z, c): a copy of the teacher's network evaluated once at a fixed
+timestep, its output turned into a clean latent x0 by the teacher family's own rule.
 
-G's UNet sees pure noise z at timestep t (default the teacher's last training timestep) and
-its output is turned into a clean latent x0:
+UNet teachers (sd, sdxl): G's UNet sees pure noise z at timestep t (default the teacher's last
+training timestep) and
 
     prediction_type "epsilon":       x0 = (z - sqrt(1 - a_t) * eps) / sqrt(a_t)
     prediction_type "v_prediction":  x0 = sqrt(a_t) * z - sqrt(1 - a_t) * v
     prediction_type "sample":        x0 = output
 
-with a_t the teacher scheduler's alphas_cumprod[t]. With ``parameterization="x0"`` the UNet is
-trained to output x0 itself (whatever the teacher predicted). These are exactly the formulas of
-diffusers' DDIMScheduler.step for a step from t to "alpha = 1", which is what makes the exported
-one-step pipeline reproduce G (see d2g_fast.train.export).
+with a_t the teacher scheduler's alphas_cumprod[t]: DDIM's ``pred_original_sample``.
+
+Flow-matching transformers (sd3, flux): G's transformer sees z at the start of the flow
+(sigma = 1, timestep T = 1000) and its velocity v becomes x0 = z - sigma * v = z - v, the
+scheduler's own Euler step from sigma = 1 to 0; FLUX-dev's guidance embedding gets the
+collection guidance. So G starts as the teacher's one-step prediction, and the stock pipeline
+with ``num_inference_steps=1`` computes exactly G (d2g_fast.train.export).
+
+With ``parameterization="x0"`` the network is trained to output x0 itself (whatever the teacher
+predicted): exportable for UNets (DDIM with prediction_type "sample"), not for flow models (a
+stock flow-matching pipeline always applies x - sigma * output).
+
+The per-family rules live in :mod:`d2g_fast.teacher.families` (``denoise``, ``output_to_x0``,
+``one_step_rule``); this module only holds them together with the trainable network.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from d2g_fast.teacher.families import OneStepRule, family_class
+from d2g_fast.teacher.families.sd import PREDICTION_TYPES, unet_to_x0
 
 
 def to_x0(output: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
           prediction_type: str) -> torch.Tensor:
-    """The clean latent implied by a UNet ``output`` on input ``noise`` at a timestep whose
-    cumulative alpha is ``alpha_bar`` (a 0-d tensor). Shapes: output, noise [B, C, h, w]."""
-    if prediction_type == "epsilon":
-        return (noise - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * output
-    if prediction_type == "sample":
-        return output
-    raise ValueError(f"prediction_type: one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    """UNet rule (kept for existing callers): see ``families.sd.unet_to_x0``."""
+    return unet_to_x0(output, noise, alpha_bar, prediction_type)
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, c) -> x0 [B, C, h, w] (float32), for noise z [B, C, h, w] and text conditioning.
+    """G(z, c) -> x0 [B, C, h, w] (float32), for noise z [B, C, h, w] (unpacked latents) and the
+    text conditioning (encoder_hidden_states, added_cond_kwargs) of the teacher family.
 
     Args:
-        unet: the generator's own ``UNet2DConditionModel`` (trained in place).
-        alphas_cumprod: the teacher scheduler's cumulative alphas [T].
-        timestep: the fixed input timestep.
-        prediction_type: how the UNet output is read: the teacher's type for
-            ``parameterization="teacher"``, "sample" for ``parameterization="x0"``.
+        net: G's own network (a UNet or a transformer; trained in place). It is registered as
+            ``unet`` whatever its kind so that checkpoints and FSDP units keep their layout
+            (``net`` is an alias).
+        rule: :class:`~d2g_fast.teacher.families.OneStepRule` from ``teacher.one_step_rule``.
     """
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, timestep: int,
-                 prediction_type: str):
+    def __init__(self, net: nn.Module, rule: OneStepRule):
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type: one of {PREDICTION_TYPES}, got "
-                             f"{prediction_type!r}")
-        if not 0 <= timestep < len(alphas_cumprod):
-            raise ValueError(f"timestep (--timestep): must be in [0, {len(alphas_cumprod) - 1}], "
-                             f"got {timestep}")
-        self.unet = unet
-        self.timestep = int(timestep)
-        self.prediction_type = prediction_type
-        # float64 scalar as the scheduler holds it; moved with the module but never trained.
-        self.register_buffer("alpha_bar", alphas_cumprod[self.timestep].detach().clone()
-                             .to(torch.float32), persistent=False)
+        self.family = family_class(rule.family)
+        self.rule = rule
+        self.unet = net
+        # float32 as the scheduler holds it; moved with the module but never trained.
+        self.register_buffer("level", torch.tensor(rule.level, dtype=torch.float32),
+                             persistent=False)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def timestep(self):
+        return self.rule.timestep
+
+    @property
+    def prediction_type(self) -> str:
+        return self.rule.prediction_type
+
+    def describe(self) -> dict:
+        """What a checkpoint records about G (the export reads it back)."""
+        return {"family": self.rule.family, "timestep": self.rule.timestep,
+                "prediction_type": self.rule.prediction_type, "guidance": self.rule.guidance}
 
     def forward(self, noise: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
-        t = torch.full((noise.shape[0],), self.timestep, device=noise.device, dtype=torch.long)
-        out = self.unet(noise.to(dtype), t, encoder_hidden_states=encoder_hidden_states,
-                        added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
-        return to_x0(out.float(), noise.float(), self.alpha_bar, self.prediction_type)
+        t = torch.full((noise.shape[0],), self.rule.timestep, device=noise.device,
+                       dtype=torch.long if isinstance(self.rule.timestep, int) else torch.float32)
+        out = self.family.denoise(self.unet, noise.to(dtype), t, encoder_hidden_states,
+                                  added_cond_kwargs, self.rule.guidance)
+        return self.family.output_to_x0(out.float(), noise.float(), self.level,
+                                        self.rule.prediction_type)
+
+
+def make_generator(teacher, *, timestep=None, parameterization: str = "teacher",
+                   guidance: float | None = None,
+                   gradient_checkpointing: bool = False) -> OneStepGenerator:
+    """G from a teacher family instance: a float32, trainable deep copy of its network with the
+    family's one-step rule. ``guidance`` is the pairs' collection guidance (used by families
+    with a guidance embedding, FLUX-dev)."""
+    import copy
+
+    rule = teacher.one_step_rule(timestep, parameterization, guidance)
+    net = copy.deepcopy(teacher.denoiser).float().train().requires_grad_(True)
+    if gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    return OneStepGenerator(net, rule)
 
 
 def generator_prediction_type(teacher_prediction_type: str, parameterization: str) -> str:
-    """The prediction_type G's UNet is read with (and exported with)."""
+    """The prediction_type G's network is read with (and exported with)."""
     return "sample" if parameterization == "x0" else teacher_prediction_type
+
+
+__all__ = ["OneStepGenerator", "make_generator", "to_x0", "generator_prediction_type",
+           "PREDICTION_TYPES"]

@@ -153,9 +153,8 @@ def checkpoint_state(run: Run, step: int) -> dict:
     return {"config": c.to_dict(), "global_batch": run.global_batch, "world": run.procs.world,
             "data_position": PairOrder(run.num_train, c.seed).position(step, run.global_batch),
             "counters": dict(run.counters),
-            "generator": {"timestep": run.generator.timestep,
-                          "prediction_type": run.generator.prediction_type,
-                          "parameterization": c.parameterization},
+            "generator": {**run.generator.describe(), "parameterization": c.parameterization,
+                          "resolution": [run.teacher.height, run.teacher.width]},
             "teacher": os.path.abspath(c.teacher),
             "teacher_sha256": run.teacher.identity()["sha256"]}
 

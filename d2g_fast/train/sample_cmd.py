@@ -24,6 +24,17 @@ def read_prompts(source: str) -> list[str]:
     return load_prompts(source) if os.path.isfile(source) else [source]
 
 
+def student_call_arguments(info: dict | None) -> dict:
+    """The pipeline arguments d2g_student.json asks for: its guidance_scale (1.0 when absent;
+    a FLUX-dev student's is its training guidance) and its training resolution."""
+    info = info or {}
+    guidance = info.get("guidance_scale", 1.0)
+    call = {"guidance_scale": 1.0 if guidance is None else float(guidance)}
+    if info.get("resolution"):
+        call.update(height=int(info["resolution"][0]), width=int(info["resolution"][1]))
+    return call
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from diffusers import DiffusionPipeline
@@ -37,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise FileNotFoundError(f"model (--model): {args.model!r} is not a pipeline folder; "
                                 f"export a run first with d2g export RUN_DIR --out DIR")
-    if read_student_info(args.model) is None:
+    info = read_student_info(args.model)
+    if info is None:
         print(f"d2g sample: note: {args.model} has no d2g_student.json; sampling it in one step "
               f"anyway")
+    call = student_call_arguments(info)
     quiet_model_loading()
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
@@ -52,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         chunk = prompts[start:start + args.batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(args.seed + start + k)
                 for k in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=1, guidance_scale=1.0, generator=gens).images
+        images = pipe(chunk, num_inference_steps=1, generator=gens, **call).images
         for k, image in enumerate(images):
             name = f"{start + k:05d}.png"
             image.save(os.path.join(out, name))

@@ -39,11 +39,9 @@ def conditioning(run, batch: dict) -> tuple[torch.Tensor, dict | None]:
     teacher = run.teacher
     if "prompt_embeds" in batch:
         ehs = batch["prompt_embeds"].to(run.device, torch.float32)
-        added = None
-        if teacher.is_sdxl:
-            added = {"text_embeds": batch["pooled_prompt_embeds"].to(run.device, torch.float32),
-                     "time_ids": teacher.time_ids(ehs.shape[0]).to(run.device, torch.float32)}
-        return ehs, added
+        pooled = batch.get("pooled_prompt_embeds")
+        pooled = pooled.to(run.device, torch.float32) if pooled is not None else None
+        return teacher.conditioning_from_store(ehs, pooled)
     with torch.no_grad():
         cond = teacher.encode_prompts(list(batch["prompt"]), guided=False)
     added = None
