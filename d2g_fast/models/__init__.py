@@ -2,6 +2,8 @@
 from d2g_fast.models.discriminator import (DiffusionDiscriminator, DiscriminatorConfig,
                                            DiscriminatorOutput)
 from d2g_fast.models.heads import MultiScaleHeads
+from d2g_fast.models.transformer_discriminator import (TransformerDiscriminator,
+                                                       TransformerDiscriminatorConfig)
 
 __all__ = ["DiffusionDiscriminator", "DiscriminatorConfig", "DiscriminatorOutput",
-           "MultiScaleHeads"]
+           "MultiScaleHeads", "TransformerDiscriminator", "TransformerDiscriminatorConfig"]
