@@ -46,9 +46,14 @@ demo: build
 	$(PY) -m d2g_fast.demo
 
 # CPU benchmarks at CPU-friendly shapes; BENCH_ARGS="" for the issues' full CPU shapes (slow).
+# The same cases twice: run.py's interleaved tables (benchmarks/out/), then pytest-benchmark
+# (saved in .benchmarks/; compare two runs with `pytest-benchmark compare`); BENCH_PYTEST_ARGS
+# "--bench-full" for the full shapes.
 BENCH_ARGS ?= --quick --min-time 0.2
+BENCH_PYTEST_ARGS ?=
 bench: build
 	$(PY) benchmarks/run.py --device cpu $(BENCH_ARGS)
+	$(PY) -m pytest benchmarks/ --benchmark-only --bench-device cpu --benchmark-autosave $(BENCH_PYTEST_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_OUT)

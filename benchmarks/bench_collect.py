@@ -67,7 +67,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     config = f"{model} B={batch} {steps}steps cfg{GUIDANCE:g}"
     note = (f"ref = diffusers pipeline; pairs/s = {batch}e3/median_ms; device-days per 1M "
             f"pairs = median_ms/{batch}/86.4")
-    return [Case(op="collect_pairs", config=config, provider=p, note=note,
+    return [Case(op="collect_pairs", config=config, provider=p, note=note, modes=("fwd",),
                  make=_make(p, device, quick, batch, steps, dtype))
             for p in ("ref", "ours", "ours-graphs", "ours-compiled")]
 

@@ -96,6 +96,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             provider = COMPILED if impl == COMPILED else f"heads={impl}"
             heads_impl = "ref" if impl == COMPILED else impl
             out.append(Case(op="discriminator_step", config=config, provider=provider,
+                            modes=("fwd", "fwd+bwd"),
                             make=_make(arch, N, device, heads_impl, ckpt, r1, compile_d=impl == COMPILED),
                             note="fwd = D forward of 2N latents (no grad); fwd+bwd = DiscriminatorLoss + backward"))
     return out

@@ -213,7 +213,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         for provider in providers:
             latent = not provider.startswith("pixel")
             out.append(Case(
-                op="elatentlpips", config=f"N={n} {c}x{h}x{w}", provider=provider,
+                op="elatentlpips", config=f"N={n} {c}x{h}x{w}", provider=provider, modes=("fwd", "fwd+bwd"),
                 make=_make(provider, n, c, h, w, device),
                 flops=2 * flops if latent else None, bwd_flops=flops if latent else None,
                 note="trunk TFLOP/s" if latent else "decode + pixel LPIPS"))

@@ -50,7 +50,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     for channels, hw, batch, width_div, precision in setups:
         config = f"{channels}x{hw}x{hw} N={batch} width/{width_div} {precision}"
         for provider in PROVIDERS:
-            out.append(Case(op="lpips_trunk_train_step", config=config, provider=provider,
+            out.append(Case(op="lpips_trunk_train_step", config=config, provider=provider, modes=("fwd+bwd",),
                             make=_make(channels, hw, batch, width_div, precision, provider, device),
                             note=f"images/s = {batch} / median s"))
     return out

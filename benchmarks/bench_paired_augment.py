@@ -132,6 +132,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         for provider in ("host", "device"):
             out.append(Case(op="augment_params_sample", config=f"{preset} N=16 {C}x{H}x{W}",
                             provider=provider, make=_make_sample(provider, preset, 16, C, H, W, device),
+                            modes=("fwd",),
                             note="parameter draw only (host: numpy + packed copy; device: one kernel)"))
     for preset in presets:
         for N in batches:

@@ -64,7 +64,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     for checkpointing in (True, False):
         config = f"{arch} B={batch} {precision}{' grad-ckpt' if checkpointing else ''}"
         for kernels in ("ref", "fused"):
-            out.append(Case(op="train_step", config=config, provider=kernels,
+            out.append(Case(op="train_step", config=config, provider=kernels, modes=("fwd+bwd",),
                             make=_make(arch, device, batch, precision, kernels, checkpointing),
                             note=f"samples/s = {batch}e3/median_ms; plain steps (no R1)"))
     return out

@@ -3,7 +3,10 @@
 A benchmark file ``benchmarks/bench_<name>.py`` exposes ``cases(device, quick) -> list[Case]``.
 Each case builds its inputs lazily (``make``) and returns zero-argument callables per mode:
 "fwd", "bwd" (re-runs only the backward, e.g. ``out.backward(g, retain_graph=True)`` or
-``torch.autograd.grad(..., retain_graph=True)``) and "fwd+bwd". The runner (run.py) times them.
+``torch.autograd.grad(..., retain_graph=True)``) and "fwd+bwd"; ``Case.modes`` names them
+before anything is built. These case definitions are the one source of both runners:
+run.py (interleaved provider rounds, ratios, markdown tables) and pytest-benchmark
+(``pytest benchmarks/ --benchmark-only``: benchmarks/test_cases.py, benchmarks/conftest.py).
 
 Every op's benchmark has a provider COMPILED ("ref-compiled"): ``torch.compile`` of the same
 reference the "ref" provider runs eagerly (COMPILE_KWARGS: inductor, default mode, static
@@ -13,7 +16,11 @@ never in the steady-state times.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +28,8 @@ from typing import Callable
 import torch
 
 
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+MODES = ("fwd", "bwd", "fwd+bwd")
 COMPILED = "ref-compiled"  # provider name of torch.compile(reference) in every benchmark
 COMPILE_KWARGS = {"backend": "inductor", "mode": None, "dynamic": False}  # mode None = "default"
 _COMPILED_FNS: dict = {}
@@ -59,11 +68,104 @@ class Case:
     bwd_flops: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    modes: tuple = MODES          # the keys of the dict ``make`` returns
+
+    def build(self) -> dict:
+        """``make()``, checked against ``modes`` (the pytest items are named from ``modes``
+        before anything is built)."""
+        fns = self.make()
+        if set(fns) != set(self.modes):
+            raise ValueError(f"case {self.op} / {self.config} / {self.provider}: make() returned modes "
+                             f"{tuple(fns)}, the case declares modes={tuple(self.modes)}")
+        return fns
+
+
+def bench_names(only: list[str] | None = None) -> list[str]:
+    """Module names of every benchmarks/bench_*.py (sorted), or of those whose name contains one
+    of the substrings ``only``."""
+    names = sorted(f[:-3] for f in os.listdir(BENCH_DIR) if f.startswith("bench_") and f.endswith(".py"))
+    return [n for n in names if not only or any(o in n for o in only)]
+
+
+def load_cases(name: str, device: str, quick: bool) -> list[Case]:
+    """The cases of benchmarks/<name>.py on ``device`` (quick or full shapes)."""
+    return importlib.import_module(f"benchmarks.{name}").cases(device, quick)
+
+
+def case_id(device: str, name: str, case: Case, mode: str) -> str:
+    """The pytest-benchmark name of one case's mode: device:file:op:config:provider:mode."""
+    return ":".join([device, name.removeprefix("bench_"), case.op, case.config.replace(" ", "_"),
+                     case.provider, mode])
 
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def cuda_synchronized_timer() -> float:
+    """``time.perf_counter`` after ``torch.cuda.synchronize()``: pytest-benchmark's timer for the
+    GPU cases, so that a round ends when the GPU has finished its work, not when the host has
+    queued it (and starts with an idle GPU)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def disable_tf32() -> None:
+    """fp32 means fp32 in every benchmark (a provider that wants TF32 turns it on itself)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def git_revision() -> str:
+    """Short commit of the checkout, "+dirty" with uncommitted changes to tracked files;
+    D2G_GIT_REV for a copied tree without .git (e.g. a GPU machine)."""
+    if os.environ.get("D2G_GIT_REV"):
+        return os.environ["D2G_GIT_REV"]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=BENCH_DIR, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=BENCH_DIR, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+# CPU features that decide how fast bf16/fp32 convolutions and matmuls run (oneDNN picks AMX or
+# AVX-512 BF16 kernels when the CPU has them): recorded with every result.
+CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "avx512_fp16",
+             "avx512_vnni", "avx512f", "avx2", "fma")
+
+
+def cpu_flags() -> str:
+    """The CPU_FLAGS this CPU has (from /proc/cpuinfo; "n/a" elsewhere) and torch's CPU
+    capability (the vector ISA its kernels were dispatched to), e.g. "avx512f avx2 fma
+    (torch: AVX512)"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+        have = set(line.split(":", 1)[-1].split())
+        flags = " ".join(f for f in CPU_FLAGS if f in have) or "none of " + ",".join(CPU_FLAGS)
+    except OSError:
+        flags = "n/a"
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        capability = "unknown"
+    return f"{flags} (torch: {capability})"
+
+
+def machine_tags(device: str) -> dict:
+    """What every result records about where it was measured."""
+    return {"device": device_name(device), "torch": torch.__version__, "git": git_revision(),
+            "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
 
 
 def time_callable(fn: Callable[[], object], device: str, *, min_time_s: float = 0.3,

@@ -14,18 +14,21 @@ call of the first round (the compile time of the ref-compiled provider); "peak M
 extra call measured by benchmarks.harness.peak_memory_mb (first round).
 
 Writes ``<out>/<tag>.csv`` and ``<out>/<tag>.md`` whose rows carry the device name, torch version,
-date and git revision, and prints the markdown table.
+date, git revision and the CPU's flags (AMX, AVX-512 BF16, ...), and prints the markdown table.
+
+The cases are those of pytest-benchmark's run (``pytest benchmarks/ --benchmark-only``, which
+gives JSON, --benchmark-compare and regression gates): both take them from the bench_*.py files
+through benchmarks.harness. This runner adds what pytest-benchmark does not do: rounds
+interleaved across providers, ratios against the references and the measured floor, peak
+memory, the markdown tables.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime as dt
-import importlib
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import traceback
 
@@ -34,39 +37,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from benchmarks.harness import (COMPILE_KWARGS, COMPILED, SkipCase, copy_bandwidth_gbs,  # noqa: E402
+from benchmarks.harness import (COMPILE_KWARGS, COMPILED, SkipCase, bench_names,  # noqa: E402
+                                copy_bandwidth_gbs, disable_tf32, load_cases, machine_tags,
                                 matmul_tflops, peak_memory_mb, time_callable)
 
 COLUMNS = ["op", "config", "provider", "mode", "median_ms", "min_ms", "p90_ms", "reps", "rounds",
            "round_min_ms", "round_max_ms", "round_ms", "first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
-           "vs_compiled", "of_floor", "note", "device", "torch", "date", "git", "threads"]
-
-
-def git_revision() -> str:
-    if os.environ.get("D2G_GIT_REV"):  # a copied tree without .git (e.g. a GPU machine)
-        return os.environ["D2G_GIT_REV"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=HERE, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=HERE, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def bench_modules(only: list[str] | None):
-    names = sorted(f[:-3] for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py"))
-    for name in names:
-        if only and not any(o in name for o in only):
-            continue
-        yield name, importlib.import_module(f"benchmarks.{name}")
+           "vs_compiled", "of_floor", "note", "device", "torch", "date", "git", "threads", "cpu_flags"]
 
 
 def fmt(v, digits=3):
@@ -104,8 +81,8 @@ def write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=False):
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
-    md = [f"Device: {tags['device']}; torch {tags['torch']}; {tags['threads']} threads; {tags['date']}; "
-          f"git {tags['git']}; measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul "
+    md = [f"Device: {tags['device']}; CPU flags {tags['cpu_flags']}; torch {tags['torch']}; "
+          f"{tags['threads']} threads; {tags['date']}; git {tags['git']}; measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul "
           f"{peak_tflops:.1f} TFLOP/s; {COMPILED} = torch.compile(reference, {COMPILE_KWARGS}); "
           f"command: `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
           "",
@@ -158,21 +135,18 @@ def main(argv=None) -> int:
         p.error("--device cuda but no GPU is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    tags = {"device": device_name(device), "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "git": git_revision(),
-            "threads": torch.get_num_threads()}
+    disable_tf32()
+    tags = dict(machine_tags(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"))
     floor_gbs = copy_bandwidth_gbs(device)
     peak_tflops = matmul_tflops(device)
     print(f"# {tags['device']} | torch {tags['torch']} | {tags['threads']} threads | {tags['date']} | "
-          f"git {tags['git']}")
+          f"git {tags['git']} | CPU flags {tags['cpu_flags']}")
     print(f"# measured copy bandwidth {floor_gbs:.0f} GB/s, bf16 matmul {peak_tflops:.1f} TFLOP/s")
 
     all_cases = []
-    for name, module in bench_modules(args.only):
+    for name in bench_names(args.only):
         try:
-            all_cases += [c for c in module.cases(device, args.quick)
+            all_cases += [c for c in load_cases(name, device, args.quick)
                           if not args.providers or c.provider in args.providers]
         except Exception as exc:
             print(f"[{name}] cases() failed: {exc}", file=sys.stderr)
@@ -198,7 +172,7 @@ def run_case(i, case, round_, device, args, tags, results) -> None:
     """Make ``case`` and time each of its modes once; the first round also measures peak memory."""
     base = dict(op=case.op, config=case.config, provider=case.provider, **tags)
     try:
-        fns = case.make()
+        fns = case.build()
     except SkipCase as exc:
         results[(i, "-")] = dict(base, mode="-", note=f"skipped: {exc}")
         return
@@ -206,7 +180,8 @@ def run_case(i, case, round_, device, args, tags, results) -> None:
         traceback.print_exc()
         results[(i, "-")] = dict(base, mode="-", note=f"failed: {type(exc).__name__}: {exc}"[:200])
         return
-    for mode, fn in fns.items():
+    for mode in case.modes:
+        fn = fns[mode]
         if args.modes and mode not in args.modes:
             continue
         key = (i, mode)

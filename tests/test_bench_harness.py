@@ -43,3 +43,36 @@ def test_time_callable_reports_the_first_call_separately():
     r = time_callable(lambda: calls.append(1), "cpu", min_time_s=0.0, min_reps=3, warmup=2)
     assert r["reps"] == 3 and len(calls) == 5
     assert r["first_ms"] >= 0 and r["median_ms"] >= 0
+
+
+def test_case_build_checks_the_declared_modes():
+    from benchmarks.harness import Case
+    ok = Case(op="op", config="c", provider="p", modes=("fwd",), make=lambda: {"fwd": lambda: None})
+    assert list(ok.build()) == ["fwd"]
+    bad = Case(op="op", config="c", provider="p", modes=("fwd",),
+               make=lambda: {"fwd": lambda: None, "fwd+bwd": lambda: None})
+    try:
+        bad.build()
+    except ValueError as exc:
+        assert "modes=('fwd',)" in str(exc) and "fwd+bwd" in str(exc)
+    else:
+        raise AssertionError("a case returning undeclared modes must not build")
+
+
+def test_case_id_names_device_file_op_config_provider_mode():
+    from benchmarks.harness import Case, case_id
+    case = Case(op="lpips_distance", config="N=2 64x64x64 float32", provider="cpu", make=dict)
+    assert case_id("cpu", "bench_lpips_distance", case, "bwd") == \
+        "cpu:lpips_distance:lpips_distance:N=2_64x64x64_float32:cpu:bwd"
+
+
+def test_cpu_flags_name_the_bf16_hardware_and_torch_capability():
+    from benchmarks.harness import CPU_FLAGS, cpu_flags
+    text = cpu_flags()
+    assert f"(torch: {torch.backends.cpu.get_cpu_capability()})" in text
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            have = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+        listed = text.split(" (torch:")[0]
+        present = [f for f in CPU_FLAGS if f in have]
+        assert listed == (" ".join(present) if present else "none of " + ",".join(CPU_FLAGS))
