@@ -1,6 +1,7 @@
 """``d2g toy``: the embedded toy text-to-image world.
 
     d2g toy train --out DIR [--seed S] [--quick] [--threads N]
+    d2g toy ablate [--out ablation] [--seeds S ...] [--quick] [--rows ROW ...]
 
 makes the whole world (VAE, text encoder + UNet teacher, evaluation classifier, E-LatentLPIPS)
 from the seed alone; see d2g_fast/toy/train.py. The shipped d2g_fast/toy/weights/ were made by
@@ -51,6 +52,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads (default: torch's; 1 is fastest for these tiny "
                         "models on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_ablate_arguments(sub)
+
+
+def add_ablate_arguments(sub) -> None:
+    from d2g_fast.toy.ablate import ROW_NAMES, AblateSettings
+
+    d = AblateSettings()
+    p = sub.add_parser("ablate", help="the paper's loss and discriminator ablations on the toy "
+                       "world (one student per row and seed; resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="ablation", help="folder (rerun to resume)")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=list(d.seeds),
+                   help="training seeds: mean and spread over them")
+    p.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=None,
+                   help="only these rows (default: all)")
+    for name in ("pairs", "steps", "iters", "batch_size", "eval_n"):
+        p.add_argument("--" + name.replace("_", "-"), type=_positive_int, default=None,
+                       help=f"(default {getattr(d, name)}; --quick: "
+                            f"{getattr(AblateSettings.quick(), name)})")
+    for name in ("lr", "lambda_gan", "r1_gamma"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--quick", action="store_true",
+                   help="tiny steps for every row (tests: the plumbing, not a result)")
+    p.add_argument("--toy-dir", default=None, help="a toy world folder (default: the shipped)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from d2g_fast.toy.ablate import AblateSettings, run_ablation
+
+    base = AblateSettings.quick() if args.quick else AblateSettings()
+    given = {name: getattr(args, name) for name in ("pairs", "steps", "iters", "batch_size",
+                                                     "eval_n") if getattr(args, name) is not None}
+    settings = dataclasses.replace(base, seeds=tuple(args.seeds), lr=args.lr,
+                                   lambda_gan=args.lambda_gan, r1_gamma=args.r1_gamma, **given)
+    command = "d2g " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    run_ablation(args.out, settings, rows=tuple(args.rows) if args.rows else None,
+                 toy_dir=args.toy_dir, progress=not args.no_progress, command=command)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_diffusers()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.toy_command == "ablate":
+        return run_ablate(args)
     settings = ToySettings.quick() if args.quick else ToySettings()
     command = "d2g " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     prov = train_all(args.out, seed=args.seed, settings=settings,

@@ -32,6 +32,7 @@ class Run:
     g_forward: object = None             # G, or torch.compile(G)
     d_params: list = field(default_factory=list)  # D's trainable parameters
     sharded: bool = False                # FSDP2 (config.fsdp on several processes)
+    regression: torch.nn.Module = None   # G's regression loss (fake, target) -> (N,)
     counters: dict = field(default_factory=lambda: {"nonfinite_in_a_row": 0,
                                                     "nonfinite_skipped": 0,
                                                     "device_seconds": 0.0})
@@ -144,7 +145,10 @@ def make_discriminator(teacher, config: TrainConfig):
 
     return DiffusionDiscriminator.from_unet(
         teacher.unet.float(), gradient_checkpointing=config.gradient_checkpointing,
-        mixed_precision="bf16" if config.precision == "bf16" else "no")
+        mixed_precision="bf16" if config.precision == "bf16" else "no",
+        noise_conditioning=not config.d_noise_off,
+        multiscale_input=not config.d_multiscale_input_off,
+        multiscale_output=not config.d_multiscale_output_off)
 
 
 def lpips_encoder(teacher, config: TrainConfig) -> str:
@@ -251,12 +255,16 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
     generator = make_generator(teacher, config, collection_guidance(dataset))
     discriminator = make_discriminator(teacher, config)
     lpips = make_lpips(teacher, config)
+    from d2g_fast.losses.regression import make_regression_loss
+
+    regression = make_regression_loss(config.regression_loss, lpips, config.teacher)
     # From here on the teacher only encodes text (its UNet stays with it: Teacher reads its
     # device and SDXL's added-condition layout from it).
     teacher.to(device=device)
     generator.to(device)
     discriminator.to(device)
     lpips.to(device)
+    regression.to(device)
     ema = make_ema(generator, config)
     sharded = config.fsdp and procs.world > 1
     if sharded:
@@ -272,7 +280,8 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
                ema=ema, discriminator=discriminator,
                d_loss=make_d_loss(config), lpips=lpips, opt_g=opt_g, opt_d=opt_d,
                dataset=dataset, num_train=num_train, g_forward=g_forward,
-               d_params=trainable_parameters(discriminator), sharded=sharded)
+               d_params=trainable_parameters(discriminator), sharded=sharded,
+               regression=regression)
 
 
 def make_d_loss(config: TrainConfig):

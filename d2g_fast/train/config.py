@@ -76,6 +76,17 @@ class TrainConfig:
     """R1 every this many steps (scaled by the interval, StyleGAN2's lazy regularisation)."""
     mix_fraction: float = 0.25
     """Fraction of D's negatives replaced by mismatched real latents (mix-and-match)."""
+    d_noise_off: bool = False
+    """D without its noise conditioning z (no zero-initialised noise conv): the paper's ablation
+    row "+ diffusion D" (d2g toy ablate)."""
+    d_multiscale_input_off: bool = False
+    """D without the resized latent entering its down blocks (multi-scale input off)."""
+    d_multiscale_output_off: bool = False
+    """D with one readout head (the last decoder scale) instead of the multi-scale heads."""
+    regression_loss: str = "e_latentlpips"
+    """G's regression loss: e_latentlpips (with --augment; "none" makes it LatentLPIPS), mse,
+    pseudo_huber or pixel_lpips (LPIPS-VGG with a random trunk on VAE decodings; see
+    d2g_fast.losses.regression). The paper's loss ablation."""
     augment: str = "bg"
     """E-LatentLPIPS augmentation preset (b, g, c, o, co, bg, bgc, bgco) or "none"."""
     lpips_dir: str | None = None
@@ -152,6 +163,9 @@ class TrainConfig:
             raise ValueError(f"mix_fraction (--mix-fraction): must be in [0, 1], got "
                              f"{self.mix_fraction!r}")
         _choice(self, "precision", PRECISIONS)
+        from d2g_fast.losses.regression import REGRESSION_LOSSES
+
+        _choice(self, "regression_loss", REGRESSION_LOSSES)
         _choice(self, "parameterization", PARAMETERIZATIONS)
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device (--device): one of {DEVICES} or cuda:N, got {self.device!r}")

@@ -4,7 +4,8 @@ For the micro-batches of the step (this process's share of them), first G's phas
   1. G: x = G(z, c); loss = E-LatentLPIPS(x, teacher latent) + lambda_GAN * L_GAN(D(x, z, c)),
      D frozen (no D gradients); the GAN term is off during the warm-up.
   2. D: non-saturating loss on (teacher latent: real) vs (x detached, some replaced by
-     mismatched real latents: fake), lazy single-sample R1 on R1 steps.
+     mismatched real latents: fake), lazy single-sample R1 on R1 steps; skipped when
+     lambda_GAN = 0 (regression only: G never reads D).
 Both losses are divided by the number of micro-batches of the step; after the last micro-batch
 the gradients are averaged over processes, the step is skipped everywhere if any loss was not
 finite, gradients are clipped, AdamW steps G and D, and the EMA follows G.
@@ -73,7 +74,9 @@ def generator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
     torch.manual_seed(micro["seed"])  # the augmentation draws (host or device sampler)
     with autocast(run):
         fake = run.g_forward(micro["noise"], micro["ehs"], micro["added"])
-    regression = run.lpips(fake, micro["target"]).mean()
+    # run.regression: --regression-loss (E-LatentLPIPS by default); older callers' Runs lack it.
+    regression = (run.regression(fake, micro["target"]) if run.regression is not None
+                  else run.lpips(fake, micro["target"])).mean()
     loss = regression
     gan = None
     if gan_active(run, step):
@@ -197,8 +200,10 @@ def train_step(run, batches: list[dict] | dict, step: int) -> dict:
     # FSDP averages gradients over processes itself; replicated training sums them.
     scale = 1.0 / (run.config.grad_accum if run.sharded else run.micro_batches)
     logs = [generator_micro_step(run, m, step, scale) for m in micros]
-    for m, entry in zip(micros, logs):
-        entry.update(discriminator_micro_step(run, m, step, scale))
+    # Regression only (lambda_GAN = 0): G never reads D, so D's phase would only cost time.
+    if run.config.lambda_gan > 0:
+        for m, entry in zip(micros, logs):
+            entry.update(discriminator_micro_step(run, m, step, scale))
     losses = _sum_logs(logs, run)
     update = apply_updates(run, losses)
     if run.counters["nonfinite_in_a_row"] >= run.config.max_nonfinite:
