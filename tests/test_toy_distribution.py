@@ -54,8 +54,9 @@ def test_real_reference_values_and_table(world):
     clf, _ = world
     prompts, _ = toy.heldout(144)
     with one_thread():
-        real = real_distribution_metrics(clf, prompts, real_features(clf, 512))
-    assert real["real_diversity_features"] > 0
+        real = real_distribution_metrics(clf, prompts, real_features(clf, 512),
+                                         vae=toy.load_teacher().vae, lpips=world[1])
+    assert real["real_diversity_features"] > 0 and real["real_diversity_e_latentlpips"] > 0
     assert 0.5 < real["real_floor_precision"] <= 1 and 0.5 < real["real_floor_recall"] <= 1
     metrics = {"teacher_multistep": {"diversity_features": 1.5, "diversity_e_latentlpips": 0.25,
                                      "precision": 0.75, "recall": 0.5, **real},
@@ -64,6 +65,10 @@ def test_real_reference_values_and_table(world):
     text = "\n".join(distribution_table(metrics))
     assert "| teacher_multistep | 1.500 | 0.2500 | 0.750 | 0.500 |" in text
     assert "| student_1step | - | - | 1.000 | 0.000 |" in text
+    assert (f"| real images | {real['real_diversity_features']:.3f} | "
+            f"{real['real_diversity_e_latentlpips']:.4f} |") in text
+    real["real_diversity_e_latentlpips"] = None  # vae / lpips not given: "-"
+    text = "\n".join(distribution_table({"s": {**metrics["student_1step"], **real}}))
     assert f"| real images | {real['real_diversity_features']:.3f} | - |" in text
 
 

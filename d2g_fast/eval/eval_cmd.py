@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra images (noises) per diversity caption, >= 2")
 
 
-def sample_metric_choices(args, protocol):
+def _sample_metric_choices(args, protocol):
     """The protocol with the precision / recall and diversity choices of the flags (checked)."""
     from d2g_fast.eval.protocol import DIVERSITY_PROMPTS
 
@@ -252,7 +252,7 @@ def _sample_metrics(arrays: dict, diversity: dict | None, ref: dict, protocol,
     return metrics
 
 
-def _diversity_config(out: str, config: dict, protocol) -> tuple[dict, str | None]:
+def _diversity_config(out: str, config: dict, protocol) -> tuple[dict | None, str | None]:
     """The diversity set's configuration and hash, checked against out/diversity/ before any
     image is generated (another diversity sampling in the same --out is refused, like any other
     change of what the shards hold). (None, None) when no diversity is measured."""
@@ -316,7 +316,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     protocol = resolve_protocol(args.protocol, num_images=args.num, resolution=args.resolution,
                                 seed=args.seed)
-    protocol = sample_metric_choices(args, protocol)
+    protocol = _sample_metric_choices(args, protocol)
     captions = load_captions(args.captions, protocol.num_images)
     _check_arguments(args)
     out = ensure_writable(args.out)

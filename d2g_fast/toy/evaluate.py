@@ -21,7 +21,8 @@ Metrics per sampler (keys of metrics.json):
                   set holds n / 72 samples of each caption), averaged over prompts; 0: the
                   sampler ignores its noise. "real_diversity_features": the same for fresh real
                   images of the held-out captions (the target).
-  diversity_e_latentlpips  the same with E-LatentLPIPS (augmentation off) between the latents.
+  diversity_e_latentlpips  the same with E-LatentLPIPS (augmentation off) between the latents
+                  ("real_diversity_e_latentlpips": between the real images' VAE latents).
   precision, recall        Kynkäänniemi et al. 2019's k-NN manifold estimate (k = PR_K = 3) in
                   the classifier's feature space against the first n real features (equal set
                   sizes): the share of samples inside the real manifold, and of real images
@@ -34,8 +35,10 @@ For one sampler's samples (e.g. per row of ``d2g toy ablate``)::
     distribution_metrics(clf, images (N, 3, 32, 32), latents (N, 4, 8, 8), prompts (N),
                          real_feats (M >= N, D), *, lpips=None, k=PR_K)
         -> {"diversity_features", "diversity_e_latentlpips", "precision", "recall"}
-    real_distribution_metrics(clf, prompts, real_feats, *, k=PR_K)
-        -> {"real_diversity_features", "real_floor_precision", "real_floor_recall"}
+    real_distribution_metrics(clf, prompts, real_feats, *, k=PR_K, floor_feats=None, vae=None,
+                              lpips=None)
+        -> {"real_diversity_features", "real_diversity_e_latentlpips", "real_floor_precision",
+            "real_floor_recall"}
 """
 from __future__ import annotations
 
@@ -241,15 +244,16 @@ def distribution_metrics(clf, images: torch.Tensor, latents: torch.Tensor, promp
 
 
 def real_distribution_metrics(clf, prompts: list[str], real_feats, *, k: int = PR_K,
-                              floor_feats=None) -> dict:
+                              floor_feats=None, vae=None, lpips=None) -> dict:
     """What real images score on the same measures: the diversity of fresh real images of
-    ``prompts`` (the target of a sampler's diversity), and the precision / recall of a second
-    real set of len(prompts) images (``floor_feats``, default ``real_features(clf, n,
+    ``prompts`` (the target of a sampler's diversity; in E-LatentLPIPS between their VAE
+    latents when ``vae`` and ``lpips`` are given), and the precision / recall of a second real
+    set of len(prompts) images (``floor_feats``, default ``real_features(clf, n,
     REAL_SEED + 1)``) against ``real_feats``: the values sampling alone gives.
 
     Returns:
-        {"real_diversity_features": float | None, "real_floor_precision": float,
-         "real_floor_recall": float}
+        {"real_diversity_features": float | None, "real_diversity_e_latentlpips": float | None,
+         "real_floor_precision": float | None, "real_floor_recall": float | None}
     """
     n = len(prompts)
     labels = torch.stack([data.parse_caption(p) for p in prompts])
@@ -257,8 +261,16 @@ def real_distribution_metrics(clf, prompts: list[str], real_feats, *, k: int = P
     if floor_feats is None:
         floor_feats = real_features(clf, n, REAL_SEED + 1)
     floor = _precision_recall(real_feats, floor_feats, k)
+    latent_diversity = None
+    if vae is not None and lpips is not None:
+        with torch.no_grad():  # model-space latents: the VAE posterior's mean, scaled
+            latents = torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)])
+        latent_diversity = _diversity_or_none(
+            latents * vae.config.scaling_factor, prompts,
+            lambda a, b: lpips(a.float(), b.float(), ensembling=False, add_l1_loss=False))
     return {"real_diversity_features": _diversity_or_none(_classifier_features(clf, images),
                                                           prompts),
+            "real_diversity_e_latentlpips": latent_diversity,
             "real_floor_precision": floor["precision"], "real_floor_recall": floor["recall"]}
 
 
@@ -396,7 +408,8 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
         metrics: {sampler: {"fd", "accuracy", "attribute_accuracy", "e_latentlpips",
         "images_per_s", "nfe", "steps", "real_floor_fd", "diversity_features",
         "diversity_e_latentlpips", "precision", "recall", "real_diversity_features",
-        "real_floor_precision", "real_floor_recall"}}, also written to out/metrics.json.
+        "real_diversity_e_latentlpips", "real_floor_precision", "real_floor_recall"}}, also
+        written to out/metrics.json.
     """
     from tqdm.auto import tqdm
 
@@ -418,7 +431,8 @@ def evaluate(students: Mapping[str, Student] | None = None, out: str | os.PathLi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         floor = float(frechet_distance(floor_feats, real_feats))
-    real_side = real_distribution_metrics(clf, prompts, real_feats, floor_feats=floor_feats)
+    real_side = real_distribution_metrics(clf, prompts, real_feats, floor_feats=floor_feats,
+                                          vae=pipe.vae, lpips=lpips)
 
     samplers = {"teacher_multistep": (teacher_steps, 2 * teacher_steps,
                                       lambda p, z: pipeline_latents(pipe, p, z, teacher_steps,
@@ -468,7 +482,8 @@ def distribution_table(metrics: Mapping[str, dict]) -> list[str]:
                      f"{_number(m.get('precision'))} | {_number(m.get('recall'))} |")
     first = next(iter(metrics.values()), {})
     if "real_floor_precision" in first:
-        lines.append(f"| real images | {_number(first.get('real_diversity_features'))} | - | "
+        lines.append(f"| real images | {_number(first.get('real_diversity_features'))} | "
+                     f"{_number(first.get('real_diversity_e_latentlpips'), 4)} | "
                      f"{_number(first['real_floor_precision'])} | "
                      f"{_number(first['real_floor_recall'])} |")
     return lines
@@ -526,8 +541,8 @@ def report_markdown(metrics: Mapping[str, dict], grid_prompts: list[str], *, n: 
         "- **diversity**: per-prompt diversity, the mean distance between samples of the same "
         "prompt under different noise (each held-out caption appears n / 72 times), averaged "
         "over prompts, in the classifier's feature space and in E-LatentLPIPS between latents; "
-        "0 is a sampler that ignores its noise. Real images of the same captions give the "
-        "target in feature space: a sampler far above it varies what the prompt fixes (e.g. "
+        "0 is a sampler that ignores its noise. Real images of the same captions (their VAE "
+        "latents for E-LatentLPIPS) give the target: a sampler far above it varies what the prompt fixes (e.g. "
         "the position it ignores), far below it has collapsed.",
         f"- **precision / recall**: the k-nearest-neighbour manifold estimate (k = {PR_K}) of "
         "Kynkäänniemi et al. 2019 in the classifier's feature space, samples against the same "
