@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
@@ -26,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "compare": "d2g_fast.eval.compare_cmd",
     "toy": "d2g_fast.toy.cli",
     "bench": "d2g_fast.bench.cli",
+    "plan": "d2g_fast.plan.cli",
 }
 
 
@@ -42,6 +44,10 @@ class _Unavailable:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d2g", description="Distil diffusion models into one-step conditional GANs.")
+    parser.add_argument("--preempt-signals", default=None, metavar="SIGNALS",
+                        help="signals that make distill/collect/eval/lpips save and exit with "
+                             "status 75 (requeue), e.g. SIGUSR2 or SIGTERM,SIGUSR1 (default: "
+                             "$D2G_PREEMPT_SIGNALS, else SIGTERM,SIGUSR1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_path in SUBCOMMANDS.items():
@@ -61,13 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from d2g_fast.runtime import EXIT_BAD_INPUT, EXIT_DISK, diskspace
+    from d2g_fast.runtime.lock import FolderLockedError
+    from d2g_fast.runtime.signals import SIGNALS_ENV, Preempted
+
     args = build_parser().parse_args(argv)
     try:
+        if args.preempt_signals:
+            os.environ[SIGNALS_ENV] = args.preempt_signals
         return int(args._module.run(args) or 0)
+    except Preempted as exc:  # the state is saved: the scheduler may requeue the same command
+        if str(exc):
+            print(exc, file=sys.stderr)
+        return exc.exit_status
+    except FolderLockedError as exc:
+        print(f"d2g {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        if isinstance(exc, PermissionError) and not str(exc).startswith(("out (", "--")):
+            print(f"d2g {args.command}: error: "
+                  f"{diskspace.to_storage_error(exc, exc.filename or '?')}", file=sys.stderr)
+            return EXIT_DISK
         # Bad input: one clear line naming the argument, no traceback.
         print(f"d2g {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        # A full or read-only disk, wherever it happens: one message, no traceback.
+        if not diskspace.is_disk_error(exc, getattr(exc, "filename", None)):
+            raise
+        path = getattr(exc, "path", None) or getattr(exc, "filename", None) or "?"
+        print(f"d2g {args.command}: error: {diskspace.to_storage_error(exc, path)}",
+              file=sys.stderr)
+        return EXIT_DISK
 
 
 if __name__ == "__main__":

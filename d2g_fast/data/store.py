@@ -72,19 +72,24 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename,
-    fsync of the folder (so the rename itself survives a power cut)."""
+    fsync of the folder (so the rename itself survives a power cut). A full or read-only disk
+    raises StorageError (d2g_fast.runtime.diskspace) with the temporary file removed."""
+    from d2g_fast.runtime.diskspace import inject_fault, writing
+
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + _TMP_MARK, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path, len(data)):
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + _TMP_MARK, dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            inject_fault(path)  # the tests' full disk, after the bytes went out
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     fsync_dir(folder)
 
 
@@ -127,6 +132,9 @@ def ensure_writable(out: str) -> str:
     except OSError as exc:
         raise PermissionError(f"out (--out): the output folder {out!r} is not writable: "
                               f"{exc.strerror or exc}") from exc
+    from d2g_fast.runtime.diskspace import check_writable_folder
+
+    check_writable_folder(out)
     return out
 
 

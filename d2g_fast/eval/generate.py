@@ -195,9 +195,13 @@ def run_shards(out: str, plan, *, rank: int, world: int, config_hash: str, log=p
     """Make this rank's missing shards. Returns (shards made, shards found done)."""
     shards_dir = os.path.join(out, SHARDS)
     made = reused = 0
+    from d2g_fast.runtime.signals import requested
+
     for k, start, count in plan:
         if k % world != rank:
             continue
+        if requested():  # preempted: stop between shards (the caller saves nothing more)
+            break
         if st.read_receipt(shards_dir, k, start, count, config_hash) is not None:
             reused += 1
             continue

@@ -156,6 +156,28 @@ def _normalization(args, from_vae):
 
 
 def _run_train_trunk(args) -> int:
+    """One writer per output folder (lock), refused before loading anything when --output's
+    folder is read-only; SIGTERM/SIGUSR1 save a checkpoint and exit with the requeue status."""
+    from d2g_fast.data.store import ensure_writable  # noqa: PLC0415
+    from d2g_fast.runtime import signals  # noqa: PLC0415
+    from d2g_fast.runtime.lock import FolderLock  # noqa: PLC0415
+
+    folder = os.path.dirname(os.path.abspath(args.output))
+    try:
+        ensure_writable(folder)  # refused before any data or model is loaded
+    except PermissionError as exc:
+        raise PermissionError(str(exc).replace("out (--out)", "--output")) from None
+    rank = int(os.environ.get("RANK", "0"))
+    lock = FolderLock(folder, "d2g lpips train-trunk").acquire(print) if rank == 0 else None
+    try:
+        with signals.watch("d2g lpips train-trunk"):
+            return _train_trunk_locked(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_trunk_locked(args) -> int:
     from d2g_fast.lpips.trunk import train_trunk, trunk_info  # noqa: PLC0415
 
     (latents, labels), from_vae = _training_data(args)

@@ -189,9 +189,16 @@ def training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
 
 
 def _save_atomic(obj, path: Path) -> None:
+    """Write, record the sha256 and size beside it (``<ckpt>.sha256.json``), rename. A kill
+    during the write leaves the previous checkpoint intact; a full disk leaves no partial file."""
+    from d2g_fast.runtime.checksums import write_file_record  # noqa: PLC0415
+    from d2g_fast.runtime.diskspace import writing  # noqa: PLC0415
+
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, str(tmp))
-    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+    with writing(str(tmp), cleanup=[str(tmp)]):
+        torch.save(obj, str(tmp))
+        write_file_record(str(tmp), str(path))
+    os.replace(tmp, path)
 
 
 def _resume_settings(s: TrunkSettings, latents: torch.Tensor, num_classes: int, world: int) -> dict:
@@ -202,6 +209,12 @@ def _resume_settings(s: TrunkSettings, latents: torch.Tensor, num_classes: int, 
 
 
 def _load_resume(path: Path, expected: dict, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    from d2g_fast.runtime.checksums import verify_file  # noqa: PLC0415
+
+    problems = verify_file(str(path))
+    if problems:  # never train on from damaged weights
+        raise ValueError(f"train_trunk: checkpoint {str(path)!r} is damaged ({'; '.join(problems)})"
+                         f"; nothing was loaded. Delete it (and its .sha256.json) to start afresh")
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     saved = ckpt.get("settings", {})
     diff = [f"{k}: {saved.get(k)!r} vs {v!r}" for k, v in expected.items() if saved.get(k) != v]
@@ -212,6 +225,12 @@ def _load_resume(path: Path, expected: dict, model: nn.Module, opt: torch.optim.
     model.load_state_dict(ckpt["model"], strict=True)
     opt.load_state_dict(ckpt["optimizer"])
     return int(ckpt["step"])
+
+
+def _preempted() -> bool:
+    from d2g_fast.runtime.signals import requested_on_any_rank  # noqa: PLC0415
+
+    return requested_on_any_rank()
 
 
 @torch.no_grad()
@@ -355,6 +374,14 @@ def train_trunk(latents: torch.Tensor, labels: torch.Tensor, output: str | os.Pa
             _barrier(dist)
             if on_checkpoint is not None:
                 on_checkpoint(done)
+        elif done < s.steps and _preempted():  # collective: every rank asks after each step
+            if dist.main:
+                _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "step": done, "settings": resume_settings}, checkpoint)
+            bar.close()
+            from d2g_fast.runtime.signals import Preempted, resume_line  # noqa: PLC0415
+            raise Preempted(resume_line("d2g lpips train-trunk", f"checkpoint {checkpoint} (step "
+                                        f"{done} of {s.steps}) written") if dist.main else "")
     bar.close()
 
     if dist.main:

@@ -19,6 +19,8 @@ import torch
 
 from d2g_fast.data import store
 from d2g_fast.data.seeding import NOISE_RULE, PROMPT_RULE, PromptSchedule, batch_noise, derive_seed
+from d2g_fast.runtime.signals import Preempted, requested_on_any_rank, resume_line
+from d2g_fast.runtime.signals import requested as preemption_requested
 from d2g_fast.teacher.families import TeacherFamily as Teacher
 from d2g_fast.teacher.families import clean_config, family_class
 
@@ -286,6 +288,8 @@ def _make_shards(teacher: Teacher, run: StoreRun, mine: list, scheduler: str | N
     bar = tqdm(total=sum(c for _, _, c in mine), unit="pair", dynamic_ncols=True,
                disable=not progress or group.rank != 0, desc="collect")
     for k, start, count in mine:
+        if preemption_requested():  # stop between shards: the ones on disk are kept
+            break
         _sync(device)
         t0 = time.perf_counter()
         tensors = _sample_shard(teacher, run, start, count, base_scheduler, bar.update)
@@ -345,6 +349,11 @@ def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, s
             f"{len(run.plan()) - len(pending)} done, {len(pending)} to make on {group.world} "
             f"process(es); out={out}")
     _make_shards(teacher, run, mine, scheduler, group, progress)
+    if requested_on_any_rank():  # collective: every rank asks once, after its shards
+        if group.rank == 0:
+            _write_manifest(run, teacher.identity(), final=False)
+        raise Preempted(resume_line("d2g collect", f"the finished shards are in {out}")
+                        if group.rank == 0 else "")
     group.barrier()  # every shard is on disk
     if group.rank != 0:
         return None

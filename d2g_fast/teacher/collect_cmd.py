@@ -88,7 +88,18 @@ def run(args: argparse.Namespace) -> int:
         args.negative_prompt)
     store.ensure_writable(args.out)  # fail before loading a large teacher
     group, device = init_distributed(device)
+    from contextlib import ExitStack
+
+    from d2g_fast.runtime import signals
+    from d2g_fast.runtime.lock import lock_for_job
+
+    held = ExitStack()
     try:
+        # One writer per store (refused before the teacher is loaded); signals save and stop.
+        lock = lock_for_job(args.out, "d2g collect", group.rank)
+        if lock is not None:
+            held.callback(lock.release)
+        held.enter_context(signals.watch("d2g collect"))
         teacher = Teacher.from_pretrained(args.teacher, dtype=dtype, device=device,
                                           resolution=args.resolution)
         gpu = torch.device(device).type == "cuda"
@@ -102,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 store_embeddings=args.store_embeddings, prompt_source=args.prompts,
                 group=group, progress=not args.no_progress)
     finally:
+        held.close()
         if group.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "check a pair store: shard checksums, and re-run the teacher on K random pairs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", help="store folder written by d2g collect")
+    p.add_argument("root", help="store folder written by d2g collect; also a d2g distill run "
+                   "folder (every checkpoint), a d2g export folder or a d2g lpips checkpoint")
     p.add_argument("--recompute", type=int, default=0, metavar="K",
                    help="re-run the teacher on K random pairs and compare")
     p.add_argument("--teacher", default=None,
@@ -27,7 +29,16 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast.teacher.collect_cmd import quiet_model_loading, resolve_device_dtype
 
     quiet_model_loading()
+    from d2g_fast.runtime.verify import verify_path
 
+    if not os.path.isfile(os.path.join(args.root, "manifest.json")):
+        other = verify_path(args.root)  # a run folder, an exported student, an lpips checkpoint
+        if other is not None:
+            if other:
+                print(f"d2g verify: {len(other)} problem(s) in {args.root}", file=sys.stderr)
+                return 1
+            print(f"d2g verify: {args.root} is intact")
+            return 0
     problems = verify_store(args.root)
     for problem in problems:
         print(f"FAIL {problem}")

@@ -6,9 +6,13 @@ A checkpoint folder holds everything needed to continue exactly:
                                      torch.load(weights_only=True))
   rng-rank<R>.pt                     every process's CPU, CUDA, Python and NumPy RNG states
   state.json                         step, data position, counters, the resolved config
-  complete.json                      written last
+  complete.json                      written last: step, world, and the size and sha256 of
+                                     every other file (``verify_checkpoint`` checks them)
 It is written under a temporary name in checkpoints/ and renamed when complete, so a run killed
-while writing never leaves a folder that looks complete; the next run removes the leftover.
+while writing never leaves a folder that looks complete; the next run removes the leftover. A
+full disk leaves no temporary folder and the older checkpoints as they were
+(d2g_fast.runtime.diskspace). ``newest_intact_checkpoint`` skips damaged checkpoints (moved
+aside as ``damaged-step-N``, never loaded).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import numpy as np
 import torch
 
 from d2g_fast.data.store import atomic_write_json, fsync_dir
+from d2g_fast.runtime import checksums
+from d2g_fast.runtime.diskspace import check_space, writing
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{7,})$")
@@ -84,8 +90,26 @@ def _unet_state(generator, sharded: bool) -> dict:
 def _save_tensors(path: str, state: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state.items()}, path)
-    _fsync(path)
+    with writing(path, _nbytes(state)):
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        _fsync(path)
+
+
+def _save_torch(path: str, obj) -> None:
+    with writing(path, _nbytes(obj)):
+        torch.save(obj, path)
+        _fsync(path)
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: the size a checkpoint file will about have."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _fsync(path: str) -> None:
@@ -127,21 +151,30 @@ def _maybe_fault(step: int) -> None:
 def save_checkpoint(run, run_dir: str, step: int, extra_state: dict) -> str:
     """Write the checkpoint of the state after ``step`` completed steps; returns its folder.
 
-    Every process writes its own RNG file; rank 0 writes the rest and renames the folder once
-    all have written (all processes must call this)."""
+    Every process writes its own RNG file; rank 0 writes the rest, records every file's size and
+    sha256 in complete.json and renames the folder (all processes must call this). A full disk
+    raises StorageError on every process, with the temporary folder removed."""
+    from d2g_fast.runtime.ranks import any_rank, on_main_then_share
+
     root = checkpoints_dir(run_dir)
     final = os.path.join(root, checkpoint_name(step))
     tmp = os.path.join(root, _TMP_PREFIX + f"{step:07d}")
     procs = run.procs
     if os.path.isfile(os.path.join(final, COMPLETE)):
         return final  # already written (a run resumed exactly at its last checkpoint)
-    if procs.is_main:
+
+    def start_folder():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    procs.barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{procs.rank}.pt"))
-    _fsync(os.path.join(tmp, f"rng-rank{procs.rank}.pt"))
+        with writing(tmp, cleanup=[tmp]):
+            os.makedirs(tmp)
+
+    on_main_then_share(start_folder, procs.rank, share_result=False)
+    rng_error = None
+    try:
+        _save_torch(os.path.join(tmp, f"rng-rank{procs.rank}.pt"), rng_state())
+    except Exception as exc:  # noqa: BLE001 - shared with every rank below
+        rng_error = exc
     # Gathering is collective under FSDP: every process takes part, rank 0 writes.
     from d2g_fast.train.distributed import full_optimizer_state, full_state_dict
 
@@ -151,24 +184,71 @@ def save_checkpoint(run, run_dir: str, step: int, extra_state: dict) -> str:
         tensors["ema"] = _unet_state(run.ema, run.sharded)
     optimizers = {"optimizer_g": full_optimizer_state(run.generator, run.opt_g, run.sharded),
                   "optimizer_d": full_optimizer_state(run.discriminator, run.opt_d, run.sharded)}
-    if procs.is_main:
-        _save_tensors(os.path.join(tmp, "generator.safetensors"), tensors.pop("generator"))
-        _maybe_fault(step)
-        for name, state in tensors.items():
-            _save_tensors(os.path.join(tmp, f"{name}.safetensors"), state)
-        for name, state in optimizers.items():
-            torch.save(state, os.path.join(tmp, f"{name}.pt"))
-            _fsync(os.path.join(tmp, f"{name}.pt"))
-        atomic_write_json(os.path.join(tmp, "state.json"), {"step": step, **extra_state})
-    procs.barrier()
-    if procs.is_main:
-        atomic_write_json(os.path.join(tmp, COMPLETE), {"step": step, "world": procs.world})
-        if os.path.isdir(final):  # an incomplete folder of the same name: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    procs.barrier()
+    if any_rank(rng_error is not None):  # every rank's RNG file is written past this point
+        if procs.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise rng_error or RuntimeError(f"checkpoint {final}: another process could not write "
+                                        f"its RNG state (see its message)")
+
+    def write_rest():
+        try:
+            check_space(root, _nbytes(tensors) + _nbytes(optimizers))
+            _save_tensors(os.path.join(tmp, "generator.safetensors"), tensors.pop("generator"))
+            _maybe_fault(step)
+            for name, state in tensors.items():
+                _save_tensors(os.path.join(tmp, f"{name}.safetensors"), state)
+            for name, state in optimizers.items():
+                _save_torch(os.path.join(tmp, f"{name}.pt"), state)
+            atomic_write_json(os.path.join(tmp, "state.json"), {"step": step, **extra_state})
+            atomic_write_json(os.path.join(tmp, COMPLETE), {
+                "step": step, "world": procs.world, "files": checksums.record_folder(tmp)})
+            if os.path.isdir(final):  # an incomplete folder of the same name: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing partial stays behind
+            raise
+
+    on_main_then_share(write_rest, procs.rank, share_result=False)
     return final
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """Problems of a checkpoint folder (empty: intact): every file against the size and sha256
+    in its complete.json. Checkpoints written before checksums were recorded pass unchecked."""
+    try:
+        with open(os.path.join(path, COMPLETE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as exc:
+        return [f"{os.path.join(path, COMPLETE)}: unreadable ({exc})"]
+    return checksums.verify_folder(path, record.get("files", {}))
+
+
+def newest_intact_checkpoint(run_dir: str, warn=print) -> str | None:
+    """The newest complete checkpoint whose files match their checksums (None: there is none).
+    Damaged newer ones are named in a warning and moved aside as ``damaged-step-N`` (kept for
+    inspection, never loaded); when every checkpoint is damaged nothing is moved and the
+    resume is refused."""
+    damaged = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            for bad in damaged:
+                aside = os.path.join(os.path.dirname(bad), "damaged-" + os.path.basename(bad))
+                while os.path.exists(aside):
+                    aside += "-again"
+                os.replace(bad, aside)
+            return path
+        warn(f"warning: checkpoint {path} is damaged ({'; '.join(problems[:3])}); it is skipped "
+             f"and never loaded")
+        damaged.append(path)
+    if damaged:
+        raise ValueError(f"resume (--resume auto): every checkpoint in {checkpoints_dir(run_dir)} "
+                         f"is damaged ({', '.join(os.path.basename(p) for p in damaged)}); "
+                         f"nothing was loaded. Check them with d2g verify {run_dir}; move them "
+                         f"away to start afresh")
+    return None
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:

@@ -93,6 +93,7 @@ def export_pipeline(run_dir: str, out: str, step: int | None = None,
                     use_ema: bool = True) -> str:
     """Write the one-step pipeline folder ``out`` from a run folder; returns ``out``."""
     from d2g_fast.data.store import atomic_write_json, ensure_writable
+    from d2g_fast.runtime.checksums import record_folder
 
     path = find_checkpoint(run_dir, step)
     state = ckpt.read_state(path)
@@ -111,7 +112,8 @@ def export_pipeline(run_dir: str, out: str, step: int | None = None,
         "step": state["step"], "weights": "ema" if use_ema and state["config"]["ema_decay"] > 0
         else "generator", "timestep": gen["timestep"], "prediction_type": gen["prediction_type"],
         "teacher": teacher_dir, "teacher_sha256": state["teacher_sha256"],
-        **info})
+        # The weights' sizes and sha256, checked by d2g verify OUT (d2g_fast.runtime.verify).
+        "files": record_folder(out, suffixes=(".safetensors", ".bin")), **info})
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "export a distillation run as a diffusers pipeline folder that samples in one step"
 
@@ -23,7 +24,17 @@ def run(args: argparse.Namespace) -> int:
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
-    out = export_pipeline(args.run_dir, args.out, step=args.step, use_ema=not args.no_ema)
+    from d2g_fast.data.store import ensure_writable
+    from d2g_fast.runtime.diskspace import writing
+    from d2g_fast.runtime.lock import FolderLock
+
+    fresh = not os.path.isdir(args.out) or not os.listdir(args.out)
+    target = ensure_writable(args.out)  # refused before the pipeline is loaded
+    with FolderLock(target, "d2g export").acquire(print):
+        # A full disk half-way: a folder this export created is removed again, nothing partial.
+        with writing(target, cleanup=[target] if fresh else []):
+            out = export_pipeline(args.run_dir, args.out, step=args.step,
+                                  use_ema=not args.no_ema)
     from d2g_fast.train.export import read_student_info
 
     print(f"d2g export: wrote {out}: {read_student_info(out)['usage']}")

@@ -3,10 +3,14 @@ PNG grids of samples. Only rank 0 calls these."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 
 import torch
+
+from d2g_fast.data.store import atomic_write_bytes
+from d2g_fast.runtime.diskspace import writing
 
 METRICS = "metrics.csv"
 COLUMNS = ("step", "e_latentlpips", "g_gan", "d_loss", "d_gan", "r1", "d_real", "d_fake",
@@ -36,10 +40,11 @@ class MetricsLog:
             rows = []
         else:
             rows = [r for r in rows if int(r["step"]) <= resumed_step]
-        with open(self.path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.path, text.getvalue().encode("utf-8"))  # old rows kept if full
         self.writer = self._tensorboard(run_dir) if tensorboard else None
 
     @staticmethod
@@ -56,11 +61,17 @@ class MetricsLog:
             return list(csv.DictReader(f))
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS).writerow(
-                {k: _cell(row.get(k)) for k in COLUMNS})
-            f.flush()
-            os.fsync(f.fileno())
+        size = os.path.getsize(self.path)
+        try:
+            with writing(self.path), open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=COLUMNS).writerow(
+                    {k: _cell(row.get(k)) for k in COLUMNS})
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with open(self.path, "r+b") as f:  # no half row left behind (a full disk)
+                f.truncate(size)
+            raise
         if self.writer is not None:
             for k in COLUMNS[1:]:
                 v = row.get(k)
@@ -103,7 +114,9 @@ def save_png(image: torch.Tensor, path: str) -> None:
 
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path)
+    data = io.BytesIO()
+    Image.fromarray(array).save(data, format="PNG")
+    atomic_write_bytes(path, data.getvalue())  # a full disk leaves no partial PNG
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

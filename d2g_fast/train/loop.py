@@ -22,31 +22,47 @@ RECIPE_FIELDS = ("seed", "batch_size", "parameterization", "timestep", "val_pair
 
 
 # ------------------------------------------------------------------------------ run folder
-def prepare_run_dir(config: TrainConfig, procs: Processes) -> str:
+def prepare_run_dir(config: TrainConfig, procs: Processes, log=print):
+    """Check --out, take its lock for the job (refused, touching nothing, when another command
+    holds it) and only then remove what a killed run left. Returns (run folder, lock)."""
     from d2g_fast.data.store import ensure_writable
+    from d2g_fast.runtime.lock import FolderLock
+    from d2g_fast.runtime.ranks import on_main_then_share
 
     out = os.path.abspath(config.out)
-    if procs.is_main:
+
+    def take():
         ensure_writable(out)
-        ckpt.remove_incomplete(out)
-    procs.barrier()
-    return out
+        lock = FolderLock(out, "d2g distill").acquire(log)
+        try:
+            ckpt.remove_incomplete(out)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    return out, on_main_then_share(take, procs.rank, share_result=False)
 
 
-def find_resume_point(config: TrainConfig, run_dir: str) -> str | None:
-    """The checkpoint folder to continue from, or None for a fresh start."""
+def find_resume_point(config: TrainConfig, run_dir: str, log=print) -> str | None:
+    """The checkpoint folder to continue from, or None for a fresh start. Checkpoints are
+    verified against their checksums: damaged ones are named and skipped (or refused)."""
     if config.resume == "none":
         if ckpt.list_checkpoints(run_dir):
             raise ValueError(f"resume (--resume): {run_dir!r} already holds checkpoints; use "
                              f"--resume auto to continue it, or choose a new --out")
         return None
     if config.resume == "auto":
-        return ckpt.latest_checkpoint(run_dir)
+        return ckpt.newest_intact_checkpoint(run_dir, lambda text: log(f"d2g distill: {text}"))
     path = config.resume
     if not os.path.isdir(path):
         raise FileNotFoundError(f"resume (--resume): no such checkpoint folder {path!r}")
     if not os.path.isfile(os.path.join(path, ckpt.COMPLETE)):
         raise ValueError(f"resume (--resume): {path!r} is not a complete checkpoint folder")
+    problems = ckpt.verify_checkpoint(path)
+    if problems:
+        raise ValueError(f"resume (--resume): {path!r} is damaged ({'; '.join(problems[:3])}); "
+                         f"nothing was loaded")
     return path
 
 
@@ -167,17 +183,43 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------ the loop
 def train(config: TrainConfig, log=print) -> dict:
     """Run (or continue) the distillation described by ``config``; returns a summary dict."""
+    from d2g_fast.runtime import signals
+
     config.validate()
-    procs, device = start_processes(config.device)
-    try:
-        return _train(config, procs, device, log)
-    finally:
-        stop_processes()
+    with signals.watch("d2g distill"):
+        procs, device = start_processes(config.device)
+        try:
+            run_dir, lock = prepare_run_dir(config, procs, log)
+            try:
+                return _train(config, procs, device, log, run_dir)
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            stop_processes()
 
 
-def _train(config: TrainConfig, procs: Processes, device: torch.device, log) -> dict:
-    run_dir = prepare_run_dir(config, procs)
-    resume_from = find_resume_point(config, run_dir)
+def _stop_if_preempted(run: Run, run_dir: str, done: int, metrics_log, bar) -> None:
+    """After a step: when a preemption signal reached any process, all write the checkpoint of
+    this step and raise Preempted (d2g exits with the requeue status)."""
+    from d2g_fast.runtime import signals
+
+    if not signals.requested_on_any_rank():
+        return
+    path = ckpt.save_checkpoint(run, run_dir, done, checkpoint_state(run, done))
+    bar.close()
+    if metrics_log is not None:
+        metrics_log.close()
+    raise signals.Preempted(signals.resume_line(
+        "d2g distill", f"checkpoint {path} (step {done} of {run.config.max_steps}) written")
+        if run.procs.is_main else "")
+
+
+def _train(config: TrainConfig, procs: Processes, device: torch.device, log, run_dir) -> dict:
+    from d2g_fast.runtime.ranks import on_main_then_share
+
+    # Rank 0 verifies the checkpoints (reading them once) and tells the others which to load.
+    resume_from = on_main_then_share(lambda: find_resume_point(config, run_dir, log), procs.rank)
     run = build_run(config, procs=procs, device=device)
     start_step = 0
     if resume_from is not None:
@@ -228,6 +270,8 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, log) -> 
                 ckpt.prune_checkpoints(run_dir, config.keep_checkpoints)
         bar.update(1)
         bar.set_postfix(bar_postfix(last), refresh=False)
+        if done < config.max_steps:
+            _stop_if_preempted(run, run_dir, done, metrics_log, bar)
     bar.close()
     if metrics_log is not None:
         metrics_log.close()
