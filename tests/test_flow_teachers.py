@@ -332,3 +332,17 @@ def test_export_reproduces_the_generator(kind, sd3_folder, flux_folder, tmp_path
     images = generate_images(loaded, PROMPTS, [0, 2], seed=0, steps=1,
                              guidance=info["guidance_scale"], size=res)
     assert images.shape == (2, res, res, 3) and images.dtype.name == "uint8"
+    if kind == "flux":  # d2g eval end to end on the exported FLUX student
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from eval_fixtures import save_tiny_inception, write_captions, write_reference_images
+
+        evald = str(tmp_path / "eval")
+        assert d2g_main([
+            "eval", "--model", out, "--captions", write_captions(str(tmp_path / "c.txt"), 8),
+            "--reference", write_reference_images(str(tmp_path / "ref"), 8),
+            "--inception-weights", save_tiny_inception(str(tmp_path / "inception.pt")),
+            "--num-images", "8", "--resolution", "16", "--gen-resolution", str(res),
+            "--steps", "1", "--guidance", str(info["guidance_scale"]), "--batch-size", "4",
+            "--shard-size", "8", "--diversity-prompts", "0", "--device", "cpu",
+            "--out", evald]) == 0
+        assert os.path.isfile(os.path.join(evald, "report.json"))

@@ -1,4 +1,5 @@
-"""The teacher adapter (diffusers SD1.5/SD2.1 and SDXL shapes) and ODE-pair collection.
+"""Teacher families (SD1.5/SD2.1, SDXL, SD3/SD3.5, FLUX.1: :mod:`d2g_fast.teacher.families`) and
+ODE-pair collection.
 
 Stage one of Diffusion2GAN: run the teacher's deterministic sampler on (noise, prompt) and store
 the final latent.

@@ -141,6 +141,7 @@ class TeacherFamily:
     name = "base"
     pipeline_classes: tuple[str, ...] = ()
     denoiser_name = "unet"
+    denoiser_label = "UNet"   # what the network is called in messages
     # (tokenizer, text encoder) component names in the pipeline's order; optional ones may be
     # absent from a folder (the family decides what absence means).
     text_pairs = (("tokenizer", "text_encoder"),)
@@ -254,8 +255,9 @@ class TeacherFamily:
             entry = index.get(name)
             if not (isinstance(entry, (list, tuple)) and entry[0] is not None
                     and os.path.isdir(os.path.join(path, name))):
-                raise ValueError(f"teacher (--teacher): {path!r} has no {name}/; a {cls.name} "
-                                 f"teacher needs it")
+                what = f" (its {cls.denoiser_label})" if name == cls.denoiser_name else ""
+                raise ValueError(f"teacher (--teacher): {path!r} has no {name}/{what}; a "
+                                 f"{cls.name} teacher needs it")
         if resolution is None or not os.path.isfile(os.path.join(path, "vae", "config.json")):
             return
         with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:

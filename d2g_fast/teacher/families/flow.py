@@ -35,6 +35,7 @@ class FlowFamily(TeacherFamily):
     """Shared by the flow-matching transformer families."""
 
     denoiser_name = "transformer"
+    denoiser_label = "transformer"
     requires_vae = True
     default_scheduler = None
     patch = 2                 # image tokens per latent side: SD3's patch size, FLUX's packing

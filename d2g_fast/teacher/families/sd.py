@@ -63,6 +63,11 @@ class UNetFamily(TeacherFamily):
     def prediction_type(self) -> str:
         return self.base_scheduler.config.get("prediction_type", "epsilon")
 
+    @property
+    def _unet_forward(self):
+        """The UNet forward in use (eager, compiled or CUDA-graphed); older name of _forward."""
+        return self._forward
+
     def _enable_cuda_graphs(self) -> None:
         from d2g_fast.teacher.cuda_graph import GraphedUNet
 
