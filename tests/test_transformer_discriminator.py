@@ -137,6 +137,10 @@ def test_blocks_after_last_tap_do_not_run():
         b.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
     d(*inputs())
     assert ran == [0]
+    # what D never runs is frozen (no optimiser state)
+    assert not any(p.requires_grad for b in d.blocks()[1:] for p in b.parameters())
+    assert not any(p.requires_grad for p in d.transformer.proj_out.parameters())
+    assert all(p.requires_grad for p in d.blocks()[0].parameters())
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

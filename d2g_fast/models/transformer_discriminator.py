@@ -100,6 +100,10 @@ class TransformerDiscriminator(nn.Module):
         if not scales or min(scales) < 1 or len(set(scales)) != len(scales):
             raise ValueError(f"scales: distinct pooling factors >= 1, got {list(self.config.scales)}")
         self.taps, self.scales = taps, scales
+        # What D never runs (blocks after the last tap, the output layers) is frozen: no
+        # optimiser state, no gradient traffic.
+        for module in self.blocks()[taps[-1] + 1:] + self.unused_modules():
+            module.requires_grad_(False)
         self.head_names = [f"block{t}.x{s}" for t in taps for s in scales]
         width = int(transformer.inner_dim)
         self.heads = MultiScaleHeads([width] * len(self.head_names), self.config.head_weights,
@@ -142,6 +146,10 @@ class TransformerDiscriminator(nn.Module):
     def make_noise_embed(self) -> nn.Module:
         raise NotImplementedError
 
+    def unused_modules(self) -> list[nn.Module]:
+        """The transformer's output layers, which D never runs (it reads block outputs)."""
+        return [self.transformer.norm_out, self.transformer.proj_out]
+
     def embed(self, latent, noise, encoder_hidden_states, added) -> tuple:
         """(image tokens [N, T, D] with the noise added, text tokens, temb, extra block kwargs)."""
         raise NotImplementedError
@@ -149,6 +157,11 @@ class TransformerDiscriminator(nn.Module):
     def run_block(self, block, image, text, temb, extra) -> tuple[torch.Tensor, torch.Tensor]:
         """(text tokens, image tokens) after ``block``."""
         raise NotImplementedError
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks D runs (FSDP2 units: one per transformer block; the embedders, the noise
+        branch and the heads stay in the root unit)."""
+        return self.blocks()[:self.taps[-1] + 1]
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.config.gradient_checkpointing = bool(enabled)

@@ -141,6 +141,12 @@ def collection_guidance(dataset) -> float | None:
 
 
 def make_discriminator(teacher, config: TrainConfig):
+    """D from a copy of the teacher's network: the transformer discriminator for SD3/FLUX
+    transformers (taps from the family, --d-taps overrides), the UNet discriminator for UNets."""
+    from d2g_fast.models.transformer_discriminator import BACKBONES
+
+    if type(teacher.denoiser).__name__ in BACKBONES:
+        return make_transformer_discriminator(teacher, config)
     from d2g_fast.models import DiffusionDiscriminator
 
     return DiffusionDiscriminator.from_unet(
@@ -151,10 +157,61 @@ def make_discriminator(teacher, config: TrainConfig):
         multiscale_output=not config.d_multiscale_output_off)
 
 
+def make_transformer_discriminator(teacher, config: TrainConfig):
+    from d2g_fast.models import TransformerDiscriminator
+
+    net = teacher.denoiser.float()
+    taps = list(config.d_taps) or teacher.default_taps(net)
+    return TransformerDiscriminator.from_transformer(
+        net, taps=taps, gradient_checkpointing=config.gradient_checkpointing,
+        mixed_precision="bf16" if config.precision == "bf16" else "no",
+        noise_conditioning=not config.d_noise_off)
+
+
+# A VAE's (shift_factor, scaling_factor) is taken to be an encoder's when both agree to this.
+_NORMALIZATION_RTOL = 1e-4
+
+
+def lpips_encoders_for_vae(vae_config: dict) -> list[str]:
+    """The E-LatentLPIPS latent spaces (encoder names) of a VAE: the encoders with its
+    ``latent_channels`` and its latent normalisation (``shift_factor``, ``scaling_factor``)."""
+    from d2g_fast.nn.elatentlpips import ENCODER_CHANNELS, ENCODER_NORMALIZATION
+
+    channels = int(vae_config.get("latent_channels", 4))
+    shift = float(vae_config.get("shift_factor") or 0.0)
+    scale = float(vae_config.get("scaling_factor") or 0.0)
+    return [name for name, (s, k) in ENCODER_NORMALIZATION.items()
+            if ENCODER_CHANNELS[name] == channels
+            and abs(s - shift) <= _NORMALIZATION_RTOL * max(abs(s), 1e-3)
+            and abs(k - scale) <= _NORMALIZATION_RTOL * abs(k)]
+
+
 def lpips_encoder(teacher, config: TrainConfig) -> str:
+    """The E-LatentLPIPS encoder of the run: --lpips-encoder, else the one whose latent space
+    is the teacher VAE's (latent channels, shift and scale; the family's own name first when
+    several share a space, e.g. sd15/sd21). A VAE no encoder matches is refused unless the loss
+    does not need the name's weights (--lpips-random, or a .safetensors --lpips-path, which
+    records its own latent space)."""
     if config.lpips_encoder:
         return config.lpips_encoder
-    return teacher.lpips_encoder
+    if not teacher.vae_config:
+        return teacher.lpips_encoder
+    matches = lpips_encoders_for_vae(teacher.vae_config)
+    if matches:
+        return teacher.lpips_encoder if teacher.lpips_encoder in matches else matches[0]
+    if config.lpips_random or (config.lpips_path or "").endswith(".safetensors"):
+        return teacher.lpips_encoder
+    from d2g_fast.nn.elatentlpips import ENCODER_CHANNELS, ENCODER_NORMALIZATION
+
+    vae = teacher.vae_config
+    known = ", ".join(f"{n} ({ENCODER_CHANNELS[n]} ch, shift {s:g}, scale {k:g})"
+                      for n, (s, k) in ENCODER_NORMALIZATION.items())
+    raise ValueError(
+        f"lpips_encoder (--lpips-encoder): the teacher's VAE (latent_channels "
+        f"{vae.get('latent_channels')}, shift_factor {vae.get('shift_factor')}, scaling_factor "
+        f"{vae.get('scaling_factor')}) matches no E-LatentLPIPS latent space ({known}); pass "
+        f"--lpips-path with a loss trained for this VAE (d2g lpips train-trunk / calibrate), or "
+        f"--lpips-encoder NAME to use another space's weights anyway")
 
 
 def make_lpips(teacher, config: TrainConfig):
@@ -223,7 +280,7 @@ def load_teacher(config: TrainConfig, device: torch.device):
 
 
 def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Processes | None = None,
-              device: torch.device | str | None = None) -> Run:
+              device: torch.device | str | None = None, guidance: float | None = None) -> Run:
     """Make every piece of a run.
 
     Args:
@@ -233,6 +290,8 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         dataset: a pair dataset; None with a given teacher means "batches come from the caller"
             (benchmarks); None without a teacher opens ``config.pairs``.
         procs, device: this process (default: one process on ``config.device``).
+        guidance: the collection guidance when there is no store to read it from (benchmarks;
+            FLUX-dev's G embeds it).
     Returns:
         a :class:`Run` on ``device``.
     """
@@ -252,7 +311,8 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         dataset, num_train = open_pairs(config.pairs, teacher, config, procs.world)
     elif dataset is not None:
         num_train = len(dataset) - config.val_pairs
-    generator = make_generator(teacher, config, collection_guidance(dataset))
+    generator = make_generator(teacher, config,
+                               guidance if dataset is None else collection_guidance(dataset))
     discriminator = make_discriminator(teacher, config)
     lpips = make_lpips(teacher, config)
     from d2g_fast.losses.regression import make_regression_loss
@@ -270,9 +330,9 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
     if sharded:
         from d2g_fast.train.distributed import shard_discriminator, shard_generator
 
-        shard_generator(generator)
+        shard_generator(generator, teacher.blocks(generator.net))
         if ema is not None:
-            shard_generator(ema)
+            shard_generator(ema, teacher.blocks(ema.net))
         shard_discriminator(discriminator)
     opt_g, opt_d = make_optimizers(generator, discriminator, config)
     g_forward = torch.compile(generator) if config.compile else generator

@@ -76,6 +76,11 @@ class TrainConfig:
     """R1 every this many steps (scaled by the interval, StyleGAN2's lazy regularisation)."""
     mix_fraction: float = 0.25
     """Fraction of D's negatives replaced by mismatched real latents (mix-and-match)."""
+    d_taps: list[int] = field(default_factory=list)
+    """Transformer teachers (SD3, FLUX): the blocks whose image tokens D's heads read, as
+    indices into the teacher family's blocks (FLUX: the double blocks, then the single blocks).
+    Empty: the family's default, the last block of each quarter (SD3-medium 5 11 17 23, FLUX.1
+    13 27 41 56). Ignored for UNet teachers (their D reads every decoder scale)."""
     d_noise_off: bool = False
     """D without its noise conditioning z (no zero-initialised noise conv): the paper's ablation
     row "+ diffusion D" (d2g toy ablate)."""

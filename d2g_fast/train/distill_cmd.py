@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif name in ("betas_g", "betas_d"):
             p.add_argument(flag(name), dest=name, type=float, nargs=2, default=argparse.SUPPRESS,
                            metavar=("BETA1", "BETA2"), help=help_text)
+        elif name == "d_taps":
+            p.add_argument(flag(name), dest=name, type=int, nargs="+", default=argparse.SUPPRESS,
+                           metavar="BLOCK", help=help_text)
         elif name == "sample_prompts":
             p.add_argument(flag(name), dest=name, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif name == "timestep":

@@ -102,12 +102,15 @@ def _unet_blocks(unet) -> list[torch.nn.Module]:
     return blocks
 
 
-def shard_generator(generator) -> None:
-    """FSDP2: every UNet block its own unit, the rest in the root unit."""
+def shard_generator(generator, blocks: list[torch.nn.Module] | None = None) -> None:
+    """FSDP2: every block of G's network its own unit (``blocks``: the teacher family's
+    ``blocks(net)``, e.g. every SD3/FLUX transformer block; default the UNet's blocks), the rest
+    in the root unit."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in _unet_blocks(generator.unet):
-        fully_shard(block)
+    for block in (_unet_blocks(generator.unet) if blocks is None else blocks):
+        if block is not None:
+            fully_shard(block)
     fully_shard(generator)
 
 
@@ -118,17 +121,24 @@ def shard_discriminator(discriminator) -> None:
     optimiser step). Gradients and AdamW states are still sharded."""
     from torch.distributed.fsdp import fully_shard
 
+    for unit in _discriminator_units(discriminator):
+        fully_shard(unit, reshard_after_forward=False)
+    fully_shard(discriminator, reshard_after_forward=False)
+    discriminator.set_reshard_after_backward(False)
+
+
+def _discriminator_units(discriminator) -> list[torch.nn.Module]:
+    """The modules D calls one by one (FSDP gathers a unit when it is called): a transformer
+    D's blocks (``fsdp_units``); for the UNet D its down and mid blocks and, since it taps
+    features between them, its up blocks' resnets, attentions and upsamplers."""
+    if hasattr(discriminator, "fsdp_units"):
+        return discriminator.fsdp_units()
     unet = discriminator.unet
-    # D calls its up blocks' resnets, attentions and upsamplers one by one (to tap features
-    # between them), so those are the units there; FSDP gathers a unit when it is called.
     units = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else [])
     for block in unet.up_blocks:
         units += list(block.resnets) + list(getattr(block, "attentions", None) or []) + \
             list(block.upsamplers or [])
-    for unit in units:
-        fully_shard(unit, reshard_after_forward=False)
-    fully_shard(discriminator, reshard_after_forward=False)
-    discriminator.set_reshard_after_backward(False)
+    return units
 
 
 def reshard_all(module: torch.nn.Module) -> None:
