@@ -134,7 +134,8 @@ def test_toy_ablate_quick_produces_every_row_and_the_report(tmp_path, capsys):
         assert (out / "rows" / f"{name}_seed0.json").is_file()
         assert row["label"] in report and row["paper"] in report
         for key in ("fd", "accuracy", "e_latentlpips", "seconds_per_step",
-                    "attribute_accuracy.position"):
+                    "attribute_accuracy.position", "diversity_features",
+                    "diversity_e_latentlpips", "precision", "recall"):
             assert math.isfinite(row[key]["mean"]), (name, key)
     assert (out / "ablation_loss.png").is_file() and (out / "ablation_discriminator.png").is_file()
     # Resumable per row: a finished row is read back, not retrained.

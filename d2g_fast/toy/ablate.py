@@ -16,8 +16,8 @@ the same held-out prompts and noise as ``d2g demo``:
 The E-LatentLPIPS row of the loss table IS the "regression only" row of the discriminator table
 (one student). Per row: FD and attribute accuracy (all four, and per attribute) of the
 evaluation classifier, E-LatentLPIPS to the multi-step teacher, per-prompt diversity (classifier
-features and E-LatentLPIPS, d2g_fast.eval.diversity), seconds per training step, and the
-paper's figure. Several seeds give mean and spread (sample standard deviation).
+features and E-LatentLPIPS) and precision / recall (d2g_fast.toy.evaluate.distribution_metrics),
+seconds per training step, and the paper's figure. Several seeds give mean and spread (sample standard deviation).
 
 Resumable per row: each finished (row, seed) is out/rows/<row>_seed<S>.json, and a killed
 training resumes from its last checkpoint; rerunning the same command continues. Settings
@@ -179,31 +179,18 @@ class Judge:
         images = ev.decode(self.pipe.vae, latents)
         m = ev.image_metrics(self.clf, images, self.prompts, self.real)
         m["e_latentlpips"] = ev.mean_latent_distance(self.lpips, latents, self.reference)
-        m.update(diversity(self, images, latents))
+        m.update(ev.distribution_metrics(self.clf, images, latents, self.prompts, self.real,
+                                         lpips=self.lpips))
         return m
+
+    def real_images(self) -> dict:
+        """Diversity of real images of the held-out captions, precision / recall of a second
+        real set: the targets of the rows' values."""
+        return self.ev.real_distribution_metrics(self.clf, self.prompts, self.real)
 
     def student(self, folder: str) -> dict:
         pipe = self.ev.load_pipeline(folder)
         return self.metrics(self.ev.pipeline_latents(pipe, self.prompts, self.noise, 1, 1.0))
-
-
-def diversity(judge: Judge, images: torch.Tensor, latents: torch.Tensor) -> dict:
-    """Per-prompt diversity in the classifier's feature space and in E-LatentLPIPS (no
-    augmentation); {} when d2g_fast.eval.diversity is not available."""
-    try:
-        from d2g_fast.eval.diversity import per_prompt_diversity
-    except ImportError:
-        return {}
-    from d2g_fast.eval import extract_features
-
-    feats = extract_features(images, judge.ev._Features(judge.clf), batch_size=256)
-
-    def lpips_distance(a, b):
-        return judge.lpips(a.float(), b.float(), ensembling=False, add_l1_loss=False).flatten()
-
-    return {"diversity_features": float(per_prompt_diversity(feats, judge.prompts)["mean"]),
-            "diversity_e_latentlpips": float(per_prompt_diversity(
-                latents, judge.prompts, distance=lpips_distance)["mean"])}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -291,6 +278,7 @@ def run_ablation(out: str | os.PathLike = "ablation", settings: AblateSettings |
     metrics = {
         "settings": {**dataclasses.asdict(s), "seeds": list(s.seeds)},
         "teacher_multistep": teacher,
+        "real_images": judge.real_images(),
         "rows": {r[0]: {"table": r[1], "label": r[2], "paper": r[3],
                         "seeds": {str(k): v for k, v in results[r[0]].items()},
                         **aggregate(list(results[r[0]].values()))} for r in selected},
@@ -306,13 +294,13 @@ def run_ablation(out: str | os.PathLike = "ablation", settings: AblateSettings |
 
 
 SCALARS = ("fd", "accuracy", "e_latentlpips", "diversity_features", "diversity_e_latentlpips",
-           "seconds_per_step")
+           "precision", "recall", "seconds_per_step")
 
 
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and sample standard deviation over seeds of every scalar and attribute accuracy."""
     out = {}
-    keys = [k for k in SCALARS if all(k in m for m in per_seed)]
+    keys = [k for k in SCALARS if all(m.get(k) is not None for m in per_seed)]
     keys += [f"attribute_accuracy.{a}" for a in per_seed[0].get("attribute_accuracy", {})]
     for key in keys:
         values = [_get(m, key) for m in per_seed]
@@ -352,25 +340,35 @@ def table_markdown(metrics: dict, table: str) -> str:
     rows = [(k, r) for k, r in metrics["rows"].items() if r["table"] in (table, "both")]
     head = ("| row | FD | accuracy % | shape % | colour % | position % | background % | "
             "E-LatentLPIPS to teacher | diversity (features) | diversity (E-LatentLPIPS) | "
-            "s / step | paper |")
-    lines = [head, "|" + "---|" * 12]
+            "precision | recall | s / step | paper |")
+    lines = [head, "|" + "---|" * 14]
     for _, r in rows:
         aa = [_fmt(r.get(f"attribute_accuracy.{a}"), 1, True)
               for a in ("shape", "colour", "position", "background")]
         lines.append(f"| {r['label']} | {_fmt(r.get('fd'), 2)} | "
                      f"{_fmt(r.get('accuracy'), 1, True)} | {' | '.join(aa)} | "
                      f"{_fmt(r.get('e_latentlpips'), 4)} | {_fmt(r.get('diversity_features'))} | "
-                     f"{_fmt(r.get('diversity_e_latentlpips'), 4)} | "
-                     f"{_fmt(r.get('seconds_per_step'), 2)} | {r['paper']} |")
+                     f"{_fmt(r.get('diversity_e_latentlpips'), 4)} | {_fmt(r.get('precision'))} | "
+                     f"{_fmt(r.get('recall'))} | {_fmt(r.get('seconds_per_step'), 2)} | "
+                     f"{r['paper']} |")
     t = metrics["teacher_multistep"]
     steps = metrics["settings"]["teacher_steps"]
     lines.append(f"| multi-step teacher ({steps} DDIM steps, guidance) | {t['fd']:.2f} | "
                  f"{t['accuracy'] * 100:.1f} | "
                  + " | ".join(f"{t['attribute_accuracy'][a] * 100:.1f}"
                               for a in ("shape", "colour", "position", "background"))
-                 + f" | 0 | {t.get('diversity_features', float('nan')):.3f} | "
-                   f"{t.get('diversity_e_latentlpips', float('nan')):.4f} | | |")
+                 + f" | 0 | {_num(t.get('diversity_features'))} | "
+                   f"{_num(t.get('diversity_e_latentlpips'), 4)} | {_num(t.get('precision'))} | "
+                   f"{_num(t.get('recall'))} | | |")
+    real = metrics.get("real_images", {})
+    lines.append(f"| real images (target) | | | | | | | | {_num(real.get('real_diversity_features'))}"
+                 f" | | {_num(real.get('real_floor_precision'))} | "
+                 f"{_num(real.get('real_floor_recall'))} | | |")
     return "\n".join(lines)
+
+
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def ordering_notes(metrics: dict) -> list[str]:
@@ -435,7 +433,9 @@ def report_markdown(metrics: dict) -> str:
         "FD: Fréchet distance to real toy images in the evaluation classifier's features (lower "
         "is better). Accuracy: all four attributes right, by the classifier. Diversity: mean "
         "pairwise distance between samples of the same prompt under different noise (classifier "
-        "features; E-LatentLPIPS without augmentation). s / step: one training step on this "
+        "features; E-LatentLPIPS without augmentation); real images of the same captions are "
+        "the target. Precision / recall: Kynkäänniemi et al.'s k-NN manifold estimate against "
+        "real images in the classifier's features (a second real set gives the floor). s / step: one training step on this "
         "CPU, machine load included. The paper's figures are SD1.5 on COCO (FID-5k/CLIP for the "
         "loss table, FID-30k for the discriminator table): set beside the toy's for the "
         "ordering, not the values.",
