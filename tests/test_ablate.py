@@ -148,3 +148,14 @@ def test_toy_ablate_quick_produces_every_row_and_the_report(tmp_path, capsys):
     assert main(["toy", "ablate", "--quick", "--iters", "3", "--out", str(out),
                  "--no-progress"]) == 2
     assert "another --out" in capsys.readouterr().err
+
+
+def test_demo_report_points_at_the_ablation_tables(tmp_path):
+    from d2g_fast.demo import append_ablation_note
+
+    report = tmp_path / "report.md"
+    report.write_text("# demo\n", encoding="utf-8")
+    append_ablation_note(str(report))
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith("# demo\n") and "d2g toy ablate" in text
+    assert "benchmarks/RESULTS.md" in text
