@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from d2g_fast.runtime.signals import SIGNALS_ENV, Preempted
 
     args = build_parser().parse_args(argv)
+    before = os.environ.get(SIGNALS_ENV)
     try:
-        if args.preempt_signals:
+        if args.preempt_signals:  # for this command only (main may be called in-process)
             os.environ[SIGNALS_ENV] = args.preempt_signals
         return int(args._module.run(args) or 0)
     except Preempted as exc:  # the state is saved: the scheduler may requeue the same command
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2g {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-        if isinstance(exc, PermissionError) and not str(exc).startswith(("out (", "--")):
+        if isinstance(exc, PermissionError) and exc.errno is not None:  # the OS's, not ours
             print(f"d2g {args.command}: error: "
                   f"{diskspace.to_storage_error(exc, exc.filename or '?')}", file=sys.stderr)
             return EXIT_DISK
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2g {args.command}: error: {diskspace.to_storage_error(exc, path)}",
               file=sys.stderr)
         return EXIT_DISK
+    finally:
+        if before is None:
+            os.environ.pop(SIGNALS_ENV, None)
+        else:
+            os.environ[SIGNALS_ENV] = before
 
 
 if __name__ == "__main__":

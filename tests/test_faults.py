@@ -401,3 +401,59 @@ def test_eval_signal_between_shards_resumes_to_the_same_report(world, tmp_path, 
     assert d2g_main(args + ["--out", str(d / "run")]) == 0
     report = lambda name: json.load(open(d / name / "report.json"))["metrics"]  # noqa: E731
     assert report("run") == report("straight")
+
+
+# ------------------------------------------------------------------------------ the helpers
+def test_lock_holders_live_dead_reused_remote_and_requeued(tmp_path, monkeypatch):
+    import socket
+
+    from d2g_fast.runtime.lock import FolderLock, FolderLockedError
+
+    def holder(**kw):
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": "d2g distill",
+                  "started": "then", **kw}
+        json.dump(record, open(tmp_path / LOCK_FILE, "w"))
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        holder(pid=sleeper.pid)
+        with pytest.raises(FolderLockedError, match=f"pid {sleeper.pid} on"):
+            FolderLock(str(tmp_path), "d2g collect").acquire()
+        holder(pid=sleeper.pid, process_start="1")  # the pid now belongs to another process
+        FolderLock(str(tmp_path), "d2g collect").acquire().release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    holder(pid=sleeper.pid)  # its process is gone
+    taken = []
+    FolderLock(str(tmp_path), "d2g collect").acquire(taken.append).release()
+    assert "took over the stale lock" in taken[0] and not (tmp_path / LOCK_FILE).exists()
+    holder(host="another-node", job={"SLURM_JOB_ID": "7"})  # cannot be checked: honoured
+    with pytest.raises(FolderLockedError, match="another-node"):
+        FolderLock(str(tmp_path), "d2g distill").acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # ... unless it is this job before its requeue
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    FolderLock(str(tmp_path), "d2g distill").acquire().release()
+
+
+def test_signal_names_and_read_only_parent(tmp_path, capsys, monkeypatch):
+    from d2g_fast.runtime.signals import SIGNALS_ENV, signal_names
+
+    assert signal_names("usr2, SIGTERM") == ["SIGUSR2", "SIGTERM"]
+    monkeypatch.delenv(SIGNALS_ENV, raising=False)
+    assert signal_names() == ["SIGTERM", "SIGUSR1"]
+    monkeypatch.setenv(SIGNALS_ENV, "12")
+    assert signal_names() == ["SIGUSR2"]
+    with pytest.raises(ValueError, match="--preempt-signals"):
+        signal_names("SIGKILL")
+    with pytest.raises(ValueError, match="unknown signal"):
+        signal_names("SIGNOPE")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert d2g_main(["distill", "--teacher", "x", "--pairs", "y",
+                         "--out", str(ro / "new" / "run")]) == 2
+        assert "read-only" in capsys.readouterr().err and not (ro / "new").exists()
+    finally:
+        ro.chmod(0o755)

@@ -120,6 +120,9 @@ def ensure_writable(out: str) -> str:
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"out (--out): {out!r} exists and is not a folder")
+    from d2g_fast.runtime.diskspace import check_creatable, check_writable_folder
+
+    check_creatable(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -132,8 +135,6 @@ def ensure_writable(out: str) -> str:
     except OSError as exc:
         raise PermissionError(f"out (--out): the output folder {out!r} is not writable: "
                               f"{exc.strerror or exc}") from exc
-    from d2g_fast.runtime.diskspace import check_writable_folder
-
     check_writable_folder(out)
     return out
 

@@ -160,21 +160,43 @@ def _run_train_trunk(args) -> int:
     folder is read-only; SIGTERM/SIGUSR1 save a checkpoint and exit with the requeue status."""
     from d2g_fast.data.store import ensure_writable  # noqa: PLC0415
     from d2g_fast.runtime import signals  # noqa: PLC0415
-    from d2g_fast.runtime.lock import FolderLock  # noqa: PLC0415
 
     folder = os.path.dirname(os.path.abspath(args.output))
     try:
         ensure_writable(folder)  # refused before any data or model is loaded
     except PermissionError as exc:
         raise PermissionError(str(exc).replace("out (--out)", "--output")) from None
-    rank = int(os.environ.get("RANK", "0"))
-    lock = FolderLock(folder, "d2g lpips train-trunk").acquire(print) if rank == 0 else None
+    from d2g_fast.runtime.lock import lock_for_job  # noqa: PLC0415
+
+    group = _join_torchrun(args.device)
+    lock = None
     try:
+        # Rank 0 takes the folder's lock for the job; every rank is refused when it is held.
+        lock = lock_for_job(folder, "d2g lpips train-trunk", int(os.environ.get("RANK", "0")),
+                            log=print)
         with signals.watch("d2g lpips train-trunk"):
             return _train_trunk_locked(args)
     finally:
         if lock is not None:
             lock.release()
+        if group:
+            import torch.distributed as dist  # noqa: PLC0415
+            dist.destroy_process_group()
+
+
+def _join_torchrun(device: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group now, so that the ranks share the
+    lock's outcome (train_trunk then uses this group). Returns whether this call created it."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
 
 
 def _train_trunk_locked(args) -> int:

@@ -125,6 +125,17 @@ def check_space(path: str, needed: int) -> None:
         raise StorageError(full_message(path, needed), path)
 
 
+def check_creatable(out: str, flag: str = "--out") -> None:
+    """Refuse to create ``out`` inside a folder marked read-only (as ``check_writable_folder``)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.exists(out) and os.path.isdir(parent) and \
+            not os.stat(parent).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"out ({flag}): cannot create {out!r}: the folder {parent!r} is "
+                              f"read-only; choose a writable folder")
+
+
 def check_writable_folder(out: str, flag: str = "--out") -> None:
     """Refuse a folder marked read-only (no write permission bits: even root is refused, as a
     user who made it read-only means it) or on a read-only file system; errors name ``flag``."""

@@ -2,8 +2,9 @@
 
 A second command on a folder in use is refused at once with a message naming the holder, before
 it touches anything. A lock whose process is gone (same host, pid not running or reused by
-another process) is stale and taken over. A lock from another host cannot be checked: it is
-honoured, and the message says how to remove it when that job is really gone. Under torchrun
+another process; or an earlier run of this SLURM job, before its requeue) is stale and taken
+over. Another host's lock cannot be checked otherwise: it is honoured, and the message says how
+to remove it when that job is really gone. Under torchrun
 rank 0 takes the job's lock and shares the outcome (``lock_for_job``); the other ranks write
 only under it.
 """
@@ -39,7 +40,24 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _job() -> dict:
+    """The scheduler's job this process belongs to (SLURM keeps the job id across requeues and
+    counts the restarts)."""
+    keys = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def _earlier_run_of_this_job(holder: dict) -> bool:
+    """The holder is this SLURM job before a requeue (same job id, another restart count): it
+    is gone, whichever host it ran on."""
+    theirs, mine = holder.get("job") or {}, _job()
+    return "SLURM_JOB_ID" in mine and theirs.get("SLURM_JOB_ID") == mine["SLURM_JOB_ID"] and \
+        theirs.get("SLURM_RESTART_COUNT", "0") != mine.get("SLURM_RESTART_COUNT", "0")
+
+
 def _alive(holder: dict) -> bool:
+    if _earlier_run_of_this_job(holder):
+        return False
     if holder.get("host") != socket.gethostname():
         return True  # cannot check another machine's processes
     pid = int(holder.get("pid", -1))
@@ -71,7 +89,7 @@ class FolderLock:
         self.held = False
 
     def _record(self) -> dict:
-        job = {k: os.environ[k] for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID") if k in os.environ}
+        job = _job()
         return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                 "argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
                 "process_start": _process_start(os.getpid()), "job": job, "token": self.token}
