@@ -173,6 +173,8 @@ def test_flow_bad_input_is_refused_and_writes_nothing(sd3_folder, flux_folder, t
         (_collect_args(flux_folder, str(tmp_path / "c"), 30), "--resolution"),       # 30 % 4
         (_collect_args(flux_folder, str(tmp_path / "d"), 16, ["--negative-prompt", "ugly"]),
          "--negative-prompt"),
+        (_collect_args(sd3_folder, str(tmp_path / "e"), 16, ["--scheduler", "ddim"]),
+         "--scheduler"),
     ]
     for args, flag in cases:
         capsys.readouterr()
@@ -346,3 +348,4 @@ def test_export_reproduces_the_generator(kind, sd3_folder, flux_folder, tmp_path
             "--shard-size", "8", "--diversity-prompts", "0", "--device", "cpu",
             "--out", evald]) == 0
         assert os.path.isfile(os.path.join(evald, "report.json"))
+

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts)
     # A folder, resolution or option the teacher cannot take is refused before --out exists.
     check_teacher_folder(args.teacher, args.resolution).check_sample_options(
-        args.negative_prompt)
+        args.negative_prompt, args.scheduler)
     store.ensure_writable(args.out)  # fail before loading a large teacher
     group, device = init_distributed(device)
     from contextlib import ExitStack

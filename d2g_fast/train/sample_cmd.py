@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
               f"anyway")
     call = student_call_arguments(info)
     quiet_model_loading()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()  # the per-component loading bar
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     pipe = DiffusionPipeline.from_pretrained(args.model, local_files_only=True).to(device)

@@ -492,8 +492,16 @@ class TeacherFamily:
                 f"teacher weights and --dtype (float16 overflows in some networks: try bfloat16)")
 
     @classmethod
-    def check_sample_options(cls, negative_prompt) -> None:
+    def check_sample_options(cls, negative_prompt, scheduler: str | None = None) -> None:
         """Refuse sampling options the family does not have (ValueError naming the flag)."""
+        cls.check_scheduler_name(scheduler)
+
+    @classmethod
+    def check_scheduler_name(cls, name: str | None) -> None:
+        """Refuse an unknown sampler name (ValueError naming --scheduler)."""
+        from d2g_fast.teacher.schedulers import scheduler_class
+
+        scheduler_class(name or cls.default_scheduler)
 
     def sample(self, noise, prompts, *, steps=50, guidance=7.5, scheduler=None,
                negative_prompt=None, generator=None, conditioning=None, check_finite=True):

@@ -61,12 +61,16 @@ class FlowFamily(TeacherFamily):
     def num_train_timesteps(self) -> int:
         return int(self.base_scheduler.config.num_train_timesteps)
 
+    @classmethod
+    def check_scheduler_name(cls, name: str | None, own: str = FLOW_SCHEDULER) -> None:
+        if name not in (None, own, FLOW_SCHEDULER, "flow_euler"):
+            raise ValueError(f"scheduler (--scheduler): {cls.name} teachers sample with their "
+                             f"own {own} (pass nothing, or {own}); got {name!r}")
+
     def make_scheduler(self, name: str | None = None):
         """The folder's own flow-matching scheduler (the only sampler of these families)."""
         cls = type(self.base_scheduler)
-        if name not in (None, cls.__name__, FLOW_SCHEDULER, "flow_euler"):
-            raise ValueError(f"scheduler (--scheduler): {self.name} teachers sample with their "
-                             f"own {cls.__name__} (pass nothing, or {cls.__name__}); got {name!r}")
+        self.check_scheduler_name(name, cls.__name__)
         return cls.from_config(self.base_scheduler.config)
 
     def warn_if_stochastic(self, scheduler_name: str | None):

@@ -108,7 +108,8 @@ class FluxFamily(FlowFamily):
         return Conditioning(embeds, {"pooled_projections": pooled}, embeds, pooled)
 
     @classmethod
-    def check_sample_options(cls, negative_prompt) -> None:
+    def check_sample_options(cls, negative_prompt, scheduler=None) -> None:
+        super().check_sample_options(negative_prompt, scheduler)
         if negative_prompt is not None:
             raise ValueError("negative_prompt (--negative-prompt): FLUX teachers take no negative "
                              "prompt (their guidance is embedded, not classifier-free)")
