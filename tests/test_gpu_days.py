@@ -51,7 +51,8 @@ def test_every_row_has_a_source_and_derived_rows_name_existing_rows(tiny_run):
         assert r["source"] in SOURCES, r
         assert r["detail"], f"{r['name']}: no detail (how it was measured, cited or derived)"
         if r["source"] == "derived":
-            referenced = set(re.findall(r"\b(?:recipe|collect|train|loss)\.[\w.+-]+", r["detail"]))
+            referenced = set(re.findall(r"\b(?:recipe|collect|train|loss|memory)\.[\w.+-]+",
+                                        r["detail"]))
             assert referenced, f"{r['name']}: a derived row must name the rows it comes from"
             for ref in referenced:
                 base = ref[len("recipe."):] if ref.startswith("recipe.") else ref

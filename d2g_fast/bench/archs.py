@@ -11,6 +11,18 @@ vocabulary here and tokenisation cost is the same order as CLIP's.
     sdxl  SDXL base 1.0: 4x128x128 latents (1024 px), CLIP ViT-L + OpenCLIP bigG text (2048-d
           context, 1280-d pooled), "text_time" conditioning, epsilon
     tiny  the tiny SD-shaped test model (4x8x8 latents, 16 px): runs on a CPU in seconds
+    sd3-medium  Stable Diffusion 3 medium: SD3Transformer2DModel (24 joint blocks, width 1536,
+          2.0 B parameters), 16x128x128 latents (1024 px), CLIP-L + OpenCLIP bigG + T5-XXL text,
+          flow matching (FlowMatchEulerDiscreteScheduler, shift 3)
+    flux-dev  FLUX.1-dev: FluxTransformer2DModel (19 double + 38 single blocks, width 3072,
+          11.9 B parameters, guidance embedding), 16x128x128 latents (1024 px), CLIP-L + T5-XXL
+          text, flow matching with resolution-dependent shifting
+    tiny-sd3, tiny-flux  the tiny SD3-/FLUX-shaped test pipelines (16x8x8 latents, 16 px)
+
+The SD3/FLUX configs are those published with the models' diffusers folders
+(stabilityai/stable-diffusion-3-medium-diffusers, black-forest-labs/FLUX.1-dev), written here so
+that nothing is downloaded; ``meta_networks`` builds them on the meta device (no memory, no
+weights) for the parameter counts behind the memory rows.
 """
 from __future__ import annotations
 
@@ -18,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-ARCHS = ("sd15", "sd21", "sdxl", "tiny")
+ARCHS = ("sd15", "sd21", "sdxl", "tiny", "sd3-medium", "flux-dev", "tiny-sd3", "tiny-flux")
+FLOW_ARCHS = ("sd3-medium", "flux-dev", "tiny-sd3", "tiny-flux")
 
 SD21_UNET_CONFIG = dict(
     sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
@@ -60,6 +73,33 @@ SD_VAE_CONFIG = dict(
 """The AutoencoderKL config of SD1.5/SD2.1/SDXL (same architecture; scaling factors differ)."""
 
 
+SD3_MEDIUM_TRANSFORMER_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+"""The SD3Transformer2DModel config of Stable Diffusion 3 medium (2.03 B parameters)."""
+
+FLUX_DEV_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+"""The FluxTransformer2DModel config of FLUX.1-dev (11.9 B parameters)."""
+
+CLIP_G_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                          num_hidden_layers=32, num_attention_heads=20,
+                          max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+"""OpenCLIP ViT-bigG/14 text tower of SD3 (all 32 layers; the pipeline reads the penultimate)."""
+
+T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                     num_heads=64, relative_attention_num_buckets=32, dropout_rate=0.0,
+                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+"""The T5 v1.1 XXL encoder of SD3 and FLUX.1 (4.76 B parameters)."""
+
+FLOW_VAE_NORMALIZATION = {"sd3-medium": (0.0609, 1.5305), "flux-dev": (0.1159, 0.3611)}
+"""(shift_factor, scaling_factor) of the 16-channel VAEs."""
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     name: str
@@ -79,6 +119,14 @@ ARCH_INFO = {
                      (4, 128, 128)),
     "tiny": ArchInfo("tiny", "tiny SD-shaped UNet 4x8x8 (16 px)", "epsilon", 0.18215, "sd15",
                      (4, 8, 8)),
+    "sd3-medium": ArchInfo("sd3-medium", "SD3-medium transformer 16x128x128 (1024 px)", "flow",
+                           1.5305, "sd3", (16, 128, 128)),
+    "flux-dev": ArchInfo("flux-dev", "FLUX.1-dev transformer 16x128x128 (1024 px)", "flow",
+                         0.3611, "flux", (16, 128, 128)),
+    "tiny-sd3": ArchInfo("tiny-sd3", "tiny SD3-shaped transformer 16x8x8 (16 px)", "flow",
+                         1.5305, "sd3", (16, 8, 8)),
+    "tiny-flux": ArchInfo("tiny-flux", "tiny FLUX-shaped transformer 16x8x8 (16 px)", "flow",
+                          0.3611, "flux", (16, 8, 8)),
 }
 
 
@@ -124,6 +172,14 @@ def vae_decoder(arch: str, device="cpu", dtype=torch.float32):
     if arch == "tiny":
         from d2g_fast.testing.tiny import tiny_sd_components
         vae = tiny_sd_components()["vae"]
+    elif arch in ("tiny-sd3", "tiny-flux"):
+        vae = components(arch)["vae"]
+    elif arch in FLOW_ARCHS:
+        shift, scale = FLOW_VAE_NORMALIZATION[arch]
+        with torch.device(device):
+            vae = AutoencoderKL(**{**SD_VAE_CONFIG, "latent_channels": 16}, use_quant_conv=False,
+                                use_post_quant_conv=False, shift_factor=shift,
+                                scaling_factor=scale)
     else:
         with torch.device(device):
             vae = AutoencoderKL(**SD_VAE_CONFIG, scaling_factor=ARCH_INFO[arch].scaling_factor)
@@ -147,6 +203,8 @@ def components(arch: str, device="cpu", dtype=torch.float32, seed: int = 0) -> d
     from d2g_fast.testing import tiny
 
     check_arch(arch)
+    if arch in FLOW_ARCHS:
+        return _flow_components(arch, device, dtype, seed)
     if arch == "tiny":
         comps = tiny.tiny_sd_components(seed)
         for name in ("unet", "text_encoder", "vae"):
@@ -180,9 +238,83 @@ def components(arch: str, device="cpu", dtype=torch.float32, seed: int = 0) -> d
     return comps
 
 
+def _flow_components(arch: str, device, dtype, seed: int) -> dict:
+    """StableDiffusion3Pipeline / FluxPipeline keyword arguments of a flow architecture (random
+    weights; the VAE a small 16-channel stand-in with scale factor 8, as for the UNets)."""
+    from diffusers import (AutoencoderKL, FluxTransformer2DModel,
+                           FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel)
+    from transformers import T5Config, T5EncoderModel
+
+    from d2g_fast.testing import tiny
+
+    if arch in ("tiny-sd3", "tiny-flux"):
+        comps = (tiny.tiny_sd3_components if arch == "tiny-sd3" else tiny.tiny_flux_components)(
+            seed)
+    else:
+        clip = tiny.tiny_clip_tokenizer()
+        vocab = clip.get_vocab()
+        shift, scale = FLOW_VAE_NORMALIZATION[arch]
+        torch.manual_seed(seed)
+        with torch.device(device):
+            vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=16,
+                                down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                                use_post_quant_conv=False, shift_factor=shift,
+                                scaling_factor=scale)
+            t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG))
+            if arch == "sd3-medium":
+                comps = dict(
+                    transformer=SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER_CONFIG),
+                    text_encoder=_clip_text(tiny.SD15_TEXT_CONFIG, vocab, with_projection=True),
+                    text_encoder_2=_clip_text(CLIP_G_TEXT_CONFIG, vocab, with_projection=True),
+                    text_encoder_3=t5, tokenizer=clip, tokenizer_2=tiny.tiny_clip_tokenizer(),
+                    tokenizer_3=tiny.tiny_t5_tokenizer(),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+            else:
+                comps = dict(
+                    transformer=FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG),
+                    text_encoder=_clip_text(tiny.SD15_TEXT_CONFIG, vocab), text_encoder_2=t5,
+                    tokenizer=clip, tokenizer_2=tiny.tiny_t5_tokenizer(),
+                    scheduler=FlowMatchEulerDiscreteScheduler(
+                        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                        base_image_seq_len=256, max_image_seq_len=4096))
+        comps["vae"] = vae
+    for name, value in comps.items():
+        if isinstance(value, torch.nn.Module):
+            comps[name] = _cast(value.to(device), dtype).eval()
+    return comps
+
+
+def meta_networks(arch: str) -> dict:
+    """The trained and the frozen networks of ``arch`` on the meta device (shapes only: no
+    memory, no weights): {"denoiser": the UNet or transformer, "text_encoders": [...]}."""
+    comps = components(arch, device="meta")
+    denoiser = comps.get("transformer", comps.get("unet"))
+    texts = [comps[k] for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
+             if comps.get(k) is not None]
+    return {"denoiser": denoiser, "text_encoders": texts}
+
+
+def resolution(arch: str) -> int:
+    """The image side in pixels of ``arch``'s latent (the VAE scale factor: 8, tiny models 2)."""
+    return ARCH_INFO[check_arch(arch)].latent[1] * (2 if arch.startswith("tiny") else 8)
+
+
+def teacher(arch: str, comps: dict | None = None):
+    """The teacher family object of ``arch`` (random weights) from its pipeline components."""
+    from d2g_fast.teacher.families import family_for_pipeline
+
+    pipe = pipeline_class(arch)(**(comps or components(arch)))
+    return family_for_pipeline(pipe).from_pipeline(pipe, resolution=resolution(arch))
+
+
 def pipeline_class(arch: str):
     """The diffusers pipeline class whose loop is the collection baseline."""
     import diffusers
 
+    if arch in ("sd3-medium", "tiny-sd3"):
+        return diffusers.StableDiffusion3Pipeline
+    if arch in ("flux-dev", "tiny-flux"):
+        return diffusers.FluxPipeline
     return diffusers.StableDiffusionXLPipeline if arch == "sdxl" \
         else diffusers.StableDiffusionPipeline

@@ -5,9 +5,11 @@ from the pairs' noise to the final latents on the host. Providers (same device, 
 steps and guidance):
 
     diffusers       the architecture's diffusers pipeline, ``output_type="latent"`` (baseline)
-    ours            :class:`d2g_fast.teacher.Teacher`, the collector's path (per-pair noise,
-                    prompt encoding, one batched CFG UNet call per step, latents to the host),
-                    with channels_last + fused QKV on GPUs, as ``d2g collect`` runs by default
+    ours            the teacher family (:mod:`d2g_fast.teacher.families`), the collector's path
+                    (per-pair noise, prompt encoding, one batched CFG network call per step,
+                    latents to the host), with channels_last + fused QKV on GPUs, as
+                    ``d2g collect`` runs by default; the family's own sampler (DDIM for UNets,
+                    the folder's flow-matching Euler scheduler for SD3/FLUX)
     ours-graphs     the same with the UNet forward replayed as a CUDA graph (GPU only)
     ours-compiled   the same with ``torch.compile`` of the UNet (GPU only; compiling a full UNet
                     takes about a minute, outside the timing)
@@ -40,7 +42,8 @@ def unavailable_reason(provider: str, device: str) -> str | None:
 
 
 def make_collect_fn(provider: str, comps: dict, *, device: str, batch: int, steps: int,
-                    guidance: float = GUIDANCE, pipeline_cls=None) -> Callable[[], torch.Tensor]:
+                    guidance: float = GUIDANCE, pipeline_cls=None,
+                    resolution: int | None = None) -> Callable[[], torch.Tensor]:
     """Build the one-batch collection callable of ``provider`` from pipeline components.
 
     Args:
@@ -49,38 +52,40 @@ def make_collect_fn(provider: str, comps: dict, *, device: str, batch: int, step
             (fused QKV, channels_last): build fresh components per provider.
         batch: pairs per call; steps: sampler steps; guidance: classifier-free guidance scale.
         pipeline_cls: the diffusers pipeline class of the baseline (default
-            StableDiffusionPipeline; StableDiffusionXLPipeline for SDXL components).
+            StableDiffusionPipeline; StableDiffusionXLPipeline for SDXL components,
+            StableDiffusion3Pipeline / FluxPipeline for flow transformers).
+        resolution: the image side in pixels (default: the pipeline's own).
     Returns:
-        A zero-argument function returning the [batch, C, h, w] latents on the host.
+        A zero-argument function returning the batch's latents on the host: [batch, C, h, w]
+        ("diffusers" for FLUX: the pipeline's packed [batch, tokens, 4C]).
     Raises:
         Unavailable: the provider cannot run on ``device``.
     """
     from d2g_fast.data.prompts import load_prompts
     from d2g_fast.data.seeding import batch_noise
-    from d2g_fast.teacher import Teacher
+    from d2g_fast.teacher.families import family_for_pipeline
 
     reason = unavailable_reason(provider, device)
     if reason:
         raise Unavailable(reason)
     prompts = (load_prompts(None) * batch)[:batch]
+    if pipeline_cls is None:
+        from diffusers import StableDiffusionPipeline as pipeline_cls
+    pipe = pipeline_cls(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    family = family_for_pipeline(pipe)
+    teacher = family.from_pipeline(pipe, resolution=resolution)
     if provider == "diffusers":
-        if pipeline_cls is None:
-            from diffusers import StableDiffusionPipeline as pipeline_cls
-        pipe = pipeline_cls(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        unet = comps["unet"].config
-        shape = (unet.in_channels, unet.sample_size, unet.sample_size)
-        dtype = comps["unet"].dtype
+        dtype = teacher.dtype
 
         def run_diffusers():
-            noise = batch_noise(0, range(batch), shape).to(device, dtype)
-            return pipe(prompts, latents=noise, num_inference_steps=steps, guidance_scale=guidance,
+            noise = batch_noise(0, range(batch), teacher.latent_shape).to(device, dtype)
+            return pipe(prompts, latents=family.pipeline_latents(noise),
+                        num_inference_steps=steps, guidance_scale=guidance,
+                        height=teacher.height, width=teacher.width,
                         output_type="latent").images.cpu()
         return run_diffusers
 
-    teacher = Teacher(comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"],
-                      text_encoder_2=comps.get("text_encoder_2"),
-                      tokenizer_2=comps.get("tokenizer_2"), vae_config=comps["vae"].config)
     gpu = device.startswith("cuda")
     teacher.optimize(channels_last=gpu, fuse_qkv=gpu, compile=provider == "ours-compiled",
                      cuda_graphs=provider == "ours-graphs")
@@ -90,6 +95,5 @@ def make_collect_fn(provider: str, comps: dict, *, device: str, batch: int, step
 
     def run_ours():
         noise = batch_noise(0, range(batch), teacher.latent_shape)
-        return teacher.sample(noise, prompts, steps=steps, guidance=guidance,
-                              scheduler="ddim").cpu()
+        return teacher.sample(noise, prompts, steps=steps, guidance=guidance).cpu()
     return run_ours

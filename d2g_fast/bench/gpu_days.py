@@ -2,6 +2,9 @@
 optimisation saves, measured.
 
 Stages (each prints its progress):
+  0. memory: the model state per GPU (G, EMA, D, AdamW states, teacher) replicated and under
+     FSDP2, from the parameter counts of meta-device networks built from the published configs
+     (d2g_fast.bench.memory; no weights, no device memory: runs anywhere, for every arch);
   1. collection: pairs/s of ODE-pair collection, our Teacher against diffusers' pipeline loop
      (and CUDA graphs / torch.compile of our UNet where the device allows);
   2. loss: E-LatentLPIPS against pixel LPIPS with VAE decoding, forward + backward;
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 import torch
 
 SECONDS_PER_DAY = 86400.0
+# Real-size transformer architectures: only their memory rows (meta device) run on a CPU.
+CPU_UNTIMED = ("sd3-medium", "flux-dev")
 SOURCES = ("measured", "cited", "derived")
 
 
@@ -132,8 +137,8 @@ class Settings:
 
     @property
     def few_repeats(self) -> bool:
-        """Time with the fewest repeats: --quick, and the tiny model (a functional check)."""
-        return self.quick or self.arch == "tiny"
+        """Time with the fewest repeats: --quick, and the tiny models (a functional check)."""
+        return self.quick or self.arch.startswith("tiny")
 
     @property
     def measured_steps(self) -> int:
@@ -142,13 +147,18 @@ class Settings:
         return min(self.steps, 10) if self.few_repeats else self.steps
 
     def default_collect_batch(self) -> int:
-        return self.collect_batch or (16 if self.gpu and self.arch != "sdxl" else 4)
+        if self.collect_batch:
+            return self.collect_batch
+        if not self.gpu:
+            return 4
+        return {"sdxl": 4, "sd3-medium": 4, "flux-dev": 2}.get(self.arch, 16)
 
     def default_train_batch(self) -> int:
         if self.train_batch:
             return self.train_batch
-        return {"sd15": 8, "sd21": 4, "sdxl": 2, "tiny": 4}[self.arch] if self.gpu else \
-            {"tiny": 4}.get(self.arch, 1)
+        tiny = {"tiny": 4, "tiny-sd3": 4, "tiny-flux": 4}
+        return {"sd15": 8, "sd21": 4, "sdxl": 2, "sd3-medium": 1, "flux-dev": 1, **tiny}[
+            self.arch] if self.gpu else tiny.get(self.arch, 1)
 
 
 class Progress:
@@ -175,6 +185,23 @@ def _where(s: Settings) -> str:
     return f"{device_name(s.device)}, torch {torch.__version__}"
 
 
+def _sampler(arch: str) -> str:
+    from d2g_fast.bench import archs
+
+    return "flow-matching Euler" if archs.ARCH_INFO[arch].prediction_type == "flow" else "DDIM"
+
+
+def measure_memory(s: Settings, progress: Progress) -> list[Row]:
+    """Stage 0: parameter counts and model-state memory per GPU (see d2g_fast.bench.memory)."""
+    from d2g_fast.bench.memory import memory_rows
+
+    rows = memory_rows(s.arch, Row)
+    for r in rows:
+        if r.unit == "GiB":
+            progress.note(f"  {r.name}: {r.value:.3g} GiB")
+    return rows
+
+
 def measure_collection(s: Settings, progress: Progress) -> list[Row]:
     """Stage 1: seconds per batch of each collection provider (measured rows)."""
     from d2g_fast.bench import archs
@@ -198,7 +225,8 @@ def measure_collection(s: Settings, progress: Progress) -> list[Row]:
         comps = archs.components(s.arch, device=s.device, dtype=dtype)
         try:
             fn = make_collect_fn(provider, comps, device=s.device, batch=batch, steps=steps,
-                                 guidance=s.guidance, pipeline_cls=archs.pipeline_class(s.arch))
+                                 guidance=s.guidance, pipeline_cls=archs.pipeline_class(s.arch),
+                                 resolution=archs.resolution(s.arch))
         except Unavailable as exc:
             progress.omit(f"collection {provider}: not measured ({exc})")
             continue
@@ -212,7 +240,8 @@ def measure_collection(s: Settings, progress: Progress) -> list[Row]:
             f"collect.{provider}", "collection",
             f"ODE-pair collection, {provider}: pairs/s at {steps} steps", rate, "pairs/s",
             "measured", f"{archs.ARCH_INFO[s.arch].description} {s.precision}, batch {batch}, "
-            f"{steps} DDIM steps, guidance {s.guidance:g}; median of {t.reps} batches; "
+            f"{steps} {_sampler(s.arch)} steps, guidance {s.guidance:g}; median of {t.reps} "
+            f"batches; "
             f"{_where(s)}"))
     return rows
 
@@ -237,6 +266,14 @@ def measure_training(s: Settings, progress: Progress) -> list[Row]:
         except Unavailable as exc:
             progress.omit(f"training step: not measured ({exc})")
             return rows
+        except torch.cuda.OutOfMemoryError:
+            from d2g_fast.bench.timing import free_memory
+
+            free_memory(s.device)
+            progress.omit(f"training step, {kernels} kernels, {precision}: out of memory on one "
+                          f"device at micro-batch {batch} (replicated; see the memory rows for "
+                          f"FSDP)")
+            continue
         progress.note(f"  train step, {kernels} kernels, {precision}: "
                       f"{t.samples_per_s:.3g} samples/s")
         how = (f"{archs.ARCH_INFO[s.arch].description}, d2g_fast.train.train_step (G and D "
@@ -420,7 +457,7 @@ def run_gpu_days(s: Settings) -> list[Row]:
 
     s.check()
     os.makedirs(s.out, exist_ok=True)
-    progress = Progress(4)
+    progress = Progress(5)
     t0 = time.perf_counter()
     meta = {"command": s.command(), "device": device_name(s.device),
             "torch": torch.__version__, "git": git_revision(), "arch": s.arch,
@@ -438,9 +475,16 @@ def run_gpu_days(s: Settings) -> list[Row]:
         report.write_text_files(rows, {**meta, "partial": True}, s.out)
         return rows, None
 
-    for title, stage in ((f"collection on {device_name(s.device)}", measure_collection),
+    for title, stage in (("model-state memory (meta-device networks)", measure_memory),
+                         (f"collection on {device_name(s.device)}", measure_collection),
                          ("regression loss", measure_loss), ("training step", measure_training)):
         progress.stage(title)
+        if stage in (measure_collection, measure_training) and s.arch in CPU_UNTIMED \
+                and not s.gpu:
+            progress.omit(f"{title}: not measured ({s.arch} is timed on GPUs only: its random "
+                          f"weights alone need tens of GB of host memory; on a CPU, "
+                          f"--arch tiny-sd3 / tiny-flux measure the same code on tiny models)")
+            continue
         measured += stage(s, progress)
         report_so_far()
     progress.stage("report")

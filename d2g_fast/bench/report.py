@@ -12,6 +12,8 @@ SECTION_TITLES = (
     ("collection", "Measured: ODE-pair collection"),
     ("training", "Measured: the trainer's full step"),
     ("loss", "Measured: the regression loss alone"),
+    ("memory", "Model-state memory per GPU, replicated and FSDP2 (parameters counted on "
+               "meta-device networks; activations not included)"),
     ("published", "Published costs (cited, on the authors' hardware; not measured here)"),
 )
 SOURCE_COLOURS = {"measured": "tab:blue", "derived": "tab:green", "cited": "tab:gray"}

@@ -94,18 +94,19 @@ def build_step(arch: str, *, device: str, batch: int, precision: str,
         Unavailable: the trainer is not importable.
     """
     from d2g_fast.bench import archs
-    from d2g_fast.teacher import Teacher
 
     TrainConfig, build_run, train_step = trainer_api()
-    comps = archs.components(arch, device="cpu" if arch == "tiny" else device, seed=seed)
-    teacher = Teacher(comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"],
-                      text_encoder_2=comps.get("text_encoder_2"),
-                      tokenizer_2=comps.get("tokenizer_2"), vae_config=comps["vae"].config)
+    comps = archs.components(arch, device="cpu" if arch.startswith("tiny") else device,
+                             seed=seed)
+    teacher = archs.teacher(arch, comps)
     config = TrainConfig(batch_size=batch, precision=precision, lpips_random=True,
                          lpips_encoder=archs.ARCH_INFO[arch].lpips_encoder,
                          gradient_checkpointing=gradient_checkpointing, device=device,
                          progress=False, seed=seed)
-    run = build_run(config, teacher=teacher, dataset=None, device=device)
+    from d2g_fast.bench.collect_speed import GUIDANCE
+
+    # The collection guidance of the timed pairs (FLUX-dev's G embeds it; others ignore it).
+    run = build_run(config, teacher=teacher, dataset=None, device=device, guidance=GUIDANCE)
     data = synthetic_batch(arch, batch, seed)
 
     def step_fn(step: int) -> dict:
