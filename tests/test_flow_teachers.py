@@ -349,3 +349,35 @@ def test_export_reproduces_the_generator(kind, sd3_folder, flux_folder, tmp_path
             "--out", evald]) == 0
         assert os.path.isfile(os.path.join(evald, "report.json"))
 
+
+def test_export_of_a_trained_flux_run_reproduces_its_generator(flux_folder, tmp_path, capsys):
+    """collect -> distill (a checkpoint) -> d2g export -> the stock FluxPipeline in one step equals
+    G with the checkpoint's EMA weights and guidance; d2g sample reads d2g_student.json."""
+    from d2g_fast.train import checkpoint as ckpt
+
+    pairs, run, out = (str(tmp_path / n) for n in ("pairs", "run", "student"))
+    assert d2g_main(_collect_args(flux_folder, pairs, 16, ["--guidance", "3.5"])) == 0
+    assert d2g_main(["distill", "--teacher", flux_folder, "--pairs", pairs, "--out", run,
+                     "--lpips-random", "--batch-size", "2", "--max-steps", "1",
+                     "--checkpoint-every", "1", "--val-pairs", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert d2g_main(["export", run, "--out", out]) == 0
+    assert "guidance_scale=3.5, height=16, width=16" in capsys.readouterr().out
+    with open(os.path.join(out, STUDENT_INFO)) as f:
+        info = json.load(f)
+    assert info["family"] == "flux" and info["guidance_scale"] == 3.5
+    path = ckpt.latest_checkpoint(run)
+    teacher = Teacher.from_pretrained(flux_folder, resolution=16)
+    gen = make_generator(teacher, guidance=info["guidance_scale"])
+    gen.net.load_state_dict(ckpt.load_generator_weights(path, use_ema=True))
+    pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    noise = _noise(teacher, 2, seed=9)
+    ref = pipe(PROMPTS[:2], latents=pack(noise), num_inference_steps=1, guidance_scale=3.5,
+               height=16, width=16, output_type="latent").images
+    cond = teacher.encode_prompts(PROMPTS[:2], guided=False)
+    with torch.no_grad():
+        ours = gen(noise, cond.encoder_hidden_states, cond.added_cond_kwargs)
+    assert _rel_err(ours, unpack(ref, 8, 8)) <= 1e-5
+    assert d2g_main(["sample", "--model", out, "--prompts", "x", "--out",
+                     str(tmp_path / "samples"), "--device", "cpu"]) == 0
