@@ -103,6 +103,32 @@ def test_transformer_discriminator_built_from_the_family(sd3_world, flux_world, 
         assert d.taps == [0] and len(d.head_names) == 3
 
 
+@pytest.mark.parametrize("world_name", ["sd3_world", "flux_world"])
+def test_checkpointing_and_stored_embeddings_change_nothing(world_name, request, tmp_path):
+    """Gradient checkpointing (G's transformer and D's blocks) recomputes the same numbers; a
+    store holding the T5/CLIP embeddings trains as one whose prompts are encoded per batch."""
+    teacher_dir, pairs = request.getfixturevalue(world_name)
+    stored = str(tmp_path / "pairs_emb")
+    assert d2g_main(["collect", "--teacher", teacher_dir, "--num-pairs", "40", "--steps", "4",
+                     "--resolution", "16", "--batch-size", "8", "--shard-size", "16",
+                     "--guidance", "3", "--no-progress", "--store-embeddings",
+                     "--out", stored]) == 0
+    plain = _config((teacher_dir, pairs), tmp_path / "plain", max_steps=2)
+    train(plain, log=lambda *a: None)
+    variant = _config((teacher_dir, stored), tmp_path / "variant", max_steps=2,
+                      gradient_checkpointing=True)
+    train(variant, log=lambda *a: None)
+    assert _without_timings(_rows(variant.out)) == _without_timings(_rows(plain.out))
+
+
+def test_bf16_runs(flux_world, tmp_path):
+    config = _config(flux_world, tmp_path / "bf16", max_steps=2, precision="bf16")
+    train(config, log=lambda *a: None)
+    rows = _rows(config.out)
+    assert rows and all(math.isfinite(float(r["e_latentlpips"])) for r in rows)
+    assert all(math.isfinite(float(r["d_loss"])) for r in rows)
+
+
 # ------------------------------------------------------------------------------ E-LatentLPIPS
 def test_lpips_encoder_follows_the_teachers_vae(sd3_world, flux_world, tmp_path):
     from d2g_fast.teacher import load_teacher
