@@ -121,15 +121,18 @@ def _wait_for(predicate, proc, timeout=240):
 
 # ------------------------------------------------------------------------------ preemption
 def test_distill_sigterm_twice_saves_one_checkpoint_and_resumes_exactly(world, tmp_path, capsys):
+    """As a scheduler does, the signal goes to every process of the job (its DataLoader worker
+    too), twice."""
     step = random.Random().randrange(1, 4)  # the step the signal follows (random each run)
-    config = _config(world, tmp_path / "run", checkpoint_every=100)
+    config = _config(world, tmp_path / "run", checkpoint_every=100, num_workers=1)
     proc = subprocess.Popen([sys.executable, "-m", "d2g_fast.cli", *_args(config)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     metrics = os.path.join(config.out, "metrics.csv")
     _wait_for(lambda: os.path.exists(metrics) and len(MetricsLog.read(metrics)) >= step, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # a second signal while stopping/saving changes nothing
+    os.killpg(proc.pid, signal.SIGTERM)  # a second signal while stopping/saving changes nothing
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, (step, err[-3000:])
     assert "Traceback" not in err and "preempted (SIGTERM)" in err, err
@@ -286,6 +289,10 @@ def test_flipped_byte_in_newest_checkpoint_is_named_and_never_loaded(world, tmp_
     assert os.path.isdir(os.path.join(run, "checkpoints", f"damaged-step-{STEPS:07d}"))
     _assert_equals_reference(world, run)
     assert d2g_main(["verify", run]) == 0
+    _flip_byte(os.path.join(newest, "ema.safetensors"))  # d2g export refuses it too
+    assert d2g_main(["export", run, "--out", str(tmp_path / "exp")]) == 2
+    assert "is damaged" in capsys.readouterr().err and not (tmp_path / "exp").exists()
+    shutil.rmtree(os.path.join(run, "checkpoints", f"damaged-step-{STEPS:07d}"))
     # Every checkpoint damaged: refused, nothing loaded, nothing moved.
     for _, path in list_checkpoints(run):
         _flip_byte(os.path.join(path, "optimizer_d.pt"))

@@ -88,6 +88,13 @@ class PreemptionWatch:
         self._previous.clear()
 
 
+def ignore_in_worker(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's signature
+    """In a helper process (DataLoader worker): ignore the preemption signals, so that the
+    command, which stops at a step boundary, still has its workers when it finishes the step."""
+    for name in signal_names():
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
 _ACTIVE: list[PreemptionWatch] = []
 
 

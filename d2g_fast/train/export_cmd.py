@@ -28,6 +28,15 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast.runtime.diskspace import writing
     from d2g_fast.runtime.lock import FolderLock
 
+    from d2g_fast.train.checkpoint import verify_checkpoint
+    from d2g_fast.train.export import find_checkpoint
+
+    path = find_checkpoint(args.run_dir, args.step)
+    problems = verify_checkpoint(path)
+    if problems:  # never export damaged weights
+        raise ValueError(f"run_dir: checkpoint {path} is damaged ({'; '.join(problems[:3])}); "
+                         f"nothing was exported. d2g verify {args.run_dir} lists every "
+                         f"checkpoint; pass --step N of an intact one")
     fresh = not os.path.isdir(args.out) or not os.listdir(args.out)
     target = ensure_writable(args.out)  # refused before the pipeline is loaded
     with FolderLock(target, "d2g export").acquire(print):

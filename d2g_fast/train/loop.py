@@ -94,9 +94,14 @@ def make_loader(run: Run, start_step: int):
     c = run.config
     sampler = MicroBatchSampler(PairOrder(run.num_train, c.seed), start_step, c.max_steps,
                                 c.batch_size, c.grad_accum, run.procs.rank, run.procs.world)
+    from d2g_fast.runtime.signals import ignore_in_worker
+
+    # Workers ignore the preemption signals (a scheduler signals every process of the job):
+    # the main process finishes the step and saves, the workers must live until then.
     return torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler,
                                        num_workers=c.num_workers,
-                                       persistent_workers=c.num_workers > 0)
+                                       persistent_workers=c.num_workers > 0,
+                                       worker_init_fn=ignore_in_worker if c.num_workers else None)
 
 
 @torch.no_grad()
