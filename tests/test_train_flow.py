@@ -99,8 +99,10 @@ def test_transformer_discriminator_built_from_the_family(sd3_world, flux_world, 
         assert d.taps == teacher.default_taps(teacher.denoiser)
         assert [id(b) for b in d.blocks()] != [id(b) for b in teacher.blocks(teacher.denoiser)]
         assert len(d.blocks()) == len(teacher.blocks(teacher.denoiser))
-        d = make_discriminator(teacher, _config(world, tmp_path / "x", d_taps=[0]))
+        d = make_discriminator(teacher, _config(world, tmp_path / "x", d_taps=[0]), guidance=5.0)
         assert d.taps == [0] and len(d.head_names) == 3
+        # FLUX-dev's D embeds the collection guidance, as G does
+        assert d.config.guidance == (5.0 if world is flux_world else 3.5)
 
 
 @pytest.mark.parametrize("world_name", ["sd3_world", "flux_world"])

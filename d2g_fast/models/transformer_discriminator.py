@@ -47,7 +47,8 @@ DEFAULT_TAP_COUNT = 4
 # Every released SD3/SD3.5 scheduler has num_train_timesteps 1000 and the SD3 pipeline feeds the
 # transformer timestep = sigma * 1000; FLUX's pipeline feeds sigma (the transformer scales by 1000).
 SD3_TIMESTEP_SCALE = 1000.0
-# FluxPipeline's default guidance_scale: what a guidance-embedded D is fed when the batch names none.
+# FluxPipeline's default guidance_scale: what a guidance-embedded D is fed when the batch has
+# none.
 FLUX_DEFAULT_GUIDANCE = 3.5
 
 
@@ -82,7 +83,8 @@ class TransformerDiscriminator(nn.Module):
     """Base class: the taps, heads, checks and the forward; subclasses say how one transformer
     family turns latents into tokens and calls its blocks. Build with :meth:`from_transformer`."""
 
-    def __init__(self, transformer: nn.Module, config: TransformerDiscriminatorConfig | None = None):
+    def __init__(self, transformer: nn.Module,
+                 config: TransformerDiscriminatorConfig | None = None):
         """Takes ``transformer`` as its own backbone (no copy); ``from_transformer`` copies."""
         super().__init__()
         self.config = config or TransformerDiscriminatorConfig()
@@ -98,7 +100,8 @@ class TransformerDiscriminator(nn.Module):
                              f"{list(self.config.taps)}")
         scales = [int(s) for s in self.config.scales]
         if not scales or min(scales) < 1 or len(set(scales)) != len(scales):
-            raise ValueError(f"scales: distinct pooling factors >= 1, got {list(self.config.scales)}")
+            raise ValueError(f"scales: distinct pooling factors >= 1, got "
+                             f"{list(self.config.scales)}")
         self.taps, self.scales = taps, scales
         # What D never runs (blocks after the last tap, the output layers) is frozen: no
         # optimiser state, no gradient traffic.

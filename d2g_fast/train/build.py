@@ -140,13 +140,15 @@ def collection_guidance(dataset) -> float | None:
     return dataset.manifest["config"].get("guidance")
 
 
-def make_discriminator(teacher, config: TrainConfig):
+def make_discriminator(teacher, config: TrainConfig, guidance: float | None = None):
     """D from a copy of the teacher's network: the transformer discriminator for SD3/FLUX
-    transformers (taps from the family, --d-taps overrides), the UNet discriminator for UNets."""
+    transformers (taps from the family, --d-taps overrides; ``guidance``: the collection
+    guidance, which a guidance-embedded FLUX D embeds as G does), the UNet discriminator for
+    UNets."""
     from d2g_fast.models.transformer_discriminator import BACKBONES
 
     if type(teacher.denoiser).__name__ in BACKBONES:
-        return make_transformer_discriminator(teacher, config)
+        return make_transformer_discriminator(teacher, config, guidance)
     from d2g_fast.models import DiffusionDiscriminator
 
     return DiffusionDiscriminator.from_unet(
@@ -157,13 +159,15 @@ def make_discriminator(teacher, config: TrainConfig):
         multiscale_output=not config.d_multiscale_output_off)
 
 
-def make_transformer_discriminator(teacher, config: TrainConfig):
+def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float | None = None):
     from d2g_fast.models import TransformerDiscriminator
 
     net = teacher.denoiser.float()
     taps = list(config.d_taps) or teacher.default_taps(net)
+    embedded = teacher.guidance_for_generator(guidance)
+    extra = {} if embedded is None else {"guidance": embedded}
     return TransformerDiscriminator.from_transformer(
-        net, taps=taps, gradient_checkpointing=config.gradient_checkpointing,
+        net, taps=taps, gradient_checkpointing=config.gradient_checkpointing, **extra,
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         noise_conditioning=not config.d_noise_off)
 
@@ -311,9 +315,10 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         dataset, num_train = open_pairs(config.pairs, teacher, config, procs.world)
     elif dataset is not None:
         num_train = len(dataset) - config.val_pairs
-    generator = make_generator(teacher, config,
-                               guidance if dataset is None else collection_guidance(dataset))
-    discriminator = make_discriminator(teacher, config)
+    if dataset is not None:
+        guidance = collection_guidance(dataset)
+    generator = make_generator(teacher, config, guidance)
+    discriminator = make_discriminator(teacher, config, guidance)
     lpips = make_lpips(teacher, config)
     from d2g_fast.losses.regression import make_regression_loss
 
