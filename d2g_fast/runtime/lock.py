@@ -120,10 +120,15 @@ class FolderLock:
                         f"{self.path}") from None
                 self._take_over(holder, log)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self._record(), f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(self._record(), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # a full disk: no empty lock file left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
             self.held = True
             return self
         raise FolderLockedError(f"{self.folder}: could not take the lock {self.path} (other "
