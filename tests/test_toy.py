@@ -195,9 +195,10 @@ def test_toy_train_quick_makes_a_loadable_world(tmp_path):
 
     out = tmp_path / "world"
     with one_thread():
-        assert main(["toy", "train", "--out", str(out), "--quick", "--no-progress"]) == 0
+        assert main(["toy", "train", "--out", str(out), "--quick", "--no-progress",
+                     "--unet-steps", "5"]) == 0
         prov = json.loads((out / "provenance.json").read_text())
-        assert prov["seed"] == 0 and prov["settings"]["unet_steps"] == 4
+        assert prov["seed"] == 0 and prov["settings"]["unet_steps"] == 5
         pipe = toy.load_teacher(out)
         lp = toy.load_elatentlpips(out)
         z = torch.randn(2, 4, 8, 8)
@@ -212,6 +213,9 @@ def test_toy_train_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["toy", "train", "--out", "x", "--seed", "-1"])
     assert "--seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["toy", "train", "--out", "x", "--unet-steps", "0"])
+    assert "--unet-steps" in capsys.readouterr().err
 
 
 def test_vae_stage_is_deterministic():

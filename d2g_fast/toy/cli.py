@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch intra-op threads (default: torch's; 1 is fastest for these tiny "
                         "models on a busy machine)")
+    p.add_argument("--unet-steps", type=_positive_int, default=None,
+                   help="teacher UNet training steps (default: the shipped weights' "
+                        "ToySettings.unet_steps; recorded in provenance.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_ablate_arguments(sub)
 
@@ -108,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.toy_command == "ablate":
         return run_ablate(args)
     settings = ToySettings.quick() if args.quick else ToySettings()
+    if args.unet_steps is not None:
+        settings.unet_steps = args.unet_steps
     command = "d2g " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     prov = train_all(args.out, seed=args.seed, settings=settings,
                      progress=not args.no_progress, command=command)
