@@ -4,7 +4,7 @@
     pytest benchmarks/ --benchmark-only --benchmark-json=out.json
     pytest benchmarks/ --benchmark-only --benchmark-autosave      # .benchmarks/, then:
     pytest benchmarks/ --benchmark-only --benchmark-compare --benchmark-compare-fail=median:10%
-    pytest-benchmark compare 0001 0002 --histogram=hist
+    pytest-benchmark compare 0001 0002 [--histogram=hist: pip install "pytest-benchmark[histogram]"]
     pytest benchmarks/ --benchmark-only --bench-full -k "elatentlpips and fast-bf16"
 
 One item per case and mode, named device:file:op:config:provider:mode (benchmarks.harness
@@ -127,10 +127,12 @@ def test_case(benchmark, bench_id, request):
         raise entry.error
     case, mode = entry.case, entry.mode
     fn = _functions(entry)[mode]
+    warmup = request.config.getoption("--bench-warmup-rounds")
     benchmark.extra_info.update(file=f"benchmarks/{entry.name}.py", op=case.op, config=case.config,
-                                provider=case.provider, mode=mode, device=entry.device, note=case.note)
-    benchmark.pedantic(fn, rounds=request.config.getoption("benchmark_min_rounds"),
-                       warmup_rounds=request.config.getoption("--bench-warmup-rounds"), iterations=1)
+                                provider=case.provider, mode=mode, device=entry.device, note=case.note,
+                                warmup_rounds=warmup)
+    benchmark.pedantic(fn, rounds=request.config.getoption("benchmark_min_rounds"), warmup_rounds=warmup,
+                       iterations=1)
     if benchmark.enabled and benchmark.stats:
         seconds = benchmark.stats.stats.median
         nbytes, nflops = _work(case, mode)

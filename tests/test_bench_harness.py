@@ -3,6 +3,7 @@ every benchmark table reports (issue 17)."""
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,3 +77,14 @@ def test_cpu_flags_name_the_bf16_hardware_and_torch_capability():
         listed = text.split(" (torch:")[0]
         present = [f for f in CPU_FLAGS if f in have]
         assert listed == (" ".join(present) if present else "none of " + ",".join(CPU_FLAGS))
+
+
+@pytest.mark.cuda
+def test_cuda_timer_waits_for_the_gpu():
+    """pytest-benchmark's timer for GPU cases: a kernel queued between two readings counts."""
+    from benchmarks.harness import cuda_synchronized_timer
+    torch.cuda.synchronize()
+    t0 = cuda_synchronized_timer()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles, returns at once on the host
+    t1 = cuda_synchronized_timer()
+    assert t1 - t0 > 0.02, t1 - t0
