@@ -17,7 +17,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is a dict: ``noise`` [C, h, w] float32, ``latent`` [C, h, w] float32 (the
     teacher's final latent, not scaled by the VAE factor), ``prompt`` (str), ``index`` (int,
-    the pair index), ``prompt_index`` (int), and, when the store holds them and
+    the pair index), ``prompt_index`` (int), ``guidance`` (0-d float32 tensor: the guidance
+    scale the pair was collected with; stores written before per-pair guidance give the
+    collection's one scale), and, when the store holds them and
     ``load_embeddings`` is true, ``prompt_embeds`` [L, D] and ``pooled_prompt_embeds`` [P]
     (SDXL) in the dtype they were computed in.
 
@@ -75,6 +77,15 @@ class PairDataset(torch.utils.data.Dataset):
         if checksum and sha256_file(path) != shard["sha256"]:
             raise StoreError(f"{shard['file']}: sha256 mismatch (corrupted)")
 
+    @property
+    def guidance_set(self) -> dict | None:
+        """The guidance set of a multi-guidance collection (``{"values": [...]}`` or
+        ``{"range": [low, high]}``); None when every pair has the same scale."""
+        return self.manifest["config"].get("guidance_set")
+
+    def _fixed_guidance(self) -> torch.Tensor:
+        return torch.tensor(float(self.manifest["config"]["guidance"]), dtype=torch.float32)
+
     def __len__(self) -> int:
         return self._len
 
@@ -107,6 +118,8 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             item = {name: f.get_slice(name)[row:row + 1][0]
                     for name in ("noise", "latent", "index", "prompt_index")}
+            item["guidance"] = f.get_slice("guidance")[row:row + 1][0] \
+                if "guidance" in f.keys() else self._fixed_guidance()
             if self.load_embeddings:
                 for name in self.embedding_keys:
                     item[name] = f.get_slice(name)[row:row + 1][0]

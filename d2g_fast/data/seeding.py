@@ -51,3 +51,61 @@ class PromptSchedule:
 
     def indices(self, indices) -> list[int]:
         return [self(i) for i in indices]
+
+
+GUIDANCE_RULE = ("values: values[randint(len(values))], range [low, high]: low + (high - low) * "
+                 "rand (float64), torch CPU generator seeded with derive_seed(seed, i, "
+                 "'guidance'); rounded to float32")
+
+
+def guidance_set(guidance=None, guidance_range=None) -> dict | None:
+    """The collection's guidance scales as a manifest entry: ``{"values": [...]}`` (a list of
+    two or more distinct scales) or ``{"range": [low, high]}`` (uniform); None for one fixed
+    scale (then pair i's guidance is that scale, as before). Bad input names its flag."""
+    if guidance_range is not None:
+        if guidance is not None and not isinstance(guidance, (int, float)):
+            raise ValueError("guidance_range (--guidance-range): give either a --guidance list "
+                             "or a --guidance-range, not both")
+        low, high = (float(v) for v in guidance_range)
+        if not (low == low and high == high) or low < 0 or not low < high:
+            raise ValueError(f"guidance_range (--guidance-range): needs 0 <= LOW < HIGH, got "
+                             f"{list(guidance_range)}")
+        return {"range": [_f32(low), _f32(high)]}
+    if guidance is None or isinstance(guidance, (int, float)):
+        return None
+    values = [float(v) for v in guidance]
+    if not values:
+        raise ValueError("guidance (--guidance): the list of scales is empty")
+    if any(not v == v or v < 0 for v in values):
+        raise ValueError(f"guidance (--guidance): every scale must be >= 0, got {values}")
+    distinct = sorted({_f32(v) for v in values})
+    return None if len(distinct) == 1 else {"values": distinct}
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (what the shards store), as a Python float."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+class GuidanceSchedule:
+    """Which guidance scale pair i is collected with: a pure function of (seed, i) drawn from
+    the collection's guidance set (see ``guidance_set``), like its noise and prompt."""
+
+    def __init__(self, spec: dict, seed: int):
+        if "values" not in spec and "range" not in spec:
+            raise ValueError(f"guidance set: expected 'values' or 'range', got {spec!r}")
+        self.spec = spec
+        self.seed = int(seed)
+
+    def __call__(self, index: int) -> float:
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, index, "guidance"))
+        if "values" in self.spec:
+            values = self.spec["values"]
+            return _f32(values[int(torch.randint(len(values), (1,), generator=gen))])
+        low, high = self.spec["range"]
+        u = float(torch.rand(1, generator=gen, dtype=torch.float64))
+        return _f32(low + (high - low) * u)
+
+    def values(self, indices) -> torch.Tensor:
+        """The guidance of several pairs: float32 [len(indices)]."""
+        return torch.tensor([self(i) for i in indices], dtype=torch.float32)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from d2g_fast.data import store
-from d2g_fast.data.seeding import NOISE_RULE, PROMPT_RULE, PromptSchedule, batch_noise, derive_seed
+from d2g_fast.data.seeding import (GUIDANCE_RULE, NOISE_RULE, PROMPT_RULE, GuidanceSchedule,
+                                   PromptSchedule, batch_noise, derive_seed, guidance_set)
 from d2g_fast.runtime.signals import Preempted, requested_on_any_rank, resume_line
 from d2g_fast.runtime.signals import requested as preemption_requested
 from d2g_fast.teacher.families import TeacherFamily as Teacher
@@ -69,12 +70,15 @@ def _sync(device: torch.device) -> None:
 
 def collection_config(teacher: Teacher, prompts: list[str], *, steps: int, guidance: float,
                       scheduler: str | None, negative_prompt: str | None, batch_size: int,
-                      shard_size: int, seed: int, store_embeddings: bool) -> dict:
+                      shard_size: int, seed: int, store_embeddings: bool,
+                      guidances: dict | None = None) -> dict:
     """Everything that determines the stored pairs. A store folder refuses to continue with a
-    different one. (The number of pairs is not part of it: it may grow between runs.)"""
+    different one. (The number of pairs is not part of it: it may grow between runs.)
+    ``guidances``: the guidance set of a multi-guidance collection (``seeding.guidance_set``;
+    then ``guidance`` is None); a single-guidance configuration is the same as before."""
     sched = teacher.make_scheduler(scheduler)
     ident = teacher.identity()
-    return {
+    config = {
         "teacher_sha256": ident["sha256"],
         "teacher_kind": ident["kind"],
         "latent_shape": list(teacher.latent_shape),
@@ -82,7 +86,7 @@ def collection_config(teacher: Teacher, prompts: list[str], *, steps: int, guida
         "scheduler": type(sched).__name__,
         "scheduler_config": json.loads(json.dumps(clean_config(sched.config), default=str)),
         "steps": int(steps),
-        "guidance": float(guidance),
+        "guidance": None if guidances else float(guidance),
         "negative_prompt": negative_prompt,
         "seed": int(seed),
         "shard_size": int(shard_size),
@@ -96,6 +100,17 @@ def collection_config(teacher: Teacher, prompts: list[str], *, steps: int, guida
         "noise_rule": NOISE_RULE,
         "prompt_rule": PROMPT_RULE,
     }
+    if guidances:
+        config.update(guidance_set=guidances, guidance_rule=GUIDANCE_RULE)
+    return config
+
+
+def pair_guidances(config: dict, indices) -> torch.Tensor:
+    """The guidance scale of each pair (float32 [len(indices)]): the fixed one, or drawn from
+    the guidance set by (seed, index)."""
+    if config.get("guidance_set"):
+        return GuidanceSchedule(config["guidance_set"], config["seed"]).values(indices)
+    return torch.full([len(indices)], config["guidance"], dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -117,13 +132,13 @@ class StoreRun:
         return store.plan_shards(self.num_pairs, self.config["shard_size"])
 
 
-def _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance):
+def _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance, guidances):
     for name, flag, value in (("num_pairs", "--num-pairs", num_pairs), ("steps", "--steps", steps),
                               ("batch_size", "--batch-size", batch_size),
                               ("shard_size", "--shard-size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} ({flag}): must be a positive integer, got {value!r}")
-    if not guidance == guidance or guidance < 0:  # NaN or negative
+    if guidances is None and (not guidance == guidance or guidance < 0):  # NaN or negative
         raise ValueError(f"guidance (--guidance): must be >= 0, got {guidance!r}")
     if not prompts:
         raise ValueError("prompts (--prompts): the prompt list is empty")
@@ -162,7 +177,8 @@ def _tensor_layout(config: dict) -> dict:
     tensors = {"noise": {"dtype": "float32", "shape": ["n", c, h, w]},
                "latent": {"dtype": "float32", "shape": ["n", c, h, w]},
                "index": {"dtype": "int64", "shape": ["n"]},
-               "prompt_index": {"dtype": "int64", "shape": ["n"]}}
+               "prompt_index": {"dtype": "int64", "shape": ["n"]},
+               "guidance": {"dtype": "float32", "shape": ["n"]}}
     family = family_class(config["teacher_kind"])
     if family.latent_note:
         tensors["latent"]["layout"] = tensors["noise"]["layout"] = family.latent_note
@@ -232,38 +248,52 @@ def _pending_shards(run: StoreRun) -> list[tuple[int, int, int]]:
     return [s for s in run.plan() if store.read_receipt(run.out, *s, run.config_hash) is None]
 
 
+def guidance_groups(guidances: torch.Tensor, rows: range) -> list[list[int]]:
+    """The network batches of the rows ``rows``: one per distinct guidance scale, in order of
+    first appearance (one batch when the scale is fixed, as before)."""
+    groups: dict[float, list[int]] = {}
+    for r in rows:
+        groups.setdefault(float(guidances[r]), []).append(r)
+    return list(groups.values())
+
+
 def _sample_shard(teacher: Teacher, run: StoreRun, start: int, count: int, base_scheduler,
                   on_batch) -> dict:
-    """The tensors of one shard: noise, the teacher's latents, indices (and embeddings)."""
+    """The tensors of one shard: noise, the teacher's latents, indices, guidance scales (and
+    embeddings). A batch mixing guidance scales runs one network batch per scale."""
     config = run.config
-    seed, batch_size, guidance = config["seed"], config["batch_size"], config["guidance"]
+    seed, batch_size = config["seed"], config["batch_size"]
     indices = list(range(start, start + count))
     prompt_idx = PromptSchedule(len(run.prompts), seed).indices(indices)
     noise = batch_noise(seed, indices, teacher.latent_shape)
-    latents, embeds, pooled = [], [], []
+    guidances = pair_guidances(config, indices)
+    latents, embeds, pooled = [None] * count, [None] * count, [None] * count
     for b in range(0, count, batch_size):
-        rows = slice(b, b + batch_size)
-        texts = [run.prompts[j] for j in prompt_idx[rows]]
-        cond = teacher.encode_prompts(texts, config["negative_prompt"], guidance > 1.0)
-        # Stochastic schedulers draw from a generator seeded by the batch's first pair.
-        gen = torch.Generator(device=teacher.device).manual_seed(
-            derive_seed(seed, start + b, "sampler"))
-        lat = teacher.sample(noise[rows], texts, steps=config["steps"], guidance=guidance,
-                             scheduler=copy.deepcopy(base_scheduler), generator=gen,
-                             conditioning=cond)
-        latents.append(lat.cpu())
-        if config["store_embeddings"]:
-            embeds.append(cond.prompt_embeds.cpu())
-            if cond.pooled_prompt_embeds is not None:
-                pooled.append(cond.pooled_prompt_embeds.cpu())
-        on_batch(lat.shape[0])
-    tensors = {"noise": noise, "latent": torch.cat(latents),
+        for rows in guidance_groups(guidances, range(b, min(b + batch_size, count))):
+            guidance = float(guidances[rows[0]])
+            texts = [run.prompts[prompt_idx[r]] for r in rows]
+            cond = teacher.encode_prompts(texts, config["negative_prompt"], guidance > 1.0)
+            # Stochastic schedulers draw from a generator seeded by the batch's first pair.
+            gen = torch.Generator(device=teacher.device).manual_seed(
+                derive_seed(seed, start + rows[0], "sampler"))
+            lat = teacher.sample(noise[rows], texts, steps=config["steps"], guidance=guidance,
+                                 scheduler=copy.deepcopy(base_scheduler), generator=gen,
+                                 conditioning=cond).cpu()
+            for j, r in enumerate(rows):
+                latents[r] = lat[j]
+                if config["store_embeddings"]:
+                    embeds[r] = cond.prompt_embeds[j].cpu()
+                    if cond.pooled_prompt_embeds is not None:
+                        pooled[r] = cond.pooled_prompt_embeds[j].cpu()
+            on_batch(lat.shape[0])
+    tensors = {"noise": noise, "latent": torch.stack(latents),
                "index": torch.tensor(indices, dtype=torch.int64),
-               "prompt_index": torch.tensor(prompt_idx, dtype=torch.int64)}
-    if embeds:
-        tensors["prompt_embeds"] = torch.cat(embeds)
-    if pooled:
-        tensors["pooled_prompt_embeds"] = torch.cat(pooled)
+               "prompt_index": torch.tensor(prompt_idx, dtype=torch.int64),
+               "guidance": guidances}
+    if embeds[0] is not None:
+        tensors["prompt_embeds"] = torch.stack(embeds)
+    if pooled[0] is not None:
+        tensors["pooled_prompt_embeds"] = torch.stack(pooled)
     return tensors
 
 
@@ -313,7 +343,8 @@ def _log_cost(manifest: dict, log) -> None:
 
 
 def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, steps: int = 50,
-            guidance: float = 8.0, scheduler: str | None = None,
+            guidance: float | list[float] = 8.0, guidance_range: tuple | None = None,
+            scheduler: str | None = None,
             negative_prompt: str | None = None, batch_size: int = 8, shard_size: int = 1000,
             seed: int = 0, store_embeddings: bool = False, prompt_source: str | None = None,
             group: ProcessGroup | None = None, progress: bool = True,
@@ -325,15 +356,22 @@ def collect(teacher: Teacher, prompts: list[str], out: str, num_pairs: int, *, s
     None means a single process. Rerunning with the same arguments resumes: finished shards are
     kept, the rest are made. The same folder with a different configuration raises
     ``ConfigMismatchError``. Latents with NaN/Inf raise ``NonFiniteLatentError`` and are never
-    stored."""
+    stored.
+
+    ``guidance``: one scale, or a list of scales; ``guidance_range``: (low, high), uniform. With
+    several scales pair i's scale is drawn by (seed, i) (``seeding.GuidanceSchedule``) and
+    stored per pair; the set is recorded in the manifest's config (``guidance_set``)."""
     group = group or ProcessGroup()
-    _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance)
+    guidances = guidance_set(guidance, guidance_range)
+    if guidances is None and not isinstance(guidance, (int, float)):
+        guidance = float(guidance[0])  # a list of one scale (repeated)
+    _check_arguments(prompts, num_pairs, steps, batch_size, shard_size, guidance, guidances)
     teacher.check_sample_options(negative_prompt)
     out = store.ensure_writable(out)
     config = collection_config(teacher, prompts, steps=steps, guidance=guidance,
                                scheduler=scheduler, negative_prompt=negative_prompt,
                                batch_size=batch_size, shard_size=shard_size, seed=seed,
-                               store_embeddings=store_embeddings)
+                               store_embeddings=store_embeddings, guidances=guidances)
     run = StoreRun(out=out, config=config,
                    config_hash=store.sha256_bytes(store.canonical_json(config)),
                    num_pairs=num_pairs, prompts=list(prompts), prompt_source=prompt_source)
@@ -391,16 +429,23 @@ def recompute_pairs(teacher: Teacher, root: str, indices: list[int], *, atol: fl
     for b in range(0, len(indices), batch_size):
         items = [ds[i] for i in indices[b:b + batch_size]]
         noise = batch_noise(config["seed"], [it["index"] for it in items], config["latent_shape"])
-        texts = [it["prompt"] for it in items]
-        lat = teacher.sample(noise, texts, steps=config["steps"], guidance=config["guidance"],
-                             scheduler=copy.deepcopy(base),
-                             negative_prompt=config["negative_prompt"]).cpu()
+        guidances = pair_guidances(config, [it["index"] for it in items])
+        lat = torch.empty(noise.shape)
+        for rows in guidance_groups(guidances, range(len(items))):
+            lat[rows] = teacher.sample(noise[rows], [items[r]["prompt"] for r in rows],
+                                       steps=config["steps"],
+                                       guidance=float(guidances[rows[0]]),
+                                       scheduler=copy.deepcopy(base),
+                                       negative_prompt=config["negative_prompt"]).cpu()
         for row, it in enumerate(items):
             err = float((lat[row] - it["latent"]).abs().max())
             scale = float(it["latent"].abs().max())
             noise_ok = torch.equal(noise[row], it["noise"])
             prompt_ok = schedule(it["index"]) == it["prompt_index"]
+            guidance_ok = float(guidances[row]) == float(it["guidance"])
             results.append({"index": it["index"], "noise_ok": noise_ok, "prompt_ok": prompt_ok,
+                            "guidance_ok": guidance_ok, "guidance": float(guidances[row]),
                             "max_abs_err": err, "tolerance": atol * max(1.0, scale),
-                            "ok": noise_ok and prompt_ok and err <= atol * max(1.0, scale)})
+                            "ok": noise_ok and prompt_ok and guidance_ok
+                            and err <= atol * max(1.0, scale)})
     return results

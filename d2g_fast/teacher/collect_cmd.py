@@ -17,9 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pairs to collect (may grow between runs on the same --out)")
     p.add_argument("--out", required=True, help="store folder (created; resumed when it exists)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=8.0,
-                   help="classifier-free guidance scale (<= 1: no guidance); FLUX-dev: the "
-                        "embedded guidance (the pipeline's guidance_scale, e.g. 3.5)")
+    p.add_argument("--guidance", type=parse_guidance, default=None,
+                   help="classifier-free guidance scale (<= 1: no guidance; default 8); FLUX-dev: "
+                        "the embedded guidance (the pipeline's guidance_scale, e.g. 3.5). A comma "
+                        "list (2,4.5,8) collects over several scales: pair i's scale is drawn "
+                        "from the list by (seed, i) and stored with the pair")
+    p.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="collect over guidance scales drawn uniformly from [LOW, HIGH] by "
+                        "(seed, i), stored per pair (instead of --guidance)")
     p.add_argument("--negative-prompt", default=None,
                    help="negative prompt (default: the empty prompt; zeros for SDXL; FLUX "
                         "takes none)")
@@ -46,6 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fuse-qkv", action="store_true",
                    help="keep separate Q/K/V projections on GPUs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_guidance(text: str):
+    """``--guidance``: one scale ("7.5") or a comma list of scales ("2,4.5,8")."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got "
+                                         f"{text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def quiet_model_loading() -> None:
@@ -82,7 +97,14 @@ def run(args: argparse.Namespace) -> int:
     quiet_model_loading()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     parse_dtype(dtype)
+    from d2g_fast.data.seeding import guidance_set
+
     prompts = load_prompts(args.prompts)
+    guidance = 8.0 if args.guidance is None else args.guidance
+    if args.guidance is not None and args.guidance_range is not None:
+        raise ValueError("guidance_range (--guidance-range): give either --guidance or "
+                         "--guidance-range, not both")
+    guidance_set(guidance, args.guidance_range)  # bad scales are refused before --out exists
     # A folder, resolution or option the teacher cannot take is refused before --out exists.
     check_teacher_folder(args.teacher, args.resolution).check_sample_options(
         args.negative_prompt, args.scheduler)
@@ -107,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                          fuse_qkv=gpu and not args.no_fuse_qkv, compile=args.compile,
                          cuda_graphs=gpu and args.cuda_graphs)
         collect(teacher, prompts, args.out, args.num_pairs, steps=args.steps,
-                guidance=args.guidance, scheduler=args.scheduler,
+                guidance=guidance, guidance_range=args.guidance_range,
+                scheduler=args.scheduler,
                 negative_prompt=args.negative_prompt, batch_size=args.batch_size,
                 shard_size=args.shard_size, seed=args.seed,
                 store_embeddings=args.store_embeddings, prompt_source=args.prompts,

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         for r in recompute_pairs(teacher, args.root, indices, atol=args.atol):
             status = "ok  " if r["ok"] else "FAIL"
             print(f"{status} pair {r['index']}: noise {'ok' if r['noise_ok'] else 'DIFFERS'}, "
-                  f"prompt {'ok' if r['prompt_ok'] else 'DIFFERS'}, latent max |diff| "
+                  f"prompt {'ok' if r['prompt_ok'] else 'DIFFERS'}, guidance "
+                  f"{'ok' if r['guidance_ok'] else 'DIFFERS'}, latent max |diff| "
                   f"{r['max_abs_err']:.3g} (tolerance {r['tolerance']:.3g})")
             if not r["ok"]:
                 problems.append(f"pair {r['index']}")

@@ -134,10 +134,16 @@ def make_generator(teacher, config: TrainConfig, guidance: float | None = None
 
 
 def collection_guidance(dataset) -> float | None:
-    """The guidance the pairs were collected with (None without a store)."""
+    """The guidance the pairs were collected with (None without a store). A store collected
+    over several guidance scales is refused: G and D take one fixed guidance here."""
     if dataset is None or not hasattr(dataset, "manifest"):
         return None
-    return dataset.manifest["config"].get("guidance")
+    config = dataset.manifest["config"]
+    if config.get("guidance_set"):
+        raise ValueError(f"pairs (--pairs): the store was collected over several guidance scales "
+                         f"({config['guidance_set']}); d2g distill trains a student for one "
+                         f"fixed guidance scale: collect with a single --guidance")
+    return config.get("guidance")
 
 
 def make_discriminator(teacher, config: TrainConfig, guidance: float | None = None):
