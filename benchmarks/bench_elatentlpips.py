@@ -16,6 +16,15 @@ Providers
   fast-fp32           d2g_fast.ELatentLPIPS fast path, fp32 (BN folded, channels_last, fused op)
   fast-bf16           the same in bf16
   fast-bf16+aug       fast-bf16 with the "bg" augmentation: the full E-LatentLPIPS
+  fast-bf16+aug-unfused  the same with D2G_FUSED_TRUNK=0: the CPU trunk without oneDNN's fused
+                      ReLU and the hand-written backward (the path before issue 23)
+  trunk-bf16          floor: the bare latent-VGG trunk alone (folded weights), bf16
+                      channels_last conv, a separate in-place ReLU, max-pool; the generated
+                      branch with autograd (gradients of ones into the five taps), the target
+                      branch without; no augmentation, distance, L1 or checks
+  trunk-bf16-fused    floor without ReLU passes: conv with oneDNN's ReLU post-op + pool forward,
+                      and a backward of only the data-gradient convs and pool backwards (no ReLU
+                      mask: a lower bound, not a gradient)
   pixel-lpips+vae     decode both latents with the SD1.5-shaped AutoencoderKL decoder (random
                       weights) and run pixel LPIPS (lpips 0.1.4, VGG, random trunk); fp32
   pixel-lpips+vae-bf16  the same under bf16 autocast
@@ -29,6 +38,7 @@ providers is the trunk's achieved throughput.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 
@@ -120,6 +130,79 @@ def _pixel(device):
     return _MODELS[key]
 
 
+def _trunk_floor(model, fused: bool, pred: torch.Tensor, target: torch.Tensor):
+    """fwd / fwd+bwd callables of the bare trunk (providers trunk-bf16, trunk-bf16-fused)."""
+    import torch.nn.functional as F
+
+    from d2g_fast.nn import latent_vgg as lv
+    if fused and not lv.fused_trunk_supported(pred.device, torch.bfloat16):
+        raise SkipCase("oneDNN's fused convolution is not available here")
+    net = model.net
+    weights = net.folded_weights(torch.bfloat16, True)
+    flipped = net.flipped_weights(torch.bfloat16, True)
+    plan = lv._trunk_plan(net.slices)
+
+    def forward(x, save=None):
+        h = x.to(torch.bfloat16, memory_format=torch.channels_last)
+        taps, k = [], 0
+        for step in plan:
+            if step == "conv":
+                w, b = weights[k]
+                h = lv._conv_relu(h, w, b) if fused else F.relu(F.conv2d(h, w, b, padding=1), inplace=True)
+                k += 1
+            elif step == "pool" and save is not None:
+                h, idx = torch.ops.aten.max_pool2d_with_indices(h, [2, 2], [2, 2])
+                save.append((h, idx))
+            elif step == "pool":
+                h = F.max_pool2d(h, kernel_size=2, stride=2)
+            else:
+                taps.append(h)
+        return taps
+
+    def backward_floor(taps, saved, x):
+        # Data-gradient convs (tap gradients through the add post-op) and pool backwards only.
+        g, t, k, pools = torch.ones_like(taps[-1]), len(taps) - 1, len(flipped), list(saved)
+        for i in range(len(plan) - 2, -1, -1):
+            step = plan[i]
+            if step == "pool":
+                out, idx = pools.pop()
+                g = torch.ops.aten.max_pool2d_with_indices_backward(
+                    g, torch.empty(out.shape[:2] + (out.shape[2] * 2, out.shape[3] * 2),
+                                   dtype=out.dtype).contiguous(memory_format=torch.channels_last),
+                    [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+            elif step == "conv":
+                k -= 1
+                tap = None
+                if i > 0 and plan[i - 1] == "tap":
+                    t -= 1
+                    tap = torch.ones_like(taps[t])
+                g = lv._conv_data_grad(g, flipped[k], tap)
+        return g
+
+    def fwd():
+        with torch.no_grad():
+            forward(target)
+            return forward(pred)
+
+    grads = []
+
+    def fwd_bwd():
+        pred.grad = None
+        with torch.no_grad():
+            forward(target)
+        if fused:
+            with torch.no_grad():
+                saved = []
+                taps = forward(pred, saved)
+                return backward_floor(taps, saved, pred).float()
+        taps = forward(pred)
+        if not grads:
+            grads.extend(torch.ones_like(t) for t in taps)
+        torch.autograd.backward(taps, grads)
+        return taps[0]
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
 def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
     def make():
         if provider == "official+aug" and device.startswith("cuda"):
@@ -140,15 +223,25 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
                     with torch.no_grad():
                         img_b = vae.decode(b / 0.18215).sample
                     return metric(img_a, img_b).float()
+        elif provider.startswith("trunk"):
+            model = _ours(c, device, augment=None, precision="bf16", impl="auto")
+            g = torch.Generator(device="cpu").manual_seed(0)
+            target = torch.randn(n, c, h, w, generator=g).to(device)
+            pred = (target + 0.5 * torch.randn(n, c, h, w, generator=g).to(device)).requires_grad_(True)
+            return _trunk_floor(model, provider.endswith("fused"), pred, target)
         else:
-            kwargs = {"augment": "bg" if provider.endswith("+aug") else None,
-                      "precision": "bf16" if "bf16" in provider else "fp32",
-                      "impl": "ref" if provider in ("ref", COMPILED) else "auto"}
+            unfused = provider.endswith("-unfused")
+            name = provider.removesuffix("-unfused")
+            kwargs = {"augment": "bg" if name.endswith("+aug") else None,
+                      "precision": "bf16" if "bf16" in name else "fp32",
+                      "impl": "ref" if name in ("ref", COMPILED) else "auto"}
             model = _ours(c, device, **kwargs)
             if provider == COMPILED:
                 model = compiled(model)
-            aug = provider.endswith("+aug")
+            aug = name.endswith("+aug")
             loss = lambda a, b: model(a, b, ensembling=aug)  # noqa: E731
+            if unfused:
+                loss = _without_fused_trunk(loss)
         g = torch.Generator(device="cpu").manual_seed(0)
         target = torch.randn(n, c, h, w, generator=g).to(device)
         pred = (target + 0.5 * torch.randn(n, c, h, w, generator=g).to(device)).requires_grad_(True)
@@ -180,15 +273,36 @@ def _make(provider: str, n: int, c: int, h: int, w: int, device: str):
     return make
 
 
+def _without_fused_trunk(fn):
+    """``fn`` run with D2G_FUSED_TRUNK=0 (the unfused CPU trunk), the variable restored after."""
+    from d2g_fast.nn.latent_vgg import FUSED_ENV
+
+    def run(*args):
+        saved = os.environ.get(FUSED_ENV)
+        os.environ[FUSED_ENV] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if saved is None:
+                del os.environ[FUSED_ENV]
+            else:
+                os.environ[FUSED_ENV] = saved
+    return run
+
+
 LATENT_PROVIDERS = ["official", "ref", "fast-fp32", "fast-bf16", "fast-bf16+aug", COMPILED]
 PIXEL_PROVIDERS = ["pixel-lpips+vae", "pixel-lpips+vae-bf16"]
+# Issue 23's CPU comparison: ours (fused and not) against the bare trunk, with and without
+# separate ReLU passes.
+TRUNK_FLOOR_PROVIDERS = ["fast-bf16+aug-unfused", "trunk-bf16", "trunk-bf16-fused"]
 
 
 def cases(device: str, quick: bool) -> list[Case]:
     cuda = device.startswith("cuda")
     if quick:
         # CPU-friendly: one small latent batch, every provider once.
-        plan = [(1, 4, 32, 32, LATENT_PROVIDERS + ["official+aug"]), (1, 4, 8, 8, PIXEL_PROVIDERS[:1])]
+        plan = [(1, 4, 32, 32, LATENT_PROVIDERS + ["official+aug"] + TRUNK_FLOOR_PROVIDERS),
+                (1, 4, 8, 8, PIXEL_PROVIDERS[:1])]
     elif cuda:
         fast = ["official", "fast-fp32", "fast-bf16"]
         # Ordered by importance: a time-boxed GPU run keeps the first cases.
@@ -205,7 +319,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         # CPU, the issue's target: batch 4, 4x64x64, forward+backward.
         # Pixel LPIPS at 4x32x32 latents (256x256 images): a 512x512 decode + backward takes
         # minutes per repetition on 2 cores.
-        plan = [(4, 4, 64, 64, LATENT_PROVIDERS + ["official+aug"]),
+        plan = [(4, 4, 64, 64, LATENT_PROVIDERS + ["official+aug"] + TRUNK_FLOOR_PROVIDERS),
                 (1, 4, 32, 32, PIXEL_PROVIDERS + ["fast-bf16+aug", "fast-fp32"])]
     out = []
     for n, c, h, w, providers in plan:

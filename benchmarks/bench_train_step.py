@@ -7,8 +7,13 @@ steps only (R1 runs on every 16th step; ``d2g bench gpu-days`` amortises it). Pr
   fused   every op picks its fastest backend (impl "auto")
 with and without gradient checkpointing (G and D). Peak memory is the runner's peak above the
 built run (activations, gradients, optimiser states). samples/s = B / median step time.
-Shapes: CPU (and --quick) the tiny SD model, B=4, fp32; CUDA: the SD1.5 architecture (random
-weights, nothing downloaded), bf16, B=8. The builders live in d2g_fast.bench.train_speed.
+Shapes: CPU (and --quick) the tiny SD model, B=4, fp32 with and without checkpointing, and
+fp32 against bf16 (autocast, the trainer's --precision bf16) without; on the CPU without --quick
+also the demo's run on the shipped toy world ("toy": its teacher, its E-LatentLPIPS with "bg"
+augmentation, B=32, as ``make demo`` trains) in fp32 and bf16. bf16 pays on a CPU with AMX-BF16
+or AVX-512-BF16 (recorded in the results' CPU flags; d2g_fast.cpu_features); elsewhere it is
+emulated. CUDA: the SD1.5 architecture (random weights, nothing downloaded), bf16, B=8. The
+builders live in d2g_fast.bench.train_speed (tiny, SD) and here (toy).
 
 Largest per-GPU batch that fits (a search over out-of-memory, GPU only; capped to 80 GB so that
 an H200's figure holds for an 80 GB card):
@@ -53,6 +58,39 @@ def _make(arch: str, device: str, batch: int, precision: str, kernels: str, chec
     return make
 
 
+def _make_toy(device: str, batch: int, precision: str, kernels: str):
+    """The demo's distillation step (d2g_fast.demo.distill's settings) on a synthetic batch."""
+    def make():
+        from d2g_fast import toy
+        from d2g_fast.bench.train_speed import kernels as kernels_env
+        from d2g_fast.teacher import Teacher
+        from d2g_fast.train import TrainConfig, build_run, train_step
+
+        if device.startswith("cuda"):
+            raise SkipCase("the toy step is a CPU case")
+        world = toy.shipped_dir()
+        with kernels_env(kernels):
+            teacher = Teacher.from_pretrained(str(world / "teacher"))
+            config = TrainConfig(
+                batch_size=batch, precision=precision, augment="bg",
+                lpips_path=str(world / "elatentlpips.safetensors"), lambda_gan=0.05,
+                warmup_steps=0, ema_decay=0.99, r1_gamma=0.1, r1_interval=16, progress=False,
+                device=device, seed=0)
+            run = build_run(config, teacher=teacher, dataset=None, device=device)
+        gen = torch.Generator().manual_seed(0)
+        shape = tuple(teacher.latent_shape)
+        data = {"noise": torch.randn(batch, *shape, generator=gen),
+                "latent": torch.randn(batch, *shape, generator=gen),
+                "prompt": (toy.train_prompts() * batch)[:batch]}
+        plain_steps = (s for s in itertools.count(1) if s % config.r1_interval)
+
+        def step():
+            with kernels_env(kernels):
+                return train_step(run, data, next(plain_steps))
+        return {"fwd+bwd": step}
+    return make
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     if device.startswith("cuda") and not quick:
         arch, batch, precision = "sd15", 8, "bf16"
@@ -67,6 +105,19 @@ def cases(device: str, quick: bool) -> list[Case]:
             out.append(Case(op="train_step", config=config, provider=kernels, modes=("fwd+bwd",),
                             make=_make(arch, device, batch, precision, kernels, checkpointing),
                             note=f"samples/s = {batch}e3/median_ms; plain steps (no R1)"))
+    if device.startswith("cuda"):
+        return out
+    # The CPU's bf16 (issue 23): fp32 against bf16 autocast, at the tiny and the toy shapes.
+    for kernels in ("ref", "fused"):
+        out.append(Case(op="train_step", config=f"{arch} B={batch} bf16", provider=kernels,
+                        modes=("fwd+bwd",), make=_make(arch, device, batch, "bf16", kernels, False),
+                        note=f"samples/s = {batch}e3/median_ms; plain steps (no R1)"))
+    if not quick:
+        for precision in ("fp32", "bf16"):
+            for kernels in ("ref", "fused"):
+                out.append(Case(op="train_step", config=f"toy B=32 {precision}", provider=kernels,
+                                modes=("fwd+bwd",), make=_make_toy(device, 32, precision, kernels),
+                                note="the demo's step (toy world); samples/s = 32e3/median_ms"))
     return out
 
 

@@ -384,9 +384,13 @@ def test_checkpointing_and_stored_embeddings_change_nothing(eps_world, tmp_path)
 
 def test_bf16_runs(eps_world, tmp_path):
     config = _config(eps_world, tmp_path / "bf16", max_steps=2, precision="bf16")
-    train(config, log=lambda *a: None)
+    lines = []
+    train(config, log=lines.append)
     rows = _rows(config.out)
     assert all(math.isfinite(float(r["e_latentlpips"])) for r in rows)
+    # The CPU's bf16 hardware is detected and reported at start (issue 23).
+    from d2g_fast.cpu_features import describe
+    assert any(describe() in line and "--precision bf16" in line for line in lines), lines
 
 
 def test_sdxl_teacher_trains_and_exports(tmp_path):

@@ -242,6 +242,12 @@ def _train(config: TrainConfig, procs: Processes, device: torch.device, log, run
             log("d2g distill: --fsdp with one process: nothing to shard, training replicated")
         log(f"d2g distill: starting {run_dir} ({run.global_batch} pairs per step on "
             f"{procs.world} process(es), {run.num_train} training pairs)")
+    if procs.is_main and device.type == "cpu":
+        from d2g_fast.cpu_features import bf16_hardware, describe
+
+        log(f"d2g distill: {describe()}; --precision {config.precision}"
+            + ("" if config.precision != "bf16" or bf16_hardware() else
+               " (consider --precision fp32 on this CPU)"))
     metrics_log = samples = None
     if procs.is_main:
         write_config(run_dir, config)
