@@ -159,3 +159,26 @@ def test_demo_report_points_at_the_ablation_tables(tmp_path):
     text = report.read_text(encoding="utf-8")
     assert text.startswith("# demo\n") and "d2g toy ablate" in text
     assert "benchmarks/RESULTS.md" in text
+
+
+def test_each_row_switches_on_exactly_its_parts(tmp_path):
+    from d2g_fast.toy.ablate import ROWS, AblateSettings, row_config
+
+    s = AblateSettings()
+    configs = {r[0]: row_config(r, s, 0, tmp_path, "pairs", "out", False) for r in ROWS}
+    for name in ("mse", "pseudo_huber", "pixel_lpips", "latentlpips", "e_latentlpips"):
+        assert configs[name].lambda_gan == 0.0, name
+    assert configs["mse"].regression_loss == "mse"
+    assert configs["latentlpips"].augment == "none"
+    assert configs["e_latentlpips"].augment == "bg"
+    full = configs["mix_and_match"]
+    assert full.lambda_gan == s.lambda_gan and full.r1_gamma == s.r1_gamma
+    assert full.mix_fraction == s.mix_fraction
+    assert not (full.d_noise_off or full.d_multiscale_input_off or full.d_multiscale_output_off)
+    bare = configs["diffusion_d"]
+    assert bare.lambda_gan == s.lambda_gan and bare.r1_gamma == 0 and bare.mix_fraction == 0
+    assert bare.d_noise_off and bare.d_multiscale_input_off and bare.d_multiscale_output_off
+    assert not configs["z_conditioning"].d_noise_off and configs["z_conditioning"].r1_gamma == 0
+    assert configs["r1"].r1_gamma == s.r1_gamma and configs["r1"].d_multiscale_output_off
+    assert not configs["multiscale"].d_multiscale_output_off
+    assert configs["multiscale"].mix_fraction == 0

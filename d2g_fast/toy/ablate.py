@@ -40,30 +40,27 @@ import torch
 
 from d2g_fast.toy import data
 
-# (name, table, label, paper figure, TrainConfig overrides). Loss rows: regression only.
-# Discriminator rows add one part each, in the paper's order.
-_DIFFUSION_D = dict(d_noise_off=True, r1_gamma=0.0, d_multiscale_input_off=True,
-                    d_multiscale_output_off=True, mix_fraction=0.0)
+# (name, table, label, paper figure, regression settings, discriminator parts or None).
+# None: regression only (lambda_GAN = 0). Parts: "z" noise conditioning, "r1" single-sample R1,
+# "multiscale" multi-scale input and heads, "mix" mix-and-match; an empty tuple is the bare
+# "diffusion D" (one head on the last decoder scale, no z, no R1, no mix-and-match).
 ROWS = (
-    ("mse", "loss", "MSE", "FID 110.55 / CLIP 0.222", dict(regression_loss="mse", gan=False)),
+    ("mse", "loss", "MSE", "FID 110.55 / CLIP 0.222", dict(regression_loss="mse"), None),
     ("pseudo_huber", "loss", "Pseudo-Huber", "FID 87.60 / CLIP 0.230",
-     dict(regression_loss="pseudo_huber", gan=False)),
+     dict(regression_loss="pseudo_huber"), None),
     ("pixel_lpips", "loss", "pixel LPIPS (random VGG trunk)", "FID 25.94 / CLIP 0.288",
-     dict(regression_loss="pixel_lpips", gan=False)),
+     dict(regression_loss="pixel_lpips"), None),
     ("latentlpips", "loss", "LatentLPIPS (no augmentation)", "FID 67.17 / CLIP 0.244",
-     dict(augment="none", gan=False)),
+     dict(augment="none"), None),
     ("e_latentlpips", "both", "E-LatentLPIPS = regression only", "FID 22.95 / CLIP 0.299; "
-     "FID-30k 14.72", dict(gan=False)),
-    ("diffusion_d", "discriminator", "+ diffusion D", "FID-30k 12.04",
-     dict(_DIFFUSION_D, gan=True)),
-    ("z_conditioning", "discriminator", "+ z conditioning", "FID-30k 11.97",
-     dict(_DIFFUSION_D, d_noise_off=False, gan=True)),
-    ("r1", "discriminator", "+ single-sample R1", "FID-30k 10.60",
-     dict(_DIFFUSION_D, d_noise_off=False, r1_gamma=None, gan=True)),
-    ("multiscale", "discriminator", "+ multi-scale input and heads", "FID-30k 9.58",
-     dict(d_noise_off=False, r1_gamma=None, mix_fraction=0.0, gan=True)),
-    ("mix_and_match", "discriminator", "+ mix-and-match (full method)", "FID-30k 9.45",
-     dict(gan=True)),
+     "FID-30k 14.72", {}, None),
+    ("diffusion_d", "discriminator", "+ diffusion D", "FID-30k 12.04", {}, ()),
+    ("z_conditioning", "discriminator", "+ z conditioning", "FID-30k 11.97", {}, ("z",)),
+    ("r1", "discriminator", "+ single-sample R1", "FID-30k 10.60", {}, ("z", "r1")),
+    ("multiscale", "discriminator", "+ multi-scale input and heads", "FID-30k 9.58", {},
+     ("z", "r1", "multiscale")),
+    ("mix_and_match", "discriminator", "+ mix-and-match (full method)", "FID-30k 9.45", {},
+     ("z", "r1", "multiscale", "mix")),
 )
 ROW_NAMES = tuple(r[0] for r in ROWS)
 _CAPTIONS = len(data.all_labels())  # the held-out prompts cycle through these captions
@@ -119,13 +116,13 @@ def row_config(row: tuple, s: AblateSettings, seed: int, world: Path, pairs_dir:
     """The TrainConfig of one (row, seed)."""
     from d2g_fast.train import TrainConfig
 
-    name, _, _, _, overrides = row
-    overrides = dict(overrides)
-    gan = overrides.pop("gan")
-    if overrides.get("r1_gamma", 0.0) is None:
-        overrides["r1_gamma"] = s.r1_gamma
-    base = dict(r1_gamma=s.r1_gamma, mix_fraction=s.mix_fraction)
-    base.update(overrides)
+    _, _, _, _, regression, parts = row
+    gan = parts is not None
+    parts = set(parts or ())
+    switches = dict(d_noise_off="z" not in parts, r1_gamma=s.r1_gamma if "r1" in parts else 0.0,
+                    d_multiscale_input_off="multiscale" not in parts,
+                    d_multiscale_output_off="multiscale" not in parts,
+                    mix_fraction=s.mix_fraction if "mix" in parts else 0.0)
     iters = s.iters
     return TrainConfig(
         teacher=str(world / "teacher"), pairs=pairs_dir, out=run_dir,
@@ -133,7 +130,7 @@ def row_config(row: tuple, s: AblateSettings, seed: int, world: Path, pairs_dir:
         batch_size=s.batch_size, lr_g=s.lr, lr_d=s.lr, lambda_gan=s.lambda_gan if gan else 0.0,
         warmup_steps=int(iters * s.warmup_frac), ema_decay=s.ema_decay, r1_interval=16,
         checkpoint_every=max(1, iters // 4), keep_checkpoints=1, log_every=max(1, iters // 20),
-        progress=progress, seed=seed, device="cpu", **base)
+        progress=progress, seed=seed, device="cpu", **switches, **regression)
 
 
 def train_row(row, s: AblateSettings, seed: int, world: Path, pairs_dir: str, out: Path,
@@ -144,12 +141,12 @@ def train_row(row, s: AblateSettings, seed: int, world: Path, pairs_dir: str, ou
     run_dir = out / "runs" / f"{row[0]}_seed{seed}"
     config = row_config(row, s, seed, world, pairs_dir, str(run_dir), progress)
     summary = train(config, log=lambda *a: None)
-    per_step = _seconds_per_step(run_dir, summary)
+    per_step = _seconds_per_step(summary)
     student = export_pipeline(str(run_dir), str(out / "students" / f"{row[0]}_seed{seed}"))
     return student, per_step
 
 
-def _seconds_per_step(run_dir: Path, summary: dict) -> float:
+def _seconds_per_step(summary: dict) -> float:
     """Training seconds per step (the step itself: data, G, D, optimisers, EMA), over the
     whole run including parts done before a resume (the checkpointed counter)."""
     return summary["device_hours"] * 3600 / max(1, summary["steps"])
