@@ -18,7 +18,7 @@ $(VENV)/.deps-stamp: setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" ninja "setuptools>=64,<81" wheel cmake
-	$(PIP) install -q pytest pytest-benchmark "diffusers>=0.30" "transformers>=4.40" safetensors tqdm numpy "clean-fid==0.1.35" "scipy<1.18" matplotlib
+	$(PIP) install -q pytest pytest-benchmark "diffusers>=0.30" "transformers>=4.40" peft safetensors tqdm numpy "clean-fid==0.1.35" "scipy<1.18" matplotlib
 	# Comparison targets (official E-LatentLPIPS and LPIPS) of the `compare` parity tests and the
 	# benchmarks. No fallback: a failed install fails here, and .ci/run fails when a comparison
 	# test skips. TORCH_SPEC again, so the resolver picks a torchvision for this torch.

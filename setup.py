@@ -227,8 +227,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "transformers>=4.40"],
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40", "peft"],
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.30", "transformers>=4.40", "peft"],
         # Comparison targets for parity tests and benchmarks (never imported by the package).
         "compare": ["elatentlpips==0.2", "lpips==0.1.4", "setuptools<81"],
         "bench": ["diffusers>=0.30", "transformers>=4.40", "lpips==0.1.4", "matplotlib"],

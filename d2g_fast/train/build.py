@@ -259,8 +259,8 @@ def make_lpips(teacher, config: TrainConfig):
 
 
 def make_optimizers(generator, discriminator, config: TrainConfig):
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=config.lr_g, betas=config.betas_g,
-                              weight_decay=config.weight_decay)
+    opt_g = torch.optim.AdamW(trainable_parameters(generator), lr=config.lr_g,
+                              betas=config.betas_g, weight_decay=config.weight_decay)
     opt_d = torch.optim.AdamW(trainable_parameters(discriminator),
                               lr=config.lr_d, betas=config.betas_d,
                               weight_decay=config.weight_decay)
@@ -324,6 +324,10 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
     if dataset is not None:
         guidance = collection_guidance(dataset)
     generator = make_generator(teacher, config, guidance)
+    if config.lora_rank:  # a LoRA student: frozen teacher weights, trainable adapters
+        from d2g_fast.train.lora import make_lora_generator, settings
+
+        make_lora_generator(generator, teacher, settings(config))
     discriminator = make_discriminator(teacher, config, guidance)
     lpips = make_lpips(teacher, config)
     from d2g_fast.losses.regression import make_regression_loss

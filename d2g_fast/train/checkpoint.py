@@ -1,7 +1,8 @@
 """Full-state checkpoints: ``RUN_DIR/checkpoints/step-NNNNNNN/``, atomic, the newest K kept.
 
 A checkpoint folder holds everything needed to continue exactly:
-  generator.safetensors, ema.safetensors, discriminator.safetensors   the networks
+  generator.safetensors, ema.safetensors, discriminator.safetensors   the networks (a LoRA
+                                     student's G and EMA: its trainable parameters only)
   optimizer_g.pt, optimizer_d.pt     AdamW states (tensors and numbers only: read back with
                                      torch.load(weights_only=True))
   rng-rank<R>.pt                     every process's CPU, CUDA, Python and NumPy RNG states
@@ -79,12 +80,13 @@ def remove_incomplete(run_dir: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ saving
-def _unet_state(generator, sharded: bool) -> dict:
-    """G's UNet weights (the keys of a diffusers UNet) from G's whole-module state."""
+def _unet_state(generator, sharded: bool, keys: set[str] | None = None) -> dict:
+    """G's UNet weights (the keys of a diffusers UNet) from G's whole-module state; with
+    ``keys`` (a LoRA student's trainable parameters) only those."""
     from d2g_fast.train.distributed import full_state_dict
 
     return {k[len("unet."):]: v for k, v in full_state_dict(generator, sharded).items()
-            if k.startswith("unet.")}
+            if k.startswith("unet.") and (keys is None or k in keys)}
 
 
 def _save_tensors(path: str, state: dict) -> None:
@@ -178,10 +180,13 @@ def save_checkpoint(run, run_dir: str, step: int, extra_state: dict) -> str:
     # Gathering is collective under FSDP: every process takes part, rank 0 writes.
     from d2g_fast.train.distributed import full_optimizer_state, full_state_dict
 
-    tensors = {"generator": _unet_state(run.generator, run.sharded),
+    from d2g_fast.train.lora import trainable_keys
+
+    keys = trainable_keys(run.generator)  # a LoRA student: its adapters only
+    tensors = {"generator": _unet_state(run.generator, run.sharded, keys),
                "discriminator": full_state_dict(run.discriminator, run.sharded)}
     if run.ema is not None:
-        tensors["ema"] = _unet_state(run.ema, run.sharded)
+        tensors["ema"] = _unet_state(run.ema, run.sharded, keys)
     optimizers = {"optimizer_g": full_optimizer_state(run.generator, run.opt_g, run.sharded),
                   "optimizer_d": full_optimizer_state(run.discriminator, run.opt_d, run.sharded)}
     if any_rank(rng_error is not None):  # every rank's RNG file is written past this point
@@ -282,14 +287,28 @@ def load_checkpoint(run, path: str) -> dict:
                          f"(no {COMPLETE})")
     from d2g_fast.train.distributed import load_full_optimizer_state, load_full_state_dict
 
-    def unet_file(name):
-        return {"unet." + k: v for k, v in _load_tensors(os.path.join(path, name)).items()}
+    from d2g_fast.train.lora import trainable_keys
 
-    load_full_state_dict(run.generator, unet_file("generator.safetensors"), run.sharded)
+    check_lora_compatible(read_state(path).get("config", {}), run.config)
+    keys = trainable_keys(run.generator)
+
+    def unet_file(name):
+        state = {"unet." + k: v for k, v in _load_tensors(os.path.join(path, name)).items()}
+        if keys is not None and set(state) != keys:
+            raise ValueError(f"resume (--resume): {path!r} holds other G weights than this "
+                             f"LoRA student's adapters (--lora-targets differ?)")
+        return state
+
+    def load_g(module, state):
+        if keys is None:
+            load_full_state_dict(module, state, run.sharded)
+        else:  # the adapters only (checked above); the frozen base is the teacher's
+            load_partial_state_dict(module, state, run.sharded)
+
+    load_g(run.generator, unet_file("generator.safetensors"))
     if run.ema is not None:
         has_ema = os.path.isfile(os.path.join(path, "ema.safetensors"))
-        load_full_state_dict(run.ema, unet_file("ema.safetensors" if has_ema else
-                                                "generator.safetensors"), run.sharded)
+        load_g(run.ema, unet_file("ema.safetensors" if has_ema else "generator.safetensors"))
     load_full_state_dict(run.discriminator,
                          _load_tensors(os.path.join(path, "discriminator.safetensors")),
                          run.sharded)
@@ -302,6 +321,28 @@ def load_checkpoint(run, path: str) -> dict:
         rng_file = os.path.join(path, "rng-rank0.pt")
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return read_state(path)
+
+
+def check_lora_compatible(saved_config: dict, config) -> None:
+    """Refuse resuming a LoRA checkpoint as another LoRA student or as a full G (and back)."""
+    from d2g_fast.train.lora import settings
+
+    old, new = settings(saved_config), settings(config)
+    if old != new:
+        raise ValueError(f"lora_rank (--lora-rank): the checkpoint was trained with LoRA "
+                         f"settings {old} (None: full G), this run asks for {new}; resume with "
+                         f"the same --lora-rank/--lora-alpha/--lora-targets or start a new --out")
+
+
+def load_partial_state_dict(module, state: dict, sharded: bool) -> None:
+    """Load some of a module's parameters (the caller checked the keys)."""
+    if not sharded:
+        module.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
+                                                                 strict=False))
 
 
 def load_generator_weights(path: str, use_ema: bool = True) -> dict:

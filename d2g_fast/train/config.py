@@ -116,6 +116,17 @@ class TrainConfig:
     replicating them; for models whose training state does not fit one device (SDXL)."""
     num_workers: int = 0
     """DataLoader worker processes reading the pair store."""
+    lora_rank: int = 0
+    """Train G as a LoRA student of this rank (0: train every weight of G). The teacher's
+    weights stay frozen; only the adapters (and a guidance input G adds) are trained, averaged
+    into the EMA and checkpointed (d2g_fast.train.lora)."""
+    lora_alpha: float = 0.0
+    """LoRA alpha (the adapters' output is scaled by alpha / rank); 0: equal to the rank."""
+    lora_targets: list[str] = field(default_factory=list)
+    """Module names the adapters wrap (peft target_modules). Empty: the attention projections
+    to_q to_k to_v to_out.0, as diffusers' LoRA training scripts use; the same names exist in
+    UNets and SD3/FLUX transformers. Add conv1 conv2 (UNet resnets) or ff.net.0.proj ff.net.2
+    (feed-forward) for more capacity at a larger adapter."""
 
     # ---- checkpoints, logs, samples
     checkpoint_every: int = 500
@@ -182,6 +193,9 @@ class TrainConfig:
         if self.lpips_random and (self.lpips_dir or self.lpips_path):
             raise ValueError("lpips_random (--lpips-random): give either --lpips-random or "
                              "--lpips-dir/--lpips-path, not both")
+        _non_negative(self, "lora_rank", "lora_alpha")
+        if self.lora_targets and not self.lora_rank:
+            raise ValueError("lora_targets (--lora-targets): set --lora-rank R as well")
         if self.timestep is not None and self.timestep < 0:
             raise ValueError(f"timestep (--timestep): must be >= 0, got {self.timestep}")
         for name in ("teacher", "pairs", "out"):

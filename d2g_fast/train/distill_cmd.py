@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif name == "d_taps":
             p.add_argument(flag(name), dest=name, type=int, nargs="+", default=argparse.SUPPRESS,
                            metavar="BLOCK", help=help_text)
-        elif name == "sample_prompts":
+        elif name in ("sample_prompts", "lora_targets"):
             p.add_argument(flag(name), dest=name, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif name == "timestep":
             p.add_argument(flag(name), dest=name, type=int, default=argparse.SUPPRESS, help=help_text)

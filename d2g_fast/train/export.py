@@ -59,11 +59,13 @@ def one_step_scheduler(base_config, prediction_type: str):
                                      rescale_betas_zero_snr=False)
 
 
-def student_pipeline(teacher_dir: str, weights: dict, generator: dict):
+def student_pipeline(teacher_dir: str, weights: dict, generator: dict, lora: dict | None = None):
     """The teacher's pipeline (loaded from ``teacher_dir``) with G's network ``weights`` and the
     family's one-step scheduler. ``generator`` is G's record in a checkpoint
-    (``OneStepGenerator.describe()``: timestep, prediction_type, guidance). Returns
-    (pipeline, family instance). Refuses students the stock pipeline cannot reproduce."""
+    (``OneStepGenerator.describe()``: timestep, prediction_type, guidance). With ``lora`` (the
+    run's LoRA settings) ``weights`` are the adapters, merged into the teacher's weights here.
+    Returns (pipeline, family instance). Refuses students the stock pipeline cannot
+    reproduce."""
     from diffusers import DiffusionPipeline
 
     from d2g_fast.teacher.families import family_for_pipeline
@@ -71,6 +73,10 @@ def student_pipeline(teacher_dir: str, weights: dict, generator: dict):
     pipe = DiffusionPipeline.from_pretrained(teacher_dir, local_files_only=True)
     teacher = family_for_pipeline(pipe).from_pipeline(pipe)
     teacher.export_check(generator)
+    if lora is not None:  # adapters (+ guidance input) on the teacher's weights, merged
+        from d2g_fast.train.lora import merged_weights
+
+        weights = merged_weights(teacher, weights, lora, generator.get("guidance_set"))
     teacher.denoiser.load_state_dict(weights)
     pipe.scheduler = teacher.export_scheduler(generator["prediction_type"])
     return pipe, teacher
@@ -90,8 +96,10 @@ def student_info(teacher, generator: dict, pipeline_class: str) -> dict:
 
 
 def export_pipeline(run_dir: str, out: str, step: int | None = None,
-                    use_ema: bool = True) -> str:
-    """Write the one-step pipeline folder ``out`` from a run folder; returns ``out``."""
+                    use_ema: bool = True, lora_file: bool = False) -> str:
+    """Write the one-step pipeline folder ``out`` from a run folder; returns ``out``. With
+    ``lora_file`` (a LoRA run) also ``out/lora/``: the adapters as a diffusers LoRA file for
+    the teacher's own pipeline, and the one-step scheduler (see d2g_fast.train.lora)."""
     from d2g_fast.data.store import atomic_write_json, ensure_writable
     from d2g_fast.runtime.checksums import record_folder
 
@@ -102,11 +110,23 @@ def export_pipeline(run_dir: str, out: str, step: int | None = None,
         raise FileNotFoundError(f"the run's teacher folder {teacher_dir!r} is gone; the export "
                                 f"takes the VAE and text encoders from it")
     gen = state["generator"]
-    pipe, teacher = student_pipeline(teacher_dir, ckpt.load_generator_weights(
-        path, use_ema=use_ema), gen)
+    from d2g_fast.train.lora import settings
+
+    lora = settings(state["config"])
+    if lora_file and lora is None:
+        raise ValueError(f"lora (--lora): {run_dir!r} trained every weight of G (no "
+                         f"--lora-rank); there are no adapters to export")
+    if lora_file and gen.get("guidance_set"):
+        raise ValueError("lora (--lora): this student has a trained guidance input, which a "
+                         "diffusers LoRA file cannot carry; export the merged pipeline only")
+    weights = ckpt.load_generator_weights(path, use_ema=use_ema)
+    pipe, teacher = student_pipeline(teacher_dir, weights, gen, lora)
     out = ensure_writable(out)
     pipe.save_pretrained(out, safe_serialization=True)
     info = student_info(teacher, gen, type(pipe).__name__)
+    if lora_file:
+        info.update(write_lora_file(teacher_dir, weights, lora, pipe.scheduler,
+                                    os.path.join(out, LORA_DIR)))
     atomic_write_json(os.path.join(out, STUDENT_INFO), {
         "format": "d2g_fast one-step student", "checkpoint": os.path.abspath(path),
         "step": state["step"], "weights": "ema" if use_ema and state["config"]["ema_decay"] > 0
@@ -115,6 +135,26 @@ def export_pipeline(run_dir: str, out: str, step: int | None = None,
         # The weights' sizes and sha256, checked by d2g verify OUT (d2g_fast.runtime.verify).
         "files": record_folder(out, suffixes=(".safetensors", ".bin")), **info})
     return out
+
+
+LORA_DIR = "lora"
+
+
+def write_lora_file(teacher_dir: str, weights: dict, lora: dict, scheduler, out: str) -> dict:
+    """The adapters as a diffusers LoRA file in ``out`` (with the one-step scheduler); returns
+    the part of d2g_student.json that says how to use it."""
+    from diffusers import DiffusionPipeline
+
+    from d2g_fast.teacher.families import family_for_pipeline
+    from d2g_fast.train.lora import export_lora_file, lora_usage
+
+    # A fresh teacher: the exported pipeline's network already holds the merged weights.
+    pipe = DiffusionPipeline.from_pretrained(teacher_dir, local_files_only=True)
+    teacher = family_for_pipeline(pipe).from_pipeline(pipe)
+    export_lora_file(teacher, pipe, weights, lora, out, scheduler)
+    return {"lora": {"folder": LORA_DIR, "rank": lora["rank"], "alpha": lora["alpha"],
+                     "targets": lora["targets"],
+                     "usage": lora_usage(type(pipe).__name__, scheduler)}}
 
 
 def read_student_info(model_dir: str) -> dict | None:

@@ -14,6 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint step to export (default: the newest)")
     p.add_argument("--no-ema", action="store_true",
                    help="export G's raw weights instead of their EMA")
+    p.add_argument("--lora", action="store_true",
+                   help="a LoRA run (d2g distill --lora-rank): also write OUT/lora/, the "
+                        "adapters as a diffusers LoRA file that pipe.load_lora_weights(OUT/lora) "
+                        "loads onto the teacher's own pipeline, with the one-step scheduler")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
         # A full disk half-way: a folder this export created is removed again, nothing partial.
         with writing(target, cleanup=[target] if fresh else []):
             out = export_pipeline(args.run_dir, args.out, step=args.step,
-                                  use_ema=not args.no_ema)
+                                  use_ema=not args.no_ema, lora_file=args.lora)
     from d2g_fast.train.export import read_student_info
 
-    print(f"d2g export: wrote {out}: {read_student_info(out)['usage']}")
+    info = read_student_info(out)
+    print(f"d2g export: wrote {out}: {info['usage']}")
+    if "lora" in info:
+        print(f"d2g export: LoRA file in {os.path.join(out, info['lora']['folder'])}: "
+              f"{info['lora']['usage']}")
     return 0

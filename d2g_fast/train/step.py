@@ -137,9 +137,11 @@ def update_ema(run) -> None:
     if run.ema is None:
         return
     with torch.no_grad():
-        ema_params = list(run.ema.parameters())
-        params = list(run.generator.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - run.config.ema_decay)
+        # The trained parameters only (a LoRA student's frozen base equals its EMA's).
+        pairs = [(e, p) for e, p in zip(run.ema.parameters(), run.generator.parameters())
+                 if p.requires_grad]
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs],
+                             1.0 - run.config.ema_decay)
 
 
 def apply_updates(run, losses: dict) -> dict:

@@ -1,0 +1,160 @@
+"""LoRA students (d2g distill --lora-rank) on a tiny SD teacher: only the adapters train and are
+checkpointed (a small fraction of G), the teacher's weights stay as they were, a SIGKILL while
+writing a checkpoint resumes to identical numbers, and d2g export writes a merged pipeline and
+a diffusers LoRA file that the teacher's own pipeline loads, both reproducing G (rel 1e-5)."""
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from d2g_helpers import one_thread
+
+pytest.importorskip("peft")
+pytest.importorskip("diffusers")
+
+from d2g_fast.cli import main as d2g_main  # noqa: E402
+from d2g_fast.train import train  # noqa: E402
+from test_train import (_config, _distill_cmd, _env, _rows, _state_equal,  # noqa: E402
+                        _without_timings, _world)
+
+LORA = dict(lora_rank=4, lora_alpha=8.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_lora():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with one_thread():
+        return _world(str(tmp_path_factory.mktemp("lora_world")), "v_prediction", pairs=24)
+
+
+@pytest.fixture(scope="module")
+def lora_run(world, tmp_path_factory):
+    config = _config(world, tmp_path_factory.mktemp("lora_run") / "run", max_steps=4,
+                     ema_decay=0.5, **LORA)
+    with one_thread():
+        train(config, log=lambda *a: None)
+    return config
+
+
+def _checkpoint(run_dir):
+    from d2g_fast.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir)
+
+
+def test_only_adapters_train_and_are_checkpointed(world, lora_run):
+    from safetensors.torch import load_file
+
+    from d2g_fast.teacher import Teacher
+    from d2g_fast.train.build import build_run
+    from d2g_fast.train.checkpoint import load_checkpoint
+
+    path = _checkpoint(lora_run.out)
+    saved = load_file(os.path.join(path, "generator.safetensors"))
+    ema = load_file(os.path.join(path, "ema.safetensors"))
+    assert saved and set(saved) == set(ema)
+    assert all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:5]
+    teacher = Teacher.from_pretrained(lora_run.teacher)
+    full = sum(p.numel() for p in teacher.denoiser.parameters())
+    adapters = sum(t.numel() for t in saved.values())
+    assert adapters < 0.2 * full, (adapters, full)
+    # The adapters moved (B starts at zero), the EMA differs from G, the base is the teacher's.
+    assert any(k.endswith("lora_B.default.weight") and t.abs().max() > 0
+               for k, t in saved.items())
+    assert any(not torch.equal(saved[k], ema[k]) for k in saved)
+    run = build_run(lora_run)
+    load_checkpoint(run, path)
+    trainable = {n for n, p in run.generator.named_parameters() if p.requires_grad}
+    assert trainable == {"unet." + k for k in saved}
+    base = dict(teacher.denoiser.named_parameters())
+    for name, p in run.generator.net.named_parameters():
+        plain = name.replace(".base_layer.", ".")
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), base[plain].detach()), name
+    opt_tensors = sum(v.numel() for s in run.opt_g.state.values() for v in s.values()
+                      if torch.is_tensor(v) and v.ndim > 0)
+    assert opt_tensors == 2 * adapters  # AdamW holds moments of the adapters only
+
+
+def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(world, tmp_path):
+    from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
+
+    ref = _config(world, tmp_path / "ref", max_steps=6, **LORA)
+    train(ref, log=lambda *a: None)
+    killed = _config(world, tmp_path / "killed", max_steps=6, **LORA)
+    proc = subprocess.run(_distill_cmd(killed), env=_env(**{FAULT_ENV: "4"}),
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(killed.out)] == [2]
+    train(killed, log=lambda *a: None)
+    assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
+    assert _state_equal(ref.out, killed.out)
+
+
+def test_export_merged_pipeline_and_lora_file_reproduce_g(lora_run, tmp_path):
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from d2g_fast.train.build import build_run
+    from d2g_fast.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "student"
+    assert d2g_main(["export", lora_run.out, "--out", str(out), "--lora"]) == 0
+    info = json.load(open(out / "d2g_student.json"))
+    assert info["lora"]["rank"] == 4 and "load_lora_weights" in info["lora"]["usage"]
+    assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
+    run = build_run(lora_run)
+    load_checkpoint(run, _checkpoint(lora_run.out))
+    prompts = ["a red cube", "a blue sphere"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    merged = DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    # The teacher's own pipeline, the LoRA file and the one-step scheduler (the documented line).
+    stock = DiffusionPipeline.from_pretrained(lora_run.teacher, local_files_only=True)
+    stock.load_lora_weights(str(out / "lora"))
+    stock.scheduler = DDIMScheduler.from_pretrained(str(out / "lora"), subfolder="scheduler")
+    with torch.no_grad():
+        cond = run.teacher.encode_prompts(prompts, guided=False)
+        expected = run.ema(noise, cond.encoder_hidden_states)
+        got = {}
+        for name, pipe in (("merged", merged), ("lora file", stock)):
+            pipe.set_progress_bar_config(disable=True)
+            got[name] = pipe(prompts, latents=noise.clone(), num_inference_steps=1,
+                             guidance_scale=1.0, output_type="latent").images
+    for name, latents in got.items():
+        rel = float((latents - expected).norm() / expected.norm())
+        assert rel < 1e-5, (name, rel)
+    # the adapters changed the result: the teacher alone gives other latents
+    stock.unload_lora_weights()
+    with torch.no_grad():
+        plain = stock(prompts, latents=noise.clone(), num_inference_steps=1, guidance_scale=1.0,
+                      output_type="latent").images
+    assert float((plain - expected).norm() / expected.norm()) > 1e-4
+
+
+def test_bad_lora_input_is_refused(world, lora_run, tmp_path, capsys):
+    from d2g_fast.train import TrainConfig
+
+    with pytest.raises(ValueError, match="--lora-targets"):
+        TrainConfig(teacher="t", pairs="p", out="o", lora_targets=["to_q"]).validate()
+    with pytest.raises(ValueError, match="--lora-rank"):
+        TrainConfig(teacher="t", pairs="p", out="o", lora_rank=-1).validate()
+    with pytest.raises(ValueError, match="--lora-targets"):
+        train(_config(world, tmp_path / "nomatch", max_steps=1, lora_rank=2,
+                      lora_targets=["no_such_layer"]), log=lambda *a: None)
+    # a full run has no adapters to export; nothing is written
+    full = _config(world, tmp_path / "full", max_steps=2)
+    train(full, log=lambda *a: None)
+    with pytest.raises(ValueError, match="--lora"):
+        from d2g_fast.train.export import export_pipeline
+
+        export_pipeline(full.out, str(tmp_path / "nolora"), lora_file=True)
+    assert not os.path.exists(tmp_path / "nolora")
+    # resuming a LoRA run with another rank (or as a full G) is refused by name
+    with pytest.raises(ValueError, match="--lora-rank"):
+        train(_config(world, lora_run.out, max_steps=6, lora_rank=8), log=lambda *a: None)
