@@ -145,21 +145,14 @@ CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "avx
 
 
 def cpu_flags() -> str:
-    """The CPU_FLAGS this CPU has (from /proc/cpuinfo; "n/a" elsewhere) and torch's CPU
-    capability (the vector ISA its kernels were dispatched to), e.g. "avx512f avx2 fma
-    (torch: AVX512)"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-        have = set(line.split(":", 1)[-1].split())
-        flags = " ".join(f for f in CPU_FLAGS if f in have) or "none of " + ",".join(CPU_FLAGS)
-    except OSError:
-        flags = "n/a"
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        capability = "unknown"
-    return f"{flags} (torch: {capability})"
+    """The CPU_FLAGS this CPU has, torch's CPU capability (the vector ISA its kernels were
+    dispatched to) and the bf16 hardware d2g_fast.cpu_features finds (the trainer's rule), e.g.
+    "amx_bf16 ... avx2 fma (torch: AVX512; bf16 hardware: AMX-BF16)"."""
+    from d2g_fast import cpu_features  # noqa: PLC0415 (the harness imports without the package)
+    have = cpu_features.cpu_flags()
+    flags = " ".join(f for f in CPU_FLAGS if f in have) or "none of " + ",".join(CPU_FLAGS)
+    return (f"{flags} (torch: {cpu_features.torch_cpu_capability()}; bf16 hardware: "
+            f"{cpu_features.bf16_hardware() or 'none'})")
 
 
 def machine_tags(device: str) -> dict:

@@ -69,8 +69,10 @@ def test_case_id_names_device_file_op_config_provider_mode():
 
 def test_cpu_flags_name_the_bf16_hardware_and_torch_capability():
     from benchmarks.harness import CPU_FLAGS, cpu_flags
+    from d2g_fast.cpu_features import bf16_hardware
     text = cpu_flags()
-    assert f"(torch: {torch.backends.cpu.get_cpu_capability()})" in text
+    assert text.endswith(f"(torch: {torch.backends.cpu.get_cpu_capability()}; bf16 hardware: "
+                         f"{bf16_hardware() or 'none'})"), text
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             have = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())

@@ -190,14 +190,16 @@ def test_guidance_flags_bad_input(sd_folder, tmp_path, capsys):
     assert not os.path.exists(out), "bad input must write nothing"
 
 
-def test_distill_refuses_a_multi_guidance_store_by_name():
-    from d2g_fast.train.build import collection_guidance
+def test_distill_reads_the_guidance_set_of_a_multi_guidance_store():
+    from d2g_fast.train.build import collection_guidance, collection_guidance_set
 
     class Store:
         manifest = {"config": {"guidance": None, "guidance_set": {"values": [2.0, 8.0]}}}
 
-    with pytest.raises(ValueError, match="--pairs.*several guidance scales"):
-        collection_guidance(Store())
+    assert collection_guidance(Store()) is None
+    assert collection_guidance_set(Store()) == {"values": [2.0, 8.0]}
+    Store.manifest = {"config": {"guidance": 7.5}}
+    assert collection_guidance(Store()) == 7.5 and collection_guidance_set(Store()) is None
 
 
 @pytest.mark.slow
