@@ -1,7 +1,10 @@
 """LoRA students (d2g distill --lora-rank) on a tiny SD teacher: only the adapters train and are
 checkpointed (a small fraction of G), the teacher's weights stay as they were, a SIGKILL while
-writing a checkpoint resumes to identical numbers, and d2g export writes a merged pipeline and
-a diffusers LoRA file that the teacher's own pipeline loads, both reproducing G (rel 1e-5)."""
+writing a checkpoint resumes to identical numbers, d2g export writes a merged pipeline and a
+diffusers LoRA file that the teacher's own pipeline loads, both reproducing G (rel 1e-5; also
+on a tiny FLUX-dev teacher), and 2 processes compute what 1 computes (FSDP2 form with
+D2G_TEST_LORA_SLOW=1)."""
+import dataclasses
 import json
 import os
 import signal
@@ -158,3 +161,85 @@ def test_bad_lora_input_is_refused(world, lora_run, tmp_path, capsys):
     # resuming a LoRA run with another rank (or as a full G) is refused by name
     with pytest.raises(ValueError, match="--lora-rank"):
         train(_config(world, lora_run.out, max_steps=6, lora_rank=8), log=lambda *a: None)
+
+
+def test_flux_lora_student_exports_a_lora_file_for_the_flux_pipeline(tmp_path, capsys):
+    """The same code path on a flow transformer (tiny FLUX-dev): adapter-only checkpoint, and
+    merged export == stock FluxPipeline + load_lora_weights + the one-step scheduler == G."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import load_file
+
+    from d2g_fast.teacher.families.flux import pack, unpack
+    from d2g_fast.testing.tiny import save_tiny_flux_pipeline
+    from d2g_fast.train import TrainConfig
+    from d2g_fast.train.build import build_run
+    from d2g_fast.train.checkpoint import load_checkpoint
+
+    folder = save_tiny_flux_pipeline(str(tmp_path / "flux"))
+    pairs, run_dir, out = (str(tmp_path / n) for n in ("pairs", "run", "student"))
+    assert d2g_main(["collect", "--teacher", folder, "--num-pairs", "4", "--steps", "2",
+                     "--resolution", "16", "--batch-size", "2", "--shard-size", "2",
+                     "--guidance", "3.5", "--no-progress", "--out", pairs]) == 0
+    assert d2g_main(["distill", "--teacher", folder, "--pairs", pairs, "--out", run_dir,
+                     "--lpips-random", "--batch-size", "2", "--max-steps", "2",
+                     "--checkpoint-every", "2", "--lr-g", "1e-3", "--ema-decay", "0.5",
+                     "--lora-rank", "2", "--no-progress"]) == 0
+    saved = load_file(os.path.join(_checkpoint(run_dir), "generator.safetensors"))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert any(k.endswith("lora_B.default.weight") and t.abs().max() > 0
+               for k, t in saved.items())  # the adapters moved: G is not the teacher
+    assert d2g_main(["export", run_dir, "--out", out, "--lora"]) == 0
+    capsys.readouterr()
+    config = TrainConfig(teacher=folder, pairs=pairs, out=run_dir, lpips_random=True,
+                         batch_size=2, lora_rank=2, ema_decay=0.5)
+    run = build_run(config)
+    load_checkpoint(run, _checkpoint(run_dir))
+    noise = torch.randn(2, *run.teacher.latent_shape, generator=torch.Generator().manual_seed(9))
+    prompts = ["a red fox", "x"]
+    merged = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    stock = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    stock.load_lora_weights(os.path.join(out, "lora"))
+    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        os.path.join(out, "lora"), subfolder="scheduler")
+    with torch.no_grad():
+        cond = run.teacher.encode_prompts(prompts, guided=False)
+        expected = run.ema(noise, cond.encoder_hidden_states, cond.added_cond_kwargs)
+        for name, pipe in (("merged", merged), ("lora file", stock)):
+            pipe.set_progress_bar_config(disable=True)
+            got = pipe(prompts, latents=pack(noise), num_inference_steps=1, guidance_scale=3.5,
+                       height=16, width=16, output_type="latent").images
+            got = unpack(got, *noise.shape[-2:])
+            rel = float((got - expected).norm() / expected.norm())
+            assert rel < 1e-5, (name, rel)
+
+
+def _adapters_apart(one, two) -> tuple[float, float]:
+    """(|G_one - G_two|, |B_one|) over a LoRA G's adapters after step 4 (B starts at zero)."""
+    from safetensors.torch import load_file
+
+    g1, g2 = (load_file(os.path.join(d, "checkpoints", "step-0000004", "generator.safetensors"))
+              for d in (one, two))
+    apart = torch.cat([(g1[k] - g2[k]).flatten() for k in g1]).norm()
+    moved = torch.cat([g1[k].flatten() for k in g1 if ".lora_B." in k]).norm()
+    return float(apart), float(moved)
+
+
+def test_two_processes_match_one_at_the_same_global_batch(world, tmp_path):
+    """A LoRA student on 2 processes x 1 micro-batch == 1 process x 2 (replicated, gloo);
+    sharded (FSDP2, resumed once) with D2G_TEST_LORA_SLOW=1."""
+    from test_train import _assert_same_metrics, _torchrun
+
+    one = _config(world, tmp_path / "one", max_steps=4, batch_size=2, grad_accum=2, **LORA)
+    proc = subprocess.run(_distill_cmd(one), env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [_config(world, tmp_path / "two", max_steps=4, batch_size=2, **LORA)]
+    _torchrun(runs[0], 29537)
+    if os.environ.get("D2G_TEST_LORA_SLOW") == "1":
+        sharded = _config(world, tmp_path / "fsdp", max_steps=2, batch_size=2, fsdp=True, **LORA)
+        _torchrun(sharded, 29538)
+        runs.append(dataclasses.replace(sharded, max_steps=4))
+        _torchrun(runs[-1], 29539)  # resumes from step 2
+    for two in runs:
+        _assert_same_metrics(_rows(one.out), _rows(two.out), rel=1e-4)
+        apart, moved = _adapters_apart(one.out, two.out)
+        assert moved > 0 and apart < 0.01 * moved, (two.out, apart, moved)
