@@ -131,6 +131,19 @@ def _check_arguments(args) -> None:
         raise FileNotFoundError(f"--reference: no such file or folder {args.reference!r}")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model: no such folder {args.model!r}")
+    _check_student_guidance(args)
+
+
+def _check_student_guidance(args) -> None:
+    """An exported one-step student (d2g_student.json) evaluated in one step takes only the
+    guidance it was trained for: any scale of a guidance-conditioned student's set, the one
+    scale of a fixed-guidance student (refused otherwise, naming --guidance)."""
+    from d2g_fast.train.export import read_student_info
+    from d2g_fast.train.sample_cmd import check_student_guidance
+
+    info = read_student_info(args.model)
+    if info is not None and args.steps == 1:
+        check_student_guidance(info, args.guidance)
 
 
 def _versions() -> dict:

@@ -5,6 +5,9 @@ Built from a copy of the teacher's ``UNet2DConditionModel`` (the teacher is neve
 - text condition c: the UNet's own cross-attention (and SDXL's added conditions
   ``text_embeds``/``time_ids`` through ``added_cond_kwargs``);
 - noise condition z: ``noise_conv`` (3x3, zero-initialised) on z, ADDED to the input latent;
+- guidance (a guidance-conditioned student): when its UNet has a guidance input
+  (``time_cond_proj_dim``, zero-initialised, added by the teacher family), the embedding of
+  ``added_cond_kwargs["guidance"]`` (one scale per row) enters its timestep embedding;
 - multi-scale input: the latent, area-resized to the input size of every down block after the
   first, enters through a zero-initialised 3x3 conv added to that block's input (for a 64x64
   latent and SD1.5: 32, 16 and 8);
@@ -151,6 +154,18 @@ class DiffusionDiscriminator(nn.Module):
         self.config.gradient_checkpointing = bool(enabled)
 
     # ----------------------------------------------------------------- forward
+    def _guidance_cond(self, added: dict, t_emb: torch.Tensor):
+        """A guidance-conditioned D (its UNet given a zero-initialised guidance input,
+        ``time_cond_proj_dim``, as G's): the embedding of each row's
+        ``added_cond_kwargs["guidance"]``; None otherwise."""
+        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        guidance = added.get("guidance")
+        if dim is None or guidance is None:
+            return None
+        from d2g_fast.teacher.families.sd import guidance_embedding
+
+        return guidance_embedding(guidance, dim).to(t_emb.device, t_emb.dtype)
+
     def features(self, latent: torch.Tensor, noise: torch.Tensor,
                  encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -174,7 +189,7 @@ class DiffusionDiscriminator(nn.Module):
                 x = x + self.noise_conv(noise.to(x.dtype))
 
             t_emb = unet.get_time_embed(sample=x, timestep=self.config.timestep)
-            emb = unet.time_embedding(t_emb, None)
+            emb = unet.time_embedding(t_emb, self._guidance_cond(added, t_emb))
             aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
                                      added_cond_kwargs=added)
             if aug is not None:

@@ -122,47 +122,58 @@ def teacher_sha256(teacher, folder: str, store_dtype: str) -> str:
 
 
 # ------------------------------------------------------------------------------ models
-def make_generator(teacher, config: TrainConfig, guidance: float | None = None
-                   ) -> OneStepGenerator:
+def make_generator(teacher, config: TrainConfig, guidance: float | None = None,
+                   guidance_set: dict | None = None) -> OneStepGenerator:
     """G: the teacher family's one-step generator (d2g_fast.train.generator); ``guidance`` is
-    the pairs' collection guidance (FLUX-dev's embedding)."""
+    the pairs' collection guidance (FLUX-dev's embedding); ``guidance_set`` (pairs collected
+    over several scales) makes G guidance-conditioned."""
     from d2g_fast.train.generator import make_generator as make_one_step
 
     return make_one_step(teacher, timestep=config.timestep,
                          parameterization=config.parameterization, guidance=guidance,
+                         guidance_set=guidance_set,
                          gradient_checkpointing=config.gradient_checkpointing)
 
 
 def collection_guidance(dataset) -> float | None:
-    """The guidance the pairs were collected with (None without a store). A store collected
-    over several guidance scales is refused: G and D take one fixed guidance here."""
+    """The guidance the pairs were collected with (None without a store, or when they were
+    collected over several scales: see ``collection_guidance_set``)."""
     if dataset is None or not hasattr(dataset, "manifest"):
         return None
-    config = dataset.manifest["config"]
-    if config.get("guidance_set"):
-        raise ValueError(f"pairs (--pairs): the store was collected over several guidance scales "
-                         f"({config['guidance_set']}); d2g distill trains a student for one "
-                         f"fixed guidance scale: collect with a single --guidance")
-    return config.get("guidance")
+    return dataset.manifest["config"].get("guidance")
 
 
-def make_discriminator(teacher, config: TrainConfig, guidance: float | None = None):
+def collection_guidance_set(dataset) -> dict | None:
+    """The guidance set of pairs collected over several scales (then G and D are
+    guidance-conditioned); None otherwise."""
+    if dataset is None or not hasattr(dataset, "manifest"):
+        return None
+    return dataset.manifest["config"].get("guidance_set")
+
+
+def make_discriminator(teacher, config: TrainConfig, guidance: float | None = None,
+                       guidance_set: dict | None = None):
     """D from a copy of the teacher's network: the transformer discriminator for SD3/FLUX
     transformers (taps from the family, --d-taps overrides; ``guidance``: the collection
     guidance, which a guidance-embedded FLUX D embeds as G does), the UNet discriminator for
-    UNets."""
+    UNets. With ``guidance_set`` the UNet D gets its own zero-initialised guidance input (the
+    family's, as G's) and judges each pair for its guidance; FLUX-dev's D embeds each row's
+    guidance already."""
     from d2g_fast.models.transformer_discriminator import BACKBONES
 
     if type(teacher.denoiser).__name__ in BACKBONES:
         return make_transformer_discriminator(teacher, config, guidance)
     from d2g_fast.models import DiffusionDiscriminator
 
-    return DiffusionDiscriminator.from_unet(
+    disc = DiffusionDiscriminator.from_unet(
         teacher.unet.float(), gradient_checkpointing=config.gradient_checkpointing,
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         noise_conditioning=not config.d_noise_off,
         multiscale_input=not config.d_multiscale_input_off,
         multiscale_output=not config.d_multiscale_output_off)
+    if guidance_set:
+        teacher.add_guidance_input(disc.unet)
+    return disc
 
 
 def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float | None = None):
@@ -321,14 +332,16 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         dataset, num_train = open_pairs(config.pairs, teacher, config, procs.world)
     elif dataset is not None:
         num_train = len(dataset) - config.val_pairs
+    guidance_set = None
     if dataset is not None:
         guidance = collection_guidance(dataset)
-    generator = make_generator(teacher, config, guidance)
+        guidance_set = collection_guidance_set(dataset)
+    generator = make_generator(teacher, config, guidance, guidance_set)
     if config.lora_rank:  # a LoRA student: frozen teacher weights, trainable adapters
         from d2g_fast.train.lora import make_lora_generator, settings
 
         make_lora_generator(generator, teacher, settings(config))
-    discriminator = make_discriminator(teacher, config, guidance)
+    discriminator = make_discriminator(teacher, config, guidance, guidance_set)
     lpips = make_lpips(teacher, config)
     from d2g_fast.losses.regression import make_regression_loss
 

@@ -77,22 +77,30 @@ def student_pipeline(teacher_dir: str, weights: dict, generator: dict, lora: dic
         from d2g_fast.train.lora import merged_weights
 
         weights = merged_weights(teacher, weights, lora, generator.get("guidance_set"))
+    if generator.get("guidance_set"):  # a guidance-conditioned student: G's guidance input
+        teacher.add_guidance_input(teacher.denoiser)
     teacher.denoiser.load_state_dict(weights)
     pipe.scheduler = teacher.export_scheduler(generator["prediction_type"])
     return pipe, teacher
 
 
 def student_info(teacher, generator: dict, pipeline_class: str) -> dict:
-    """The family-dependent part of ``d2g_student.json``: how to call the exported pipeline."""
-    guidance = teacher.export_guidance(generator.get("guidance"))
+    """The family-dependent part of ``d2g_student.json``: how to call the exported pipeline.
+    A guidance-conditioned student records its guidance set (``guidance_set``: any scale in it
+    may be passed) and the middle of it as the default ``guidance_scale``."""
+    from d2g_fast.train.generator import middle_guidance
+
+    guidance_set = generator.get("guidance_set")
+    guidance = middle_guidance(guidance_set) if guidance_set else \
+        teacher.export_guidance(generator.get("guidance"))
     resolution = generator.get("resolution")
     call = f"num_inference_steps=1, guidance_scale={guidance!r}" if guidance is not None \
         else "num_inference_steps=1"
     if resolution:
         call += f", height={resolution[0]}, width={resolution[1]}"
     return {"family": teacher.name, "pipeline_class": pipeline_class, "guidance_scale": guidance,
-            "resolution": resolution, "usage": f"DiffusionPipeline.from_pretrained(DIR)(prompt, "
-                                               f"{call})"}
+            "guidance_set": guidance_set, "resolution": resolution,
+            "usage": f"DiffusionPipeline.from_pretrained(DIR)(prompt, {call})"}
 
 
 def export_pipeline(run_dir: str, out: str, step: int | None = None,

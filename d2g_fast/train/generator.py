@@ -47,12 +47,18 @@ class OneStepGenerator(nn.Module):
             ``unet`` whatever its kind so that checkpoints and FSDP units keep their layout
             (``net`` is an alias).
         rule: :class:`~d2g_fast.teacher.families.OneStepRule` from ``teacher.one_step_rule``.
+        guidance_set: the pairs' guidance set when they were collected over several scales
+            (``{"values": [...]}`` or ``{"range": [low, high]}``): G is guidance-conditioned
+            and reads each row's scale from ``added_cond_kwargs["guidance"]`` ([B]); rows
+            without one get ``default_guidance`` (the middle of the set).
     """
 
-    def __init__(self, net: nn.Module, rule: OneStepRule):
+    def __init__(self, net: nn.Module, rule: OneStepRule, guidance_set: dict | None = None):
         super().__init__()
         self.family = family_class(rule.family)
         self.rule = rule
+        self.guidance_set = guidance_set
+        self.default_guidance = middle_guidance(guidance_set)
         self.unet = net
         # float32 as the scheduler holds it; moved with the module but never trained.
         self.register_buffer("level", torch.tensor(rule.level, dtype=torch.float32),
@@ -72,33 +78,67 @@ class OneStepGenerator(nn.Module):
 
     def describe(self) -> dict:
         """What a checkpoint records about G (the export reads it back)."""
-        return {"family": self.rule.family, "timestep": self.rule.timestep,
-                "prediction_type": self.rule.prediction_type, "guidance": self.rule.guidance}
+        out = {"family": self.rule.family, "timestep": self.rule.timestep,
+               "prediction_type": self.rule.prediction_type, "guidance": self.rule.guidance}
+        if self.guidance_conditioned:
+            out["guidance_set"] = self.guidance_set
+        return out
+
+    @property
+    def guidance_conditioned(self) -> bool:
+        return self.guidance_set is not None
+
+    def _guidance(self, added: dict | None, batch: int, device) -> tuple:
+        """(the guidance G's network gets, added_cond_kwargs without it)."""
+        if not self.guidance_conditioned:
+            return self.rule.guidance, added
+        added = dict(added or {})
+        guidance = added.pop("guidance", None)
+        if guidance is None:
+            guidance = torch.full((batch,), self.default_guidance, dtype=torch.float32)
+        return guidance.to(device, torch.float32), (added or None)
 
     def forward(self, noise: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
         t = torch.full((noise.shape[0],), self.rule.timestep, device=noise.device,
                        dtype=torch.long if isinstance(self.rule.timestep, int) else torch.float32)
+        guidance, added_cond_kwargs = self._guidance(added_cond_kwargs, noise.shape[0],
+                                                     noise.device)
         out = self.family.denoise(self.unet, noise.to(dtype), t, encoder_hidden_states,
-                                  added_cond_kwargs, self.rule.guidance)
+                                  added_cond_kwargs, guidance)
         return self.family.output_to_x0(out.float(), noise.float(), self.level,
                                         self.rule.prediction_type)
 
 
+def middle_guidance(guidance_set: dict | None) -> float | None:
+    """The scale in the middle of a guidance set (the median value, or the range's midpoint)."""
+    if not guidance_set:
+        return None
+    if "range" in guidance_set:
+        return float(sum(guidance_set["range"]) / 2)
+    values = sorted(guidance_set["values"])
+    return float(values[(len(values) - 1) // 2])
+
+
 def make_generator(teacher, *, timestep=None, parameterization: str = "teacher",
-                   guidance: float | None = None,
+                   guidance: float | None = None, guidance_set: dict | None = None,
                    gradient_checkpointing: bool = False) -> OneStepGenerator:
     """G from a teacher family instance: a float32, trainable deep copy of its network with the
     family's one-step rule. ``guidance`` is the pairs' collection guidance (used by families
-    with a guidance embedding, FLUX-dev)."""
+    with a guidance embedding, FLUX-dev); ``guidance_set`` (pairs collected over several
+    scales) makes G guidance-conditioned through the family's zero-initialised guidance input,
+    so that it starts as the teacher's one-step prediction."""
     import copy
 
-    rule = teacher.one_step_rule(timestep, parameterization, guidance)
+    rule = teacher.one_step_rule(timestep, parameterization,
+                                 middle_guidance(guidance_set) if guidance_set else guidance)
     net = copy.deepcopy(teacher.denoiser).float().train().requires_grad_(True)
+    if guidance_set:
+        teacher.add_guidance_input(net)
     if gradient_checkpointing:
         net.enable_gradient_checkpointing()
-    return OneStepGenerator(net, rule)
+    return OneStepGenerator(net, rule, guidance_set)
 
 
 def generator_prediction_type(teacher_prediction_type: str, parameterization: str) -> str:

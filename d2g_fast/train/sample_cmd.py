@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="cuda, cpu; auto: cuda when available")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale for a guidance-conditioned student (collected over "
+                        "several scales; any scale within its trained set); default: the one in "
+                        "d2g_student.json. A fixed-guidance student refuses any other value")
 
 
 def read_prompts(source: str) -> list[str]:
@@ -24,11 +28,43 @@ def read_prompts(source: str) -> list[str]:
     return load_prompts(source) if os.path.isfile(source) else [source]
 
 
-def student_call_arguments(info: dict | None) -> dict:
-    """The pipeline arguments d2g_student.json asks for: its guidance_scale (1.0 when absent;
-    a FLUX-dev student's is its training guidance) and its training resolution."""
+def check_student_guidance(info: dict | None, guidance: float) -> float:
+    """``guidance`` (a --guidance flag) if the student takes it: a guidance-conditioned student
+    any scale within its trained set (``guidance_set`` in d2g_student.json, from its lowest to
+    its highest scale), a fixed-guidance student only its own ``guidance_scale``."""
     info = info or {}
-    guidance = info.get("guidance_scale", 1.0)
+    guidance = float(guidance)
+    trained = info.get("guidance_set")
+    if trained:
+        low, high = trained["range"] if "range" in trained else \
+            (min(trained["values"]), max(trained["values"]))
+        if not low <= guidance <= high:
+            raise ValueError(f"guidance (--guidance): the student was trained for guidance "
+                             f"scales in [{low:g}, {high:g}] ({trained}); got {guidance:g}")
+        return guidance
+    own = info.get("guidance_scale", 1.0)
+    if own is None:  # no guidance input at all (FLUX-schnell): any value is ignored
+        return guidance
+    own = float(own)
+    if own == 1.0 and guidance <= 1.0:  # no classifier-free guidance either way
+        return guidance
+    if guidance != own:
+        raise ValueError(f"guidance (--guidance): this student was distilled at one fixed "
+                         f"guidance and takes guidance_scale={own:g} only, got {guidance:g}; a "
+                         f"student that takes the guidance as input is distilled from pairs "
+                         f"collected over several scales (d2g collect --guidance 2,4.5,8)")
+    return guidance
+
+
+def student_call_arguments(info: dict | None, guidance: float | None = None) -> dict:
+    """The pipeline arguments d2g_student.json asks for: its guidance_scale (1.0 when absent;
+    a FLUX-dev student's is its training guidance; ``guidance`` when given and the student
+    takes it, see ``check_student_guidance``) and its training resolution."""
+    info = info or {}
+    if guidance is not None:
+        guidance = check_student_guidance(info, guidance)
+    else:
+        guidance = info.get("guidance_scale", 1.0)
     call = {"guidance_scale": 1.0 if guidance is None else float(guidance)}
     if info.get("resolution"):
         call.update(height=int(info["resolution"][0]), width=int(info["resolution"][1]))
@@ -52,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if info is None:
         print(f"d2g sample: note: {args.model} has no d2g_student.json; sampling it in one step "
               f"anyway")
-    call = student_call_arguments(info)
+    call = student_call_arguments(info, args.guidance)
     quiet_model_loading()
     import diffusers
 

@@ -36,7 +36,17 @@ def autocast(run):
 
 def conditioning(run, batch: dict) -> tuple[torch.Tensor, dict | None]:
     """(encoder_hidden_states [B, L, D] float32, added_cond_kwargs or None) of a batch: the
-    stored prompt embeddings when the store holds them, else the teacher's text encoder(s)."""
+    stored prompt embeddings when the store holds them, else the teacher's text encoder(s).
+    A guidance-conditioned G (pairs collected over several scales) also gets each pair's
+    scale as ``added_cond_kwargs["guidance"]`` [B], which G and D read and mix-and-match keeps
+    with its condition."""
+    ehs, added = _text_conditioning(run, batch)
+    if "guidance" in batch and getattr(run.generator, "guidance_conditioned", False):
+        added = {**(added or {}), "guidance": batch["guidance"].to(run.device, torch.float32)}
+    return ehs, added
+
+
+def _text_conditioning(run, batch: dict) -> tuple[torch.Tensor, dict | None]:
     teacher = run.teacher
     if "prompt_embeds" in batch:
         ehs = batch["prompt_embeds"].to(run.device, torch.float32)

@@ -531,6 +531,16 @@ class TeacherFamily:
     def guidance_for_generator(self, collection_guidance: float | None) -> float | None:
         return None
 
+    # A guidance-conditioned student (pairs collected over several guidance scales): the family
+    # gives G's (and a UNet D's) network a guidance input whose new weights start at zero, so
+    # that the network first computes exactly what it did without one; ``denoise(...,
+    # guidance=)`` then takes one scale per row ([B] float32).
+    def add_guidance_input(self, net) -> None:
+        """Give ``net`` (a copy of the teacher's network) a zero-initialised guidance input."""
+        raise ValueError(f"pairs (--pairs): a {self.name} teacher has no guidance input for a "
+                         f"one-step student (diffusers' stock pipeline of this family cannot "
+                         f"feed one); collect with a single --guidance")
+
     def export_scheduler(self, prediction_type: str):
         raise NotImplementedError
 

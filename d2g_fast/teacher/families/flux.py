@@ -126,6 +126,11 @@ class FluxFamily(FlowFamily):
         """dev: the collection guidance (G's embedding); schnell: None (ignored)."""
         return self.guidance_for_generator(collection_guidance)
 
+    def add_guidance_input(self, net) -> None:
+        """dev: its own guidance embedding already is one (nothing to add); schnell: none."""
+        if not net.config.get("guidance_embeds", False):
+            super().add_guidance_input(net)
+
     @classmethod
     def pipeline_latents(cls, latents):
         return pack(latents)
@@ -140,7 +145,9 @@ class FluxFamily(FlowFamily):
         if net.config.guidance_embeds:
             if guidance is None:
                 raise ValueError("guidance: a guidance-embedded FLUX transformer needs a value")
-            g = torch.full([1], guidance, device=x.device, dtype=torch.float32).expand(b)
+            # One value for the batch, or one per row (a guidance-conditioned student).
+            g = torch.as_tensor(guidance, device=x.device, dtype=torch.float32).reshape(-1)
+            g = g.expand(b)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device,
                               dtype=encoder_hidden_states.dtype)
         out = net(hidden_states=pack(x), timestep=timestep / 1000, guidance=g,

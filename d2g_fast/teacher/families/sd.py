@@ -19,6 +19,20 @@ import torch
 from d2g_fast.teacher.families.base import Conditioning, TeacherFamily
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Width of a guidance-conditioned student's guidance embedding (UNet ``time_cond_proj_dim``), as
+# in the LCM students diffusers' pipelines already serve.
+GUIDANCE_EMBED_DIM = 256
+
+
+def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """The ``timestep_cond`` [B, dim] float32 a stock StableDiffusion(XL)Pipeline feeds a UNet
+    with ``time_cond_proj_dim`` for ``guidance_scale`` g: its own get_guidance_scale_embedding of
+    (g - 1), computed as the pipeline does (g - 1 in Python floats, then float32)."""
+    from diffusers import StableDiffusionPipeline
+
+    w = (torch.as_tensor(guidance).double() - 1).float().reshape(-1)
+    # The method does not read ``self``.
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
 
 
 def unet_to_x0(output, noise, alpha_bar, prediction_type: str):
@@ -76,8 +90,30 @@ class UNetFamily(TeacherFamily):
     # ------------------------------------------------------------------ network and x0
     @classmethod
     def denoise(cls, net, x, t, encoder_hidden_states, added_cond_kwargs=None, guidance=None):
+        extra = {}
+        dim = getattr(net.config, "time_cond_proj_dim", None)
+        if dim is not None and guidance is not None:  # a guidance-conditioned student
+            cond = guidance_embedding(guidance, dim).to(x.device)
+            extra["timestep_cond"] = cond.expand(x.shape[0], -1).to(x.dtype)
         return net(x, t, encoder_hidden_states=encoder_hidden_states,
-                   added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+                   added_cond_kwargs=added_cond_kwargs, return_dict=False, **extra)[0]
+
+    def add_guidance_input(self, net) -> None:
+        """diffusers' own guidance input (LCM's): ``time_embedding.cond_proj``, a bias-free
+        linear map of the guidance embedding added to the timestep embedding, zero-initialised,
+        and ``time_cond_proj_dim`` in the config (so the stock pipeline feeds ``timestep_cond``
+        from its ``guidance_scale`` and does not double the batch)."""
+        from torch import nn
+
+        emb = net.time_embedding
+        if getattr(emb, "cond_proj", None) is not None:
+            return
+        ref = emb.linear_1.weight
+        emb.cond_proj = nn.Linear(GUIDANCE_EMBED_DIM, emb.linear_1.in_features, bias=False,
+                                  device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(emb.cond_proj.weight)
+        emb.cond_proj.weight.requires_grad_(ref.requires_grad)
+        net.register_to_config(time_cond_proj_dim=GUIDANCE_EMBED_DIM)
 
     def noise_level(self, t) -> float:
         return float(self.base_scheduler.alphas_cumprod[int(t)])
