@@ -233,3 +233,26 @@ def test_a_fixed_guidance_student_refuses_another_guidance():
     assert student_call_arguments(ranged, 2.0)["guidance_scale"] == 2.0
     with pytest.raises(ValueError, match="--guidance.*1.5, 9"):
         student_call_arguments(ranged, 1.0)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_flux_dev_embeds_each_rows_guidance_and_schnell_refuses(guidance_embeds, tmp_path):
+    from d2g_fast.testing.tiny import save_tiny_flux_pipeline
+
+    folder = save_tiny_flux_pipeline(str(tmp_path / "flux"), guidance_embeds=guidance_embeds)
+    teacher = Teacher.from_pretrained(folder)
+    if not guidance_embeds:
+        with pytest.raises(ValueError, match="--pairs.*single --guidance"):
+            make_generator(teacher, guidance_set={"values": [2.0, 6.0]})
+        return
+    cond_g = make_generator(teacher, guidance_set={"values": [2.0, 6.0]})
+    assert cond_g.guidance_conditioned and cond_g.default_guidance == 2.0
+    noise, ehs, added = _inputs(teacher, n=2)
+    with torch.no_grad():
+        out = cond_g(noise, ehs, {**added, "guidance": torch.tensor([2.0, 6.0])})
+        low = make_generator(teacher, guidance=2.0)(noise, ehs, added)
+        high = make_generator(teacher, guidance=6.0)(noise, ehs, added)
+    # Each row is the fixed-guidance G at that row's scale: FLUX-dev's own embedding takes it.
+    assert torch.allclose(out[0], low[0], rtol=0, atol=1e-6)
+    assert torch.allclose(out[1], high[1], rtol=0, atol=1e-6)
+    assert (low[1] - high[1]).abs().max() > 1e-5
