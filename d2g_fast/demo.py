@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--toy-dir", default=None,
                    help="a toy world written by d2g toy train (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0)
+    # fp32 by default: the recorded results (benchmarks/RESULTS.md) are fp32 runs, and bf16's
+    # effect on the student's FD and accuracy has not been measured yet (issue 23).
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
+                   help="the distillation's --precision (default fp32); auto: bf16 (autocast) "
+                        "where the CPU computes bf16 in hardware (AMX-BF16 or AVX-512-BF16), "
+                        "else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -83,6 +89,24 @@ def resolve(args: argparse.Namespace) -> dict:
 
 def stage(number: int, total: int, text: str) -> None:
     print(f"\n[{number}/{total}] {text}", flush=True)
+
+
+def training_precision(choice: str) -> str:
+    """--precision auto: bf16 where the CPU has bf16 hardware (d2g_fast.cpu_features)."""
+    if choice != "auto":
+        return choice
+    from d2g_fast.cpu_features import bf16_hardware
+
+    return "bf16" if bf16_hardware() else "fp32"
+
+
+def stage_times_section(stage_seconds: dict, precision: str) -> str:
+    """The report's "Time per stage" section (markdown)."""
+    from d2g_fast.cpu_features import describe
+
+    rows = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in stage_seconds.items())
+    return (f"\n## Time per stage\n\n{describe()}; distillation precision {precision}.\n\n"
+            f"| stage | seconds |\n|---|---:|\n{rows}\n")
 
 
 def toy_world(args) -> Path:
@@ -121,6 +145,7 @@ def distill(out: str, name: str, pairs_dir: str, settings: dict, args, lambda_ga
         lpips_path=str(world / "elatentlpips.safetensors"), augment="bg",
         max_steps=iters, batch_size=args.batch_size, lr_g=args.lr, lr_d=args.lr,
         lambda_gan=lambda_gan, warmup_steps=iters // 10, ema_decay=0.99, r1_gamma=0.1,
+        precision=training_precision(args.precision),
         r1_interval=16, checkpoint_every=max(1, iters // 4), keep_checkpoints=1,
         log_every=max(1, iters // 20), sample_every=max(1, iters // 2),
         progress=not args.no_progress, seed=args.seed, device="cpu")
@@ -174,29 +199,48 @@ def run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     total = 4 if args.ablation else 3
+    stage_seconds = {}  # wall seconds of each stage, for the report
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stage_seconds[name] = now - clock
+        clock = now
+
     stage(1, total, f"collecting {settings['pairs']} ODE pairs from the toy teacher (DDIM "
                     f"{settings['steps']} steps, guidance {args.guidance})")
     pairs_dir = collect_pairs(out, settings, args)
+    lap("collection")
     stage(2, total, f"distilling a one-step student: {settings['iters']} steps of "
                     f"E-LatentLPIPS + {args.lambda_gan} x GAN, batch {args.batch_size}")
     students = {"student_1step": distill(out, "run", pairs_dir, settings, args,
                                          args.lambda_gan)}
+    lap("distillation")
     if args.ablation:
         stage(3, total, "distilling the regression-only student (lambda_GAN = 0)")
         students["regression_only_1step"] = distill(out, "run_regression_only", pairs_dir,
                                                     settings, args, 0.0)
+        lap("distillation (regression only)")
     stage(total, total, f"evaluating on {settings['eval_n']} held-out prompts and noises")
     metrics = toy.evaluate(students, out, toy_dir=toy_world(args), n=settings["eval_n"],
                            guidance=args.guidance, progress=not args.no_progress)
     append_ablation_note(os.path.join(out, "report.md"))
+    lap("evaluation")
     seconds = time.perf_counter() - start
+    precision = training_precision(args.precision)
+    with open(os.path.join(out, "report.md"), "a", encoding="utf-8") as f:
+        f.write(stage_times_section({**stage_seconds, "total": seconds}, precision))
     with open(os.path.join(out, "demo.json"), "w", encoding="utf-8") as f:
         json.dump({"settings": {**settings, "guidance": args.guidance,
                                 "batch_size": args.batch_size, "lr": args.lr,
                                 "lambda_gan": args.lambda_gan, "seed": args.seed,
-                                "ablation": args.ablation},
-                   "seconds": seconds, "threads": torch.get_num_threads()}, f, indent=1)
+                                "ablation": args.ablation, "precision": precision},
+                   "seconds": seconds, "stage_seconds": stage_seconds,
+                   "threads": torch.get_num_threads()}, f, indent=1)
     print("\n" + summary_table(metrics))
+    print("\n" + "  ".join(f"{name} {sec:.0f} s" for name, sec in stage_seconds.items())
+          + f"  (distillation precision {precision})")
     print(f"\ndemo finished in {seconds / 60:.1f} min: report {os.path.join(out, 'report.md')}"
           f", metrics {os.path.join(out, 'metrics.json')} (the teacher is a toy)")
     return 0

@@ -38,6 +38,11 @@ def test_quick_demo_student_beats_the_teachers_one_step_sampling(tmp_path):
     for name in ("report.md", "fd_vs_nfe.png", "grid_student_1step.png",
                  "grid_teacher_multistep.png"):
         assert (out / name).is_file(), name
+    # the time of each stage, in the report and demo.json (issue 23)
+    stages = json.loads((out / "demo.json").read_text())["stage_seconds"]
+    assert set(stages) == {"collection", "distillation", "evaluation"}, stages
+    assert all(sec > 0 for sec in stages.values()), stages
+    assert "## Time per stage" in (out / "report.md").read_text()
     # the stages ran through the real commands' code: a pair store, a run, an exported student
     assert (out / "pairs" / "manifest.json").is_file()
     assert (out / "run" / "metrics.csv").is_file()
