@@ -58,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     quiet_model_loading()
+    from d2g_fast.plan.planner import announce
+
+    announce(config)  # the predicted peak memory per GPU (CUDA; D2G_PLAN=1: also CPU)
     train(config)
     return 0
