@@ -137,7 +137,7 @@ def test_plan_command_on_the_tiny_architecture(capsys):
     code, out, err = _d2g(capsys, "--arch", "tiny", "--batch-size", "4", "--gpus", "1,2",
                           "--fsdp", "--gpu-memory", "80")
     assert code == 0, err
-    assert out.count("plan: ") == 2
+    assert out.count("\nplan: ") == 2
     for row in ("weights: G", "AdamW states (G, D)", "activations: G",
                 "activations: loss (E-LatentLPIPS)", "activations: D", "R1 (double backward",
                 "FSDP: D gathered for the step"):
