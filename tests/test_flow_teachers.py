@@ -381,3 +381,14 @@ def test_export_of_a_trained_flux_run_reproduces_its_generator(flux_folder, tmp_
     assert _rel_err(ours, unpack(ref, 8, 8)) <= 1e-5
     assert d2g_main(["sample", "--model", out, "--prompts", "x", "--out",
                      str(tmp_path / "samples"), "--device", "cpu"]) == 0
+
+
+def test_collect_guidance_defaults_to_the_familys_own(sd3_folder, flux_folder, tmp_path):
+    """Without --guidance, FLUX-dev pairs get FluxPipeline's guidance_scale default (3.5), not
+    the classifier-free 8 of the UNet and SD3 families."""
+    for folder, res, expected in ((flux_folder, 16, 3.5), (sd3_folder, 16, 8.0)):
+        out = str(tmp_path / f"pairs-{expected}")
+        args = _collect_args(folder, out, res)
+        args[args.index("--num-pairs") + 1] = "1"
+        assert d2g_main(args) == 0
+        assert PairDataset(out).manifest["config"]["guidance"] == expected

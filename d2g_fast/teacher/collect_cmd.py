@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--guidance", type=parse_guidance, default=None,
                    help="classifier-free guidance scale (<= 1: no guidance; default 8); FLUX-dev: "
-                        "the embedded guidance (the pipeline's guidance_scale, e.g. 3.5). A comma "
+                        "the embedded guidance (the pipeline's guidance_scale, default 3.5). A comma "
                         "list (2,4.5,8) collects over several scales: pair i's scale is drawn "
                         "from the list by (seed, i) and stored with the pair")
     p.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
@@ -100,14 +100,14 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast.data.seeding import guidance_set
 
     prompts = load_prompts(args.prompts)
-    guidance = 8.0 if args.guidance is None else args.guidance
     if args.guidance is not None and args.guidance_range is not None:
         raise ValueError("guidance_range (--guidance-range): give either --guidance or "
                          "--guidance-range, not both")
-    guidance_set(guidance, args.guidance_range)  # bad scales are refused before --out exists
     # A folder, resolution or option the teacher cannot take is refused before --out exists.
-    check_teacher_folder(args.teacher, args.resolution).check_sample_options(
-        args.negative_prompt, args.scheduler)
+    family = check_teacher_folder(args.teacher, args.resolution)
+    family.check_sample_options(args.negative_prompt, args.scheduler)
+    guidance = family.default_guidance if args.guidance is None else args.guidance
+    guidance_set(guidance, args.guidance_range)  # bad scales are refused before --out exists
     store.ensure_writable(args.out)  # fail before loading a large teacher
     group, device = init_distributed(device)
     from contextlib import ExitStack

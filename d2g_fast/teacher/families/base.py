@@ -149,6 +149,9 @@ class TeacherFamily:
     requires_vae = False
     lpips_encoder = "sd15"
     default_scheduler: str | None = "ddim"
+    # `d2g collect --guidance` when not given: the classifier-free scale of the paper's SD
+    # students; families with an embedded guidance use their pipeline's own default.
+    default_guidance = 8.0
     stores_pooled = True      # encode_prompts gives a pooled embedding (stored with the pairs)
     latent_note: str | None = None  # how stored latents relate to the pipeline's, if not equal
 

@@ -60,6 +60,7 @@ class FluxFamily(FlowFamily):
     default_max_shift = 1.15
     max_sequence_length = 512  # the pipeline's default for T5
     default_sample_size = 128  # FluxPipeline.default_sample_size (latent pixels per side)
+    default_guidance = 3.5     # FluxPipeline's guidance_scale default (dev's embedded guidance)
     latent_note = ("unpacked [16, h, w]; FluxPipeline works on 2x2-packed tokens "
                    "[(h/2)(w/2), 64]: FluxPipeline._pack_latents / _unpack_latents convert")
 
