@@ -214,24 +214,9 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch._C._profiler import _EventType  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = []
+    from d2g_fast.plan.measure import profiler_peak_bytes  # noqa: PLC0415
 
-    def collect(nodes):
-        for node in nodes:
-            if node.tag == _EventType.Allocation:
-                deltas.append((node.start_time_ns, node.extra_fields.alloc_size))
-            collect(node.children)
-
-    collect(prof.profiler.kineto_results.experimental_event_tree())
-    level = peak = 0
-    for _, size in sorted(deltas):
-        level += size
-        peak = max(peak, level)
-    return peak / 2**20
+    return profiler_peak_bytes(fn) / 2**20
 
 
 def copy_bandwidth_gbs(device: str) -> float:

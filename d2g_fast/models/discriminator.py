@@ -74,7 +74,39 @@ def _zero_conv(cin: int, cout: int) -> nn.Conv2d:
     return conv
 
 
-class DiffusionDiscriminator(nn.Module):
+class HeadReadout:
+    """The readout every discriminator shares: ``features`` -> the fused multi-scale heads ->
+    loss, per-head scores and D's scalar score. A subclass provides ``features(latent, noise,
+    encoder_hidden_states, added_cond_kwargs)``, ``heads`` (MultiScaleHeads) and ``head_names``."""
+
+    def forward(self, latent: torch.Tensor, noise: torch.Tensor,
+                encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                target: torch.Tensor | float = 1.0) -> DiscriminatorOutput:
+        """Non-saturating loss for ``target`` (+1 real, -1 fake; a float or an (N,) tensor)
+        and the raw scores. The heads run outside autocast, accumulating in float32."""
+        feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
+        if len({f.dtype for f in feats}) > 1:
+            # Autocast can leave taps in different dtypes; the fused op wants one.
+            feats = [f.float() for f in feats]
+        n = latent.shape[0]
+        if not torch.is_tensor(target):
+            target = torch.full((n,), float(target), device=latent.device)
+        target = target.to(device=latent.device, dtype=torch.float32)
+        loss, scores = self.heads(feats, target)
+        return DiscriminatorOutput(loss=loss, scores=scores, score=self.heads.combine(scores))
+
+    def score(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
+        """D's scalar output per sample (N,): the weighted mean logit over heads."""
+        return self.forward(latent, noise, encoder_hidden_states, added_cond_kwargs).score
+
+    def logits(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None):
+        """Every head's logit map (N, H_k, W_k), by name."""
+        feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
+        return dict(zip(self.head_names, self.heads.logits(feats)))
+
+
+class DiffusionDiscriminator(HeadReadout, nn.Module):
     def __init__(self, unet: nn.Module, config: DiscriminatorConfig | None = None):
         """Takes ``unet`` as its own backbone (no copy); use ``from_unet`` to copy a teacher."""
         super().__init__()
@@ -251,32 +283,6 @@ class DiffusionDiscriminator(nn.Module):
         if not self.config.multiscale_output:
             return taps, taps[-2:-1]
         return taps, taps
-
-    def forward(self, latent: torch.Tensor, noise: torch.Tensor,
-                encoder_hidden_states: torch.Tensor,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-                target: torch.Tensor | float = 1.0) -> DiscriminatorOutput:
-        """Non-saturating loss for ``target`` (+1 real, -1 fake; a float or an (N,) tensor)
-        and the raw scores. The heads run outside autocast, accumulating in float32."""
-        feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
-        if len({f.dtype for f in feats}) > 1:
-            # Autocast can leave taps in different dtypes; the fused op wants one.
-            feats = [f.float() for f in feats]
-        n = latent.shape[0]
-        if not torch.is_tensor(target):
-            target = torch.full((n,), float(target), device=latent.device)
-        target = target.to(device=latent.device, dtype=torch.float32)
-        loss, scores = self.heads(feats, target)
-        return DiscriminatorOutput(loss=loss, scores=scores, score=self.heads.combine(scores))
-
-    def score(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
-        """D's scalar output per sample (N,): the weighted mean logit over heads."""
-        return self.forward(latent, noise, encoder_hidden_states, added_cond_kwargs).score
-
-    def logits(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None):
-        """Every head's logit map (N, H_k, W_k), by name."""
-        feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
-        return dict(zip(self.head_names, self.heads.logits(feats)))
 
 
 def _resnet_attn_step(resnet, attn):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from d2g_fast.models.discriminator import DiscriminatorOutput
+from d2g_fast.models.discriminator import HeadReadout
 from d2g_fast.models.heads import MultiScaleHeads
 
 DEFAULT_TAP_COUNT = 4
@@ -79,7 +79,7 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-class TransformerDiscriminator(nn.Module):
+class TransformerDiscriminator(HeadReadout, nn.Module):
     """Base class: the taps, heads, checks and the forward; subclasses say how one transformer
     family turns latents into tokens and calls its blocks. Build with :meth:`from_transformer`."""
 
@@ -229,27 +229,6 @@ class TransformerDiscriminator(nn.Module):
                 feats.append(grid if s == 1 else
                              F.adaptive_avg_pool2d(grid, (-(-gh // s), -(-gw // s))))
         return feats
-
-    def forward(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None,
-                target: torch.Tensor | float = 1.0) -> DiscriminatorOutput:
-        """Non-saturating loss for ``target`` (+1 real, -1 fake; a float or an (N,) tensor)
-        and the raw scores. The heads run outside autocast, accumulating in float32."""
-        feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
-        n = latent.shape[0]
-        if not torch.is_tensor(target):
-            target = torch.full((n,), float(target), device=latent.device)
-        target = target.to(device=latent.device, dtype=torch.float32)
-        loss, scores = self.heads(feats, target)
-        return DiscriminatorOutput(loss=loss, scores=scores, score=self.heads.combine(scores))
-
-    def score(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None) -> torch.Tensor:
-        """D's scalar output per sample (N,): the weighted mean logit over heads."""
-        return self.forward(latent, noise, encoder_hidden_states, added_cond_kwargs).score
-
-    def logits(self, latent, noise, encoder_hidden_states, added_cond_kwargs=None):
-        """Every head's logit map (N, h_k, w_k), by name."""
-        feats = self.features(latent, noise, encoder_hidden_states, added_cond_kwargs)
-        return dict(zip(self.head_names, self.heads.logits(feats)))
 
 
 class SD3Discriminator(TransformerDiscriminator):

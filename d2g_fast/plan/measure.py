@@ -1,7 +1,7 @@
 """Measured CPU memory of the trainer's real step: the ground truth the plan is checked against.
 
-The peak is read the way ``benchmarks/harness.py`` reads CPU peaks: ``torch.profiler`` with
-``profile_memory=True`` records every allocation and free of torch's CPU allocator, and the
+The CPU peak (``profiler_peak_bytes``, also what ``benchmarks/harness.py`` reports):
+``torch.profiler`` with ``profile_memory=True`` records every allocation and free of torch's CPU allocator, and the
 peak is the largest running sum, above what was allocated when the step began. The
 persistent state (weights, EMA, AdamW states, frozen networks) is counted from the run's own
 tensors, each storage once.

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from d2g_fast.demo import DEFAULTS as DEMO_DEFAULTS
 from d2g_fast.toy import data
 
 # (name, table, label, paper figure, regression settings, discriminator parts or None).
@@ -68,20 +69,20 @@ _CAPTIONS = len(data.all_labels())  # the held-out prompts cycle through these c
 
 @dataclasses.dataclass
 class AblateSettings:
-    """One setting for every row (the demo's recipe; see d2g_fast/demo.py)."""
+    """One setting for every row (the demo's recipe: its defaults come from d2g_fast/demo.py)."""
 
-    pairs: int = 2304
-    steps: int = 25
-    guidance: float = 4.0
-    iters: int = 700
-    batch_size: int = 32
-    lr: float = 2e-4
-    lambda_gan: float = 0.05
+    pairs: int = DEMO_DEFAULTS["pairs"]
+    steps: int = DEMO_DEFAULTS["steps"]
+    guidance: float = DEMO_DEFAULTS["guidance"]
+    iters: int = DEMO_DEFAULTS["iters"]
+    batch_size: int = DEMO_DEFAULTS["batch_size"]
+    lr: float = DEMO_DEFAULTS["lr"]
+    lambda_gan: float = DEMO_DEFAULTS["lambda_gan"]
     warmup_frac: float = 0.1
     r1_gamma: float = 0.1
     mix_fraction: float = 0.25
     ema_decay: float = 0.99
-    eval_n: int = 288
+    eval_n: int = DEMO_DEFAULTS["eval_n"]
     teacher_steps: int = 25
     seeds: tuple[int, ...] = (0,)
 
