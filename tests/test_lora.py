@@ -2,8 +2,8 @@
 checkpointed (a small fraction of G), the teacher's weights stay as they were, a SIGKILL while
 writing a checkpoint resumes to identical numbers, d2g export writes a merged pipeline and a
 diffusers LoRA file that the teacher's own pipeline loads, both reproducing G (rel 1e-5; also
-on a tiny FLUX-dev teacher), and 2 processes compute what 1 computes (FSDP2 form with
-D2G_TEST_LORA_SLOW=1)."""
+on tiny SDXL, SD3 and FLUX-dev teachers), and 2 processes compute what 1 computes (FSDP2
+form with D2G_TEST_LORA_SLOW=1)."""
 import dataclasses
 import json
 import os
@@ -163,19 +163,29 @@ def test_bad_lora_input_is_refused(world, lora_run, tmp_path, capsys):
         train(_config(world, lora_run.out, max_steps=6, lora_rank=8), log=lambda *a: None)
 
 
-def test_flux_lora_student_exports_a_lora_file_for_the_flux_pipeline(tmp_path, capsys):
-    """The same code path on a flow transformer (tiny FLUX-dev): adapter-only checkpoint, and
-    merged export == stock FluxPipeline + load_lora_weights + the one-step scheduler == G."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+def _tiny_teacher(kind: str, folder: str) -> str:
+    from d2g_fast.testing.tiny import (save_tiny_flux_pipeline, save_tiny_sd3_pipeline,
+                                       save_tiny_sdxl_pipeline)
+
+    return {"sdxl": save_tiny_sdxl_pipeline, "sd3": save_tiny_sd3_pipeline,
+            "flux": save_tiny_flux_pipeline}[kind](folder)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_lora_student_exports_a_lora_file_for_the_teachers_pipeline(kind, tmp_path, capsys):
+    """The same code path on the other families (tiny SDXL UNet, SD3 and FLUX-dev
+    transformers): only the adapters train and are checkpointed, and the merged export == the
+    stock teacher pipeline + load_lora_weights + the one-step scheduler == G (rel 1e-5)."""
+    import diffusers
+    from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
 
-    from d2g_fast.teacher.families.flux import pack, unpack
-    from d2g_fast.testing.tiny import save_tiny_flux_pipeline
+    from d2g_fast.teacher import Teacher
     from d2g_fast.train import TrainConfig
     from d2g_fast.train.build import build_run
     from d2g_fast.train.checkpoint import load_checkpoint
 
-    folder = save_tiny_flux_pipeline(str(tmp_path / "flux"))
+    folder = _tiny_teacher(kind, str(tmp_path / kind))
     pairs, run_dir, out = (str(tmp_path / n) for n in ("pairs", "run", "student"))
     assert d2g_main(["collect", "--teacher", folder, "--num-pairs", "4", "--steps", "2",
                      "--resolution", "16", "--batch-size", "2", "--shard-size", "2",
@@ -185,32 +195,61 @@ def test_flux_lora_student_exports_a_lora_file_for_the_flux_pipeline(tmp_path, c
                      "--checkpoint-every", "2", "--lr-g", "1e-3", "--ema-decay", "0.5",
                      "--lora-rank", "2", "--no-progress"]) == 0
     saved = load_file(os.path.join(_checkpoint(run_dir), "generator.safetensors"))
-    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:5]
     assert any(k.endswith("lora_B.default.weight") and t.abs().max() > 0
                for k, t in saved.items())  # the adapters moved: G is not the teacher
+    full = sum(p.numel() for p in Teacher.from_pretrained(folder).denoiser.parameters())
+    assert sum(t.numel() for t in saved.values()) < 0.2 * full
     assert d2g_main(["export", run_dir, "--out", out, "--lora"]) == 0
     capsys.readouterr()
+    info = json.load(open(os.path.join(out, "d2g_student.json")))
     config = TrainConfig(teacher=folder, pairs=pairs, out=run_dir, lpips_random=True,
                          batch_size=2, lora_rank=2, ema_decay=0.5)
     run = build_run(config)
     load_checkpoint(run, _checkpoint(run_dir))
+    trainable = {n.split(".", 1)[1] for n, p in run.generator.named_parameters()
+                 if p.requires_grad}  # G's parameter names are its network's, prefixed
+    assert trainable == set(saved)
     noise = torch.randn(2, *run.teacher.latent_shape, generator=torch.Generator().manual_seed(9))
     prompts = ["a red fox", "x"]
     merged = DiffusionPipeline.from_pretrained(out, local_files_only=True)
     stock = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     stock.load_lora_weights(os.path.join(out, "lora"))
-    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+    # the documented line: the one-step scheduler saved beside the LoRA file
+    scheduler_class = type(merged.scheduler).__name__
+    assert f"{scheduler_class}.from_pretrained" in info["lora"]["usage"]
+    stock.scheduler = getattr(diffusers, scheduler_class).from_pretrained(
         os.path.join(out, "lora"), subfolder="scheduler")
     with torch.no_grad():
         cond = run.teacher.encode_prompts(prompts, guided=False)
         expected = run.ema(noise, cond.encoder_hidden_states, cond.added_cond_kwargs)
+        got = {}
         for name, pipe in (("merged", merged), ("lora file", stock)):
-            pipe.set_progress_bar_config(disable=True)
-            got = pipe(prompts, latents=pack(noise), num_inference_steps=1, guidance_scale=3.5,
-                       height=16, width=16, output_type="latent").images
-            got = unpack(got, *noise.shape[-2:])
-            rel = float((got - expected).norm() / expected.norm())
-            assert rel < 1e-5, (name, rel)
+            got[name] = _one_step_latents(run.teacher, pipe, prompts, noise,
+                                          info["guidance_scale"])
+    for name, latents in got.items():
+        rel = float((latents - expected).norm() / expected.norm())
+        assert rel < 1e-5, (kind, name, rel)
+    stock.unload_lora_weights()  # the adapters changed the result
+    with torch.no_grad():
+        plain = _one_step_latents(run.teacher, stock, prompts, noise, info["guidance_scale"])
+    assert float((plain - expected).norm() / expected.norm()) > 1e-4
+
+
+def _one_step_latents(teacher, pipe, prompts, noise, guidance):
+    """The stock pipeline's one-step latents [B, C, h, w] from ``noise`` (FLUX: packed in and
+    out, as FluxPipeline takes them)."""
+    pipe.set_progress_bar_config(disable=True)
+    h, w = noise.shape[-2:]
+    kwargs = {} if guidance is None else {"guidance_scale": guidance}
+    latents = pipe(prompts, latents=teacher.pipeline_latents(noise.clone()),
+                   num_inference_steps=1, height=teacher.height, width=teacher.width,
+                   output_type="latent", **kwargs).images
+    if latents.ndim == 3:  # FLUX's packed tokens
+        from d2g_fast.teacher.families.flux import unpack
+
+        latents = unpack(latents, h, w)
+    return latents
 
 
 def _adapters_apart(one, two) -> tuple[float, float]:
