@@ -47,3 +47,43 @@ def emulated_ops(tmp_path_factory, cu_file: str, name: str, extra_sources=(), **
                       [os.path.join(csrc, e) for e in extra_sources],
                       str(tmp_path_factory.mktemp(name)), **kwargs)
     return getattr(torch.ops, name)
+
+
+def sigkill_after_checkpoint(cmd, env, run_dir: str, step: int = 2, timeout: float = 120.0):
+    """Start ``cmd`` (a d2g distill command line), SIGKILL it as soon as the checkpoint of
+    ``step`` in ``run_dir`` is complete (or it exits, or ``timeout`` passes); returns the steps
+    of the complete checkpoints left behind."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from d2g_fast.train.checkpoint import list_checkpoints
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = os.path.join(run_dir, "checkpoints", f"step-{step:07d}", "complete.json")
+    deadline = time.time() + timeout
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    return [s for s, _ in list_checkpoints(run_dir)]
+
+
+def weights_apart(teacher_dir: str, one: str, two: str, step: int = 4) -> tuple[float, float]:
+    """(|G_one - G_two|, |G_one - G_init|) over all of G's weights at checkpoint ``step`` of the
+    run folders ``one`` and ``two``; G_init is the teacher's network (``unet/`` or
+    ``transformer/``), and zero for parameters the teacher has not (G's zero-initialised guidance
+    input). Adam turns rounding-level gradient differences of near-zero gradients into steps of
+    up to the learning rate: compare the weights' difference with how far training moved them."""
+    import os
+
+    from safetensors.torch import load_file
+
+    sub = "unet" if os.path.isdir(os.path.join(teacher_dir, "unet")) else "transformer"
+    init = load_file(os.path.join(teacher_dir, sub, "diffusion_pytorch_model.safetensors"))
+    name = os.path.join("checkpoints", f"step-{step:07d}", "generator.safetensors")
+    g1, g2 = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
+    moved = torch.cat([(g1[k] - init.get(k, torch.zeros_like(g1[k]))).flatten() for k in g1])
+    apart = torch.cat([(g1[k] - g2[k]).flatten() for k in g1])
+    return float(apart.norm()), float(moved.norm())

@@ -10,11 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from d2g_helpers import one_thread
+from d2g_helpers import one_thread, sigkill_after_checkpoint, weights_apart
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -124,17 +123,7 @@ def test_resume_after_sigkill_between_steps_is_exact(eps_world, tmp_path):
     ref = _config(eps_world, tmp_path / "ref", max_steps=8)
     train(ref, log=lambda *a: None)
     killed = _config(eps_world, tmp_path / "killed", max_steps=8)
-    proc = subprocess.Popen(_distill_cmd(killed), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    marker = os.path.join(killed.out, "checkpoints", "step-0000002", "complete.json")
-    deadline = time.time() + 120
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    from d2g_fast.train.checkpoint import list_checkpoints
-
-    done = [s for s, _ in list_checkpoints(killed.out)]
+    done = sigkill_after_checkpoint(_distill_cmd(killed), _env(), killed.out, step=2)
     assert done and done[-1] < 8, f"the run finished before the kill ({done})"
     train(killed, log=lambda *a: None)  # --resume auto
     assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
@@ -212,18 +201,6 @@ def _assert_same_metrics(rows_one, rows_two, rel):
             assert float(r1[key]) == pytest.approx(float(r2[key]), rel=rel, abs=1e-6), key
 
 
-def _weights_apart(world, one, two) -> tuple[float, float]:
-    """(|G_one - G_two|, |G_one - G_init|) over all of G's weights after step 4."""
-    from safetensors.torch import load_file
-
-    init = load_file(os.path.join(world[0], "unet", "diffusion_pytorch_model.safetensors"))
-    g1 = load_file(os.path.join(one, "checkpoints", "step-0000004", "generator.safetensors"))
-    g2 = load_file(os.path.join(two, "checkpoints", "step-0000004", "generator.safetensors"))
-    moved = torch.cat([(g1[k] - init[k]).flatten() for k in g1]).norm()
-    apart = torch.cat([(g1[k] - g2[k]).flatten() for k in g1]).norm()
-    return float(apart), float(moved)
-
-
 def test_two_processes_match_one_at_the_same_global_batch(eps_world, tmp_path):
     """1 process x 2 micro-batches == 2 processes x 1, replicated (gloo all-reduce) and sharded
     (FSDP2, resumed once from its checkpoint)."""
@@ -233,16 +210,14 @@ def test_two_processes_match_one_at_the_same_global_batch(eps_world, tmp_path):
     two = _config(eps_world, tmp_path / "two", max_steps=4, batch_size=2)
     _torchrun(two, 29517)
     _assert_same_metrics(_rows(one.out), _rows(two.out), rel=1e-4)
-    # Adam turns rounding-level gradient differences of near-zero gradients into steps of up to
-    # the learning rate: compare the weights' difference with how far training moved them.
-    apart, moved = _weights_apart(eps_world, one.out, two.out)
+    apart, moved = weights_apart(eps_world[0], one.out, two.out)
     assert moved > 0 and apart < 0.01 * moved, (apart, moved)
 
     sharded = _config(eps_world, tmp_path / "fsdp", max_steps=2, batch_size=2, fsdp=True)
     _torchrun(sharded, 29518)
     _torchrun(dataclasses.replace(sharded, max_steps=4), 29519)  # resumes from step 2
     _assert_same_metrics(_rows(one.out), _rows(sharded.out), rel=1e-4)
-    apart, moved = _weights_apart(eps_world, one.out, sharded.out)
+    apart, moved = weights_apart(eps_world[0], one.out, sharded.out)
     assert moved > 0 and apart < 0.01 * moved, (apart, moved)
 
 
