@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from d2g_helpers import one_thread
+from d2g_helpers import one_thread, weights_apart
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -176,19 +175,6 @@ def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(flux_world, tm
 
 
 # ------------------------------------------------------------------------------ processes
-def _weights_apart(world, one, two, step=4) -> tuple[float, float]:
-    """(|G_one - G_two|, |G_one - G_init|) over G's weights after ``step``."""
-    from safetensors.torch import load_file
-
-    init = load_file(os.path.join(world[0], "transformer",
-                                  "diffusion_pytorch_model.safetensors"))
-    name = os.path.join("checkpoints", f"step-{step:07d}", "generator.safetensors")
-    g1, g2 = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
-    moved = torch.cat([(g1[k] - init[k]).flatten() for k in g1]).norm()
-    apart = torch.cat([(g1[k] - g2[k]).flatten() for k in g1]).norm()
-    return float(apart), float(moved)
-
-
 def test_two_processes_match_one_at_the_same_global_batch(sd3_world, tmp_path):
     """1 process x 2 micro-batches == 2 processes x 1 (gloo), replicated; with
     D2G_TEST_FLOW_SLOW=1 also FSDP2 (one unit per transformer block), resumed once."""
@@ -198,7 +184,7 @@ def test_two_processes_match_one_at_the_same_global_batch(sd3_world, tmp_path):
     two = _config(sd3_world, tmp_path / "two", max_steps=4, batch_size=2)
     _torchrun(two, 29537)
     _assert_same_metrics(_rows(one.out), _rows(two.out), rel=1e-4)
-    apart, moved = _weights_apart(sd3_world, one.out, two.out)
+    apart, moved = weights_apart(sd3_world[0], one.out, two.out)
     assert moved > 0 and apart < 0.01 * moved, (apart, moved)
     if not SLOW:
         return
@@ -206,7 +192,7 @@ def test_two_processes_match_one_at_the_same_global_batch(sd3_world, tmp_path):
     _torchrun(sharded, 29538)
     _torchrun(dataclasses.replace(sharded, max_steps=4), 29539)   # resumes from step 2
     _assert_same_metrics(_rows(one.out), _rows(sharded.out), rel=1e-4)
-    apart, moved = _weights_apart(sd3_world, one.out, sharded.out)
+    apart, moved = weights_apart(sd3_world[0], one.out, sharded.out)
     assert moved > 0 and apart < 0.01 * moved, (apart, moved)
 
 
