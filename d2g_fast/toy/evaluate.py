@@ -289,6 +289,8 @@ def teacher_check(folder: str | os.PathLike, n: int = 144, steps: int = 25,
         m = image_metrics(clf, decode(pipe.vae, lat), prompts, real)
         out[f"{name}_accuracy"] = m["accuracy"]
         out[f"{name}_fd"] = m["fd"]
+        for attr, acc in m["attribute_accuracy"].items():
+            out[f"{name}_{attr}_accuracy"] = acc
     return out
 
 

@@ -9,7 +9,13 @@ Stages (each seeded from ``seed``; a tqdm bar each):
      and never sampled.
   3. Text encoder + UNet trained together as a latent diffusion model (epsilon prediction on SD's
      DDIM noise schedule), the caption dropped to "" 10 % of the time (classifier-free
-     guidance), an exponential moving average of the weights is what ships.
+     guidance), an exponential moving average of the weights is what ships. Two changes to the
+     plain epsilon loss make the teacher follow the position words (issue 25; without them it
+     placed the shape in a quadrant chosen by the noise): a quarter of each batch is trained on
+     pure-noise inputs at the first sampling timesteps (SD1.5's schedule leaks 7 % of the clean
+     latent at t = 999, which the UNet read the quadrant from), and the epsilon MSE is weighted
+     by clamp(1 / SNR, 1, 10), an x0 loss at high noise (see pure_noise_inputs,
+     high_noise_weight).
   4. The evaluation classifier on real images (pixels).
   5. E-LatentLPIPS for the toy VAE, as the paper made it (d2g_fast.lpips): a narrow latent
      VGG16-BN trained to classify the toy latents by caption, then its heads calibrated on 2AFC
@@ -64,6 +70,10 @@ class ToySettings:
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
+    # Teacher loss (issue 25): see high_noise_weight and pure_noise_inputs. 1.0 and 0.0 is the
+    # plain epsilon loss of the earlier teacher, which ignored the position words (21.5 %).
+    x0_weight_cap: float = 10.0
+    pure_noise_fraction: float = 0.25
     classifier_steps: int = 300
     classifier_batch: int = 64
     trunk_steps: int = 300
@@ -173,6 +183,42 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
+# Pure-noise inputs are drawn at t in [PURE_NOISE_MIN_T, 999]: the first DDIM timestep of every
+# schedule of 10 or more steps (10 steps: 901, 25: 961, 50: 981).
+PURE_NOISE_MIN_T = 900
+
+
+def high_noise_weight(alphas_t: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample weight of the epsilon MSE: clamp(1 / SNR(t), 1, cap).
+
+    The epsilon MSE is SNR(t) x the x0 MSE, so plain epsilon prediction gives the high-noise
+    steps almost no weight in x0 terms; yet they are the only steps where the caption alone must
+    place the shape (lower down the noisy latent already shows where it is). Weighting by
+    1 / SNR makes those steps an x0 loss (clipped at ``cap``); steps with SNR >= 1 keep the plain
+    epsilon loss. cap = 1 is the plain epsilon loss."""
+    return ((1 - alphas_t) / alphas_t).clamp(1.0, max(1.0, cap))
+
+
+def pure_noise_inputs(z0, eps, t, alphas, fraction: float, gen: torch.Generator):
+    """Noisy inputs and epsilon targets of one batch, the first ``fraction`` of it on pure noise.
+
+    SD1.5's schedule leaks signal: at t = 999 a training input still holds sqrt(0.0047) = 7 % of
+    the clean latent, enough for the UNet to read the quadrant of the shape from it
+    (benchmarks/probe_toy_leak.py) instead of from the words; at sampling the first input is
+    pure noise, so the quadrant then comes from the noise. For the pure-noise samples the input
+    is eps itself at a high t and the target is the epsilon that input implies for the real
+    latent, (z_t - sqrt(a) z0) / sqrt(1 - a): the x0 it encodes is the caption's latent, as at
+    the first sampling step. Returns (z_t, t, target)."""
+    n_pure = round(fraction * len(z0))
+    t = t.clone()
+    t[:n_pure] = torch.randint(PURE_NOISE_MIN_T, len(alphas), (n_pure,), generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    zt[:n_pure] = eps[:n_pure]
+    target = (zt - a.sqrt() * z0) / (1 - a).sqrt()
+    return zt, t, target
+
+
 def train_denoiser(pool, tokenizer, s: ToySettings, seed: int, progress: bool):
     """Stage 3. Returns the EMA (text_encoder, unet), eval mode."""
     latents, _, caps = pool
@@ -199,10 +245,10 @@ def train_denoiser(pool, tokenizer, s: ToySettings, seed: int, progress: bool):
             ids[drop] = empty_ids
             t = torch.randint(scheduler.config.num_train_timesteps, (s.unet_batch,), generator=gen)
             eps = torch.randn(z0.shape, generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+            zt, t, target = pure_noise_inputs(z0, eps, t, alphas, s.pure_noise_fraction, gen)
             pred = unet(zt, t, text_encoder(ids).last_hidden_state).sample
-            loss = F.mse_loss(pred, eps)
+            weight = high_noise_weight(alphas[t], s.x0_weight_cap)
+            loss = (weight * (pred - target).square().mean((1, 2, 3))).sum() / weight.sum()
             _set_lr(opt, _cosine_lr(step, s.unet_steps, s.unet_lr, warmup=50))
             opt.zero_grad(set_to_none=True)
             loss.backward()
