@@ -107,6 +107,10 @@ class HeadReadout:
 
 
 class DiffusionDiscriminator(HeadReadout, nn.Module):
+    # The context D's backbone runs in: a light D on a LoRA G's network switches the
+    # adapters off in it (d2g_fast.models.light_discriminator); a plain D needs none.
+    backbone_context = staticmethod(contextlib.nullcontext)
+
     def __init__(self, unet: nn.Module, config: DiscriminatorConfig | None = None):
         """Takes ``unet`` as its own backbone (no copy); use ``from_unet`` to copy a teacher."""
         super().__init__()
@@ -179,7 +183,8 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
 
     def _run(self, fn, *args):
         if self.config.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            return checkpoint(_in_context(self.backbone_context, fn), *args,
+                              use_reentrant=False)
         return fn(*args)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -198,6 +203,22 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
 
         return guidance_embedding(guidance, dim).to(t_emb.device, t_emb.dtype)
 
+    def _time_embedding(self, t_emb: torch.Tensor, added: dict) -> torch.Tensor:
+        """The UNet's time embedding with the guidance condition: through the UNet's own
+        guidance input, or (a light D, d2g_fast.models.light_discriminator) through D's own
+        ``guidance_proj``, which adds to the timestep embedding exactly where diffusers'
+        ``TimestepEmbedding.cond_proj`` adds, leaving the backbone untouched."""
+        proj = getattr(self, "guidance_proj", None)
+        if proj is None:
+            return self.unet.time_embedding(t_emb, self._guidance_cond(added, t_emb))
+        guidance = added.get("guidance")
+        if guidance is not None:
+            from d2g_fast.teacher.families.sd import guidance_embedding
+
+            cond = guidance_embedding(guidance, proj.in_features).to(t_emb.device, t_emb.dtype)
+            t_emb = t_emb + proj(cond)
+        return self.unet.time_embedding(t_emb, None)
+
     def features(self, latent: torch.Tensor, noise: torch.Tensor,
                  encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -213,7 +234,7 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
         _check_inputs(latent, noise, encoder_hidden_states, self.unet.config.in_channels)
         unet = self.unet
         added = added_cond_kwargs or {}
-        with self._autocast(latent.device):
+        with self._autocast(latent.device), self.backbone_context():
             x = latent
             if unet.config.center_input_sample:
                 x = 2 * x - 1.0
@@ -221,7 +242,7 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
                 x = x + self.noise_conv(noise.to(x.dtype))
 
             t_emb = unet.get_time_embed(sample=x, timestep=self.config.timestep)
-            emb = unet.time_embedding(t_emb, self._guidance_cond(added, t_emb))
+            emb = self._time_embedding(t_emb, added)
             aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
                                      added_cond_kwargs=added)
             if aug is not None:
@@ -283,6 +304,15 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
         if not self.config.multiscale_output:
             return taps, taps[-2:-1]
         return taps, taps
+
+
+def _in_context(context, fn):
+    """``fn`` run inside ``context()``: a checkpointed piece of D recomputes in the backward
+    pass under the same backbone context as its forward (a light D's adapters switched off)."""
+    def run(*args):
+        with context():
+            return fn(*args)
+    return run
 
 
 def _resnet_attn_step(resnet, attn):

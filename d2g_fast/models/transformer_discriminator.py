@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from d2g_fast.models.discriminator import HeadReadout
+from d2g_fast.models.discriminator import HeadReadout, _in_context
 from d2g_fast.models.heads import MultiScaleHeads
 
 DEFAULT_TAP_COUNT = 4
@@ -82,6 +82,9 @@ def _zero(module: nn.Module) -> nn.Module:
 class TransformerDiscriminator(HeadReadout, nn.Module):
     """Base class: the taps, heads, checks and the forward; subclasses say how one transformer
     family turns latents into tokens and calls its blocks. Build with :meth:`from_transformer`."""
+
+    # The context D's backbone runs in (a light D on a LoRA G's network: adapters off).
+    backbone_context = staticmethod(contextlib.nullcontext)
 
     def __init__(self, transformer: nn.Module,
                  config: TransformerDiscriminatorConfig | None = None):
@@ -180,7 +183,8 @@ class TransformerDiscriminator(HeadReadout, nn.Module):
         def call(image, text, temb):
             return self.run_block(block, image, text, temb, extra)
         if self.config.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(call, image, text, temb, use_reentrant=False)
+            return checkpoint(_in_context(self.backbone_context, call), image, text, temb,
+                              use_reentrant=False)
         return call(image, text, temb)
 
     def _check_inputs(self, latent, noise, ehs, added):
@@ -209,7 +213,7 @@ class TransformerDiscriminator(HeadReadout, nn.Module):
         """The image tokens [N, T, D] leaving every tapped block, in the order of ``taps``."""
         self._check_inputs(latent, noise, encoder_hidden_states, added_cond_kwargs)
         out = []
-        with self._autocast(latent.device):
+        with self._autocast(latent.device), self.backbone_context():
             image, text, temb, extra = self.embed(latent, noise, encoder_hidden_states,
                                                   added_cond_kwargs)
             for i, block in enumerate(self.blocks()[:self.taps[-1] + 1]):

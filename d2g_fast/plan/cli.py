@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=None,
                    help="LoRA student rank (refused until the trainer has LoRA students)")
     p.add_argument("--light-d", action="store_true",
-                   help="frozen D backbone (refused until the trainer has it)")
+                   help="the light D (d2g distill --light-d): D's backbone frozen, shared "
+                   "with a LoRA G's base")
     p.add_argument("--calibrate", action="store_true",
                    help="instead: measure the calibration and validation cases on this CPU "
                    "(real runs of small models) and print measured vs predicted (minutes)")

@@ -45,7 +45,7 @@ CUDA_RESERVE_BYTES = 1 * GIB
 """CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers assumed on a GPU."""
 
 # Flags a planned run may not use until the trainer has them: plan flag -> TrainConfig field.
-FUTURE_FLAGS = {"lora_rank": "--lora-rank", "light_d": "--light-d"}
+FUTURE_FLAGS: dict = {}
 
 
 @dataclass

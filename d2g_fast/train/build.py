@@ -152,41 +152,61 @@ def collection_guidance_set(dataset) -> dict | None:
 
 
 def make_discriminator(teacher, config: TrainConfig, guidance: float | None = None,
-                       guidance_set: dict | None = None):
+                       guidance_set: dict | None = None, shared_net=None):
     """D from a copy of the teacher's network: the transformer discriminator for SD3/FLUX
     transformers (taps from the family, --d-taps overrides; ``guidance``: the collection
     guidance, which a guidance-embedded FLUX D embeds as G does), the UNet discriminator for
     UNets. With ``guidance_set`` the UNet D gets its own zero-initialised guidance input (the
     family's, as G's) and judges each pair for its guidance; FLUX-dev's D embeds each row's
-    guidance already."""
+    guidance already. ``config.light_d``: the light D (d2g_fast.models.light_discriminator),
+    its backbone frozen; on ``shared_net`` (a LoRA G's network) when given."""
     from d2g_fast.models.transformer_discriminator import BACKBONES
 
     if type(teacher.denoiser).__name__ in BACKBONES:
-        return make_transformer_discriminator(teacher, config, guidance)
+        return make_transformer_discriminator(teacher, config, guidance, shared_net)
     from d2g_fast.models import DiffusionDiscriminator
+    from d2g_fast.models.discriminator import DiscriminatorConfig
 
-    disc = DiffusionDiscriminator.from_unet(
-        teacher.unet.float(), gradient_checkpointing=config.gradient_checkpointing,
+    settings = DiscriminatorConfig(
+        gradient_checkpointing=config.gradient_checkpointing,
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         noise_conditioning=not config.d_noise_off,
         multiscale_input=not config.d_multiscale_input_off,
         multiscale_output=not config.d_multiscale_output_off)
+    if config.light_d:
+        from d2g_fast.models.light_discriminator import add_guidance_proj, light_discriminator
+        from d2g_fast.teacher.families.sd import GUIDANCE_EMBED_DIM
+
+        disc = light_discriminator(DiffusionDiscriminator, settings, teacher.unet.float(),
+                                   shared_net)
+        if guidance_set:
+            add_guidance_proj(disc, GUIDANCE_EMBED_DIM)
+        return disc
+    disc = DiffusionDiscriminator.from_unet(teacher.unet.float(), settings)
     if guidance_set:
         teacher.add_guidance_input(disc.unet)
     return disc
 
 
-def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float | None = None):
+def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float | None = None,
+                                   shared_net=None):
     from d2g_fast.models import TransformerDiscriminator
 
     net = teacher.denoiser.float()
     taps = list(config.d_taps) or teacher.default_taps(net)
     embedded = teacher.guidance_for_generator(guidance)
     extra = {} if embedded is None else {"guidance": embedded}
-    return TransformerDiscriminator.from_transformer(
-        net, taps=taps, gradient_checkpointing=config.gradient_checkpointing, **extra,
-        mixed_precision="bf16" if config.precision == "bf16" else "no",
-        noise_conditioning=not config.d_noise_off)
+    settings = dict(taps=taps, gradient_checkpointing=config.gradient_checkpointing, **extra,
+                    mixed_precision="bf16" if config.precision == "bf16" else "no",
+                    noise_conditioning=not config.d_noise_off)
+    if config.light_d:
+        from d2g_fast.models.light_discriminator import light_discriminator
+        from d2g_fast.models.transformer_discriminator import (
+            BACKBONES, TransformerDiscriminatorConfig)
+
+        return light_discriminator(BACKBONES[type(net).__name__],
+                                   TransformerDiscriminatorConfig(**settings), net, shared_net)
+    return TransformerDiscriminator.from_transformer(net, **settings)
 
 
 # A VAE's (shift_factor, scaling_factor) is taken to be an encoder's when both agree to this.
@@ -270,12 +290,21 @@ def make_lpips(teacher, config: TrainConfig):
 
 
 def make_optimizers(generator, discriminator, config: TrainConfig):
-    opt_g = torch.optim.AdamW(trainable_parameters(generator), lr=config.lr_g,
-                              betas=config.betas_g, weight_decay=config.weight_decay)
-    opt_d = torch.optim.AdamW(trainable_parameters(discriminator),
-                              lr=config.lr_d, betas=config.betas_d,
-                              weight_decay=config.weight_decay)
+    g_params, d_params = trainable_parameters(generator), trainable_parameters(discriminator)
+    opt_g = torch.optim.AdamW(g_params, lr=config.lr_g, betas=config.betas_g,
+                              weight_decay=config.weight_decay, **_cpu_fused(g_params, config))
+    opt_d = torch.optim.AdamW(d_params, lr=config.lr_d, betas=config.betas_d,
+                              weight_decay=config.weight_decay, **_cpu_fused(d_params, config))
     return opt_g, opt_d
+
+
+def _cpu_fused(params: list, config: TrainConfig) -> dict:
+    """AdamW's fused kernel for plain CPU parameters: one pass over all of them instead of
+    the foreach kernels' several, 4x faster at the toy's 1.1 M parameters (issue 23; the same
+    update up to rounding). Not for FSDP's DTensor parameters."""
+    if config.fsdp or not params or any(p.device.type != "cpu" for p in params):
+        return {}
+    return {"fused": True}
 
 
 def trainable_parameters(module) -> list:
@@ -341,7 +370,9 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         from d2g_fast.train.lora import make_lora_generator, settings
 
         make_lora_generator(generator, teacher, settings(config))
-    discriminator = make_discriminator(teacher, config, guidance, guidance_set)
+    # A light D on a LoRA G runs G's frozen base (one copy of the teacher's network).
+    shared = generator.net if config.light_d and config.lora_rank else None
+    discriminator = make_discriminator(teacher, config, guidance, guidance_set, shared)
     lpips = make_lpips(teacher, config)
     from d2g_fast.losses.regression import make_regression_loss
 

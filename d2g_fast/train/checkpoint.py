@@ -2,7 +2,7 @@
 
 A checkpoint folder holds everything needed to continue exactly:
   generator.safetensors, ema.safetensors, discriminator.safetensors   the networks (a LoRA
-                                     student's G and EMA: its trainable parameters only)
+                                     student's G and EMA, a light D: trainable parameters only)
   optimizer_g.pt, optimizer_d.pt     AdamW states (tensors and numbers only: read back with
                                      torch.load(weights_only=True))
   rng-rank<R>.pt                     every process's CPU, CUDA, Python and NumPy RNG states
@@ -87,6 +87,23 @@ def _unet_state(generator, sharded: bool, keys: set[str] | None = None) -> dict:
 
     return {k[len("unet."):]: v for k, v in full_state_dict(generator, sharded).items()
             if k.startswith("unet.") and (keys is None or k in keys)}
+
+
+def _d_keys(run) -> set[str] | None:
+    """State keys of a light D's trained parameters (--light-d: its frozen backbone is the
+    teacher's, rebuilt from the teacher folder, so not saved); None: the whole D is saved."""
+    from d2g_fast.train.lora import trainable_keys
+
+    return trainable_keys(run.discriminator) if getattr(run.config, "light_d", False) else None
+
+
+def _d_state(run) -> dict:
+    """D's weights as a checkpoint holds them (a light D: its trained parameters only)."""
+    from d2g_fast.train.distributed import full_state_dict
+
+    keys = _d_keys(run)
+    return {k: v for k, v in full_state_dict(run.discriminator, run.sharded).items()
+            if keys is None or k in keys}
 
 
 def _save_tensors(path: str, state: dict) -> None:
@@ -184,7 +201,7 @@ def save_checkpoint(run, run_dir: str, step: int, extra_state: dict) -> str:
 
     keys = trainable_keys(run.generator)  # a LoRA student: its adapters only
     tensors = {"generator": _unet_state(run.generator, run.sharded, keys),
-               "discriminator": full_state_dict(run.discriminator, run.sharded)}
+               "discriminator": _d_state(run)}
     if run.ema is not None:
         tensors["ema"] = _unet_state(run.ema, run.sharded, keys)
     optimizers = {"optimizer_g": full_optimizer_state(run.generator, run.opt_g, run.sharded),
@@ -290,6 +307,7 @@ def load_checkpoint(run, path: str) -> dict:
     from d2g_fast.train.lora import trainable_keys
 
     check_lora_compatible(read_state(path).get("config", {}), run.config)
+    check_light_d_compatible(read_state(path).get("config", {}), run.config)
     keys = trainable_keys(run.generator)
 
     def unet_file(name):
@@ -309,9 +327,15 @@ def load_checkpoint(run, path: str) -> dict:
     if run.ema is not None:
         has_ema = os.path.isfile(os.path.join(path, "ema.safetensors"))
         load_g(run.ema, unet_file("ema.safetensors" if has_ema else "generator.safetensors"))
-    load_full_state_dict(run.discriminator,
-                         _load_tensors(os.path.join(path, "discriminator.safetensors")),
-                         run.sharded)
+    d_keys = _d_keys(run)
+    d_state = _load_tensors(os.path.join(path, "discriminator.safetensors"))
+    if d_keys is None:
+        load_full_state_dict(run.discriminator, d_state, run.sharded)
+    elif set(d_state) != d_keys:
+        raise ValueError(f"resume (--resume): {path!r} holds other D weights than this light "
+                         f"D's trained parts (other --d-* settings?)")
+    else:  # a light D's trained parts; its frozen backbone is the teacher's
+        load_partial_state_dict(run.discriminator, d_state, run.sharded)
     for name, module, opt in (("optimizer_g.pt", run.generator, run.opt_g),
                               ("optimizer_d.pt", run.discriminator, run.opt_d)):
         state = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
@@ -332,6 +356,16 @@ def check_lora_compatible(saved_config: dict, config) -> None:
         raise ValueError(f"lora_rank (--lora-rank): the checkpoint was trained with LoRA "
                          f"settings {old} (None: full G), this run asks for {new}; resume with "
                          f"the same --lora-rank/--lora-alpha/--lora-targets or start a new --out")
+
+
+def check_light_d_compatible(saved_config: dict, config) -> None:
+    """Refuse resuming a light-D checkpoint with the full D (and back)."""
+    old, new = bool(saved_config.get("light_d", False)), bool(config.light_d)
+    if old != new:
+        raise ValueError(f"light_d (--light-d): the checkpoint was trained with "
+                         f"{'the light D' if old else 'the full D'}, this run asks for "
+                         f"{'the light D' if new else 'the full D'}; resume with the same "
+                         f"--light-d setting or start a new --out")
 
 
 def load_partial_state_dict(module, state: dict, sharded: bool) -> None:

@@ -127,6 +127,12 @@ class TrainConfig:
     to_q to_k to_v to_out.0, as diffusers' LoRA training scripts use; the same names exist in
     UNets and SD3/FLUX transformers. Add conv1 conv2 (UNet resnets) or ff.net.0.proj ff.net.2
     (feed-forward) for more capacity at a larger adapter."""
+    light_d: bool = False
+    """A light discriminator: D's backbone frozen at the teacher's weights (no gradients, no
+    optimiser state), only its z-conditioning, multi-scale input convs, heads (and guidance
+    input) trained and checkpointed. With --lora-rank D runs G's own frozen base with the
+    adapters switched off (one copy of the teacher's network; not with --fsdp on several
+    processes). See d2g_fast.models.light_discriminator."""
 
     # ---- checkpoints, logs, samples
     checkpoint_every: int = 500
@@ -196,6 +202,10 @@ class TrainConfig:
         _non_negative(self, "lora_rank", "lora_alpha")
         if self.lora_targets and not self.lora_rank:
             raise ValueError("lora_targets (--lora-targets): set --lora-rank R as well")
+        if self.light_d and self.lora_rank and self.fsdp:
+            raise ValueError("light_d (--light-d): with --lora-rank D shares G's frozen base, "
+                             "which FSDP2 (--fsdp) shards with G's units; use --light-d "
+                             "--lora-rank without --fsdp, or --light-d --fsdp without LoRA")
         if self.timestep is not None and self.timestep < 0:
             raise ValueError(f"timestep (--timestep): must be >= 0, got {self.timestep}")
         for name in ("teacher", "pairs", "out"):
