@@ -28,9 +28,12 @@ from pathlib import Path
 
 HELP = "distil the shipped toy text-to-image teacher into a one-step student and evaluate it"
 
-# Defaults sized for a 2-core CPU in under 10 minutes (measured in the report's header).
+# The demo's recipe, the one source of it (d2g toy ablate and benchmarks read it too): sized for
+# a 2-core CPU (the stage times are in the report). lr is G's and D's unless lr_d is set;
+# warm-up (GAN term off) for warmup_frac x iters steps; R1 every 16 steps.
 DEFAULTS = dict(pairs=2304, steps=25, guidance=4.0, iters=700, batch_size=32, lr=2e-4,
-                lambda_gan=0.05, eval_n=288)
+                lr_d=None, lambda_gan=0.05, eval_n=288, warmup_frac=0.1, ema_decay=0.99,
+                r1_gamma=0.1)
 # --quick (the test suite): every stage, minutes less.
 QUICK = dict(pairs=256, steps=10, iters=120, eval_n=96)
 
@@ -134,23 +137,36 @@ def collect_pairs(out: str, settings: dict, args) -> str:
     return pairs_dir
 
 
-def distill(out: str, name: str, pairs_dir: str, settings: dict, args, lambda_gan: float):
+def distill(out: str, name: str, pairs_dir: str, settings: dict, args, lambda_gan: float,
+            recipe: dict | None = None):
     """Train and export one student; returns its pipeline folder."""
-    from d2g_fast.train import TrainConfig, export_pipeline, train
+    from d2g_fast.train import export_pipeline, train
 
+    config = train_config(out, name, pairs_dir, settings, args, lambda_gan, recipe)
+    train(config, log=lambda *a: None)
+    return export_pipeline(config.out, os.path.join(out, name.replace("run", "student")))
+
+
+def train_config(out: str, name: str, pairs_dir: str, settings: dict, args, lambda_gan: float,
+                 recipe: dict | None = None):
+    """The TrainConfig of one student. ``recipe``: the GAN settings (lr_d, warmup_frac,
+    ema_decay, r1_gamma), DEFAULTS' unless given."""
+    from d2g_fast.train import TrainConfig
+
+    recipe = {**DEFAULTS, **(recipe or {})}
     iters = settings["iters"]
     world = toy_world(args)
     config = TrainConfig(
         teacher=str(world / "teacher"), pairs=pairs_dir, out=os.path.join(out, name),
         lpips_path=str(world / "elatentlpips.safetensors"), augment="bg",
-        max_steps=iters, batch_size=args.batch_size, lr_g=args.lr, lr_d=args.lr,
-        lambda_gan=lambda_gan, warmup_steps=iters // 10, ema_decay=0.99, r1_gamma=0.1,
-        precision=training_precision(args.precision),
+        max_steps=iters, batch_size=args.batch_size, lr_g=args.lr,
+        lr_d=recipe["lr_d"] or args.lr, lambda_gan=lambda_gan,
+        warmup_steps=int(iters * recipe["warmup_frac"]), ema_decay=recipe["ema_decay"],
+        r1_gamma=recipe["r1_gamma"], precision=training_precision(args.precision),
         r1_interval=16, checkpoint_every=max(1, iters // 4), keep_checkpoints=1,
         log_every=max(1, iters // 20), sample_every=max(1, iters // 2),
         progress=not args.no_progress, seed=args.seed, device="cpu")
-    train(config, log=lambda *a: None)
-    return export_pipeline(config.out, os.path.join(out, name.replace("run", "student")))
+    return config
 
 
 def summary_table(metrics: dict) -> str:

@@ -182,3 +182,30 @@ def test_each_row_switches_on_exactly_its_parts(tmp_path):
     assert configs["r1"].r1_gamma == s.r1_gamma and configs["r1"].d_multiscale_output_off
     assert not configs["multiscale"].d_multiscale_output_off
     assert configs["multiscale"].mix_fraction == 0
+
+
+def test_demo_and_ablation_train_the_full_method_with_one_recipe(tmp_path):
+    """demo.DEFAULTS is the one source of the recipe: the demo's student and the ablation's
+    full-method row get the same trainer settings from it."""
+    import argparse
+
+    from d2g_fast.demo import DEFAULTS, resolve, train_config
+    from d2g_fast.toy.ablate import ROWS, AblateSettings, row_config
+
+    args = argparse.Namespace(pairs=None, steps=None, iters=None, eval_n=None, quick=False,
+                              batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], seed=0,
+                              toy_dir=None, precision="fp32", no_progress=True)
+    demo = train_config(str(tmp_path), "run", "pairs", resolve(args), args,
+                        DEFAULTS["lambda_gan"])
+    world = tmp_path / "world"
+    full = row_config(ROWS[-1], AblateSettings(), 0, world, "pairs", "out", False)
+    for name in ("max_steps", "batch_size", "lr_g", "lr_d", "lambda_gan", "warmup_steps",
+                 "ema_decay", "r1_gamma", "r1_interval", "mix_fraction", "augment"):
+        assert getattr(demo, name) == getattr(full, name), name
+    assert demo.max_steps == DEFAULTS["iters"] and demo.ema_decay == DEFAULTS["ema_decay"]
+    assert demo.warmup_steps == int(DEFAULTS["iters"] * DEFAULTS["warmup_frac"])
+    assert demo.lr_d == (DEFAULTS["lr_d"] or DEFAULTS["lr"])
+    slow_d = train_config(str(tmp_path), "run", "pairs", resolve(args), args, 0.2,
+                          {"lr_d": 1e-4, "r1_gamma": 1.0, "warmup_frac": 0.25})
+    assert (slow_d.lr_d, slow_d.r1_gamma, slow_d.lambda_gan) == (1e-4, 1.0, 0.2)
+    assert slow_d.warmup_steps == int(DEFAULTS["iters"] * 0.25)

@@ -77,11 +77,12 @@ class AblateSettings:
     iters: int = DEMO_DEFAULTS["iters"]
     batch_size: int = DEMO_DEFAULTS["batch_size"]
     lr: float = DEMO_DEFAULTS["lr"]
+    lr_d: float | None = DEMO_DEFAULTS["lr_d"]  # None: lr
     lambda_gan: float = DEMO_DEFAULTS["lambda_gan"]
-    warmup_frac: float = 0.1
-    r1_gamma: float = 0.1
+    warmup_frac: float = DEMO_DEFAULTS["warmup_frac"]
+    r1_gamma: float = DEMO_DEFAULTS["r1_gamma"]
     mix_fraction: float = 0.25
-    ema_decay: float = 0.99
+    ema_decay: float = DEMO_DEFAULTS["ema_decay"]
     eval_n: int = DEMO_DEFAULTS["eval_n"]
     teacher_steps: int = 25
     seeds: tuple[int, ...] = (0,)
@@ -128,7 +129,8 @@ def row_config(row: tuple, s: AblateSettings, seed: int, world: Path, pairs_dir:
     return TrainConfig(
         teacher=str(world / "teacher"), pairs=pairs_dir, out=run_dir,
         lpips_path=str(world / "elatentlpips.safetensors"), max_steps=iters,
-        batch_size=s.batch_size, lr_g=s.lr, lr_d=s.lr, lambda_gan=s.lambda_gan if gan else 0.0,
+        batch_size=s.batch_size, lr_g=s.lr, lr_d=s.lr_d or s.lr,
+        lambda_gan=s.lambda_gan if gan else 0.0,
         warmup_steps=int(iters * s.warmup_frac), ema_decay=s.ema_decay, r1_interval=16,
         checkpoint_every=max(1, iters // 4), keep_checkpoints=1, log_every=max(1, iters // 20),
         progress=progress, seed=seed, device="cpu", **switches, **regression)
@@ -419,7 +421,8 @@ def report_markdown(metrics: dict) -> str:
         f"min on {sw['cores']} CPU core(s) ({sw['cpu']}), torch {sw['torch']}, diffusers "
         f"{sw['diffusers']}, {sw['threads']} torch thread(s).",
         "",
-        f"Every student: {s['iters']} steps, batch {s['batch_size']}, lr {s['lr']} (G and D), EMA "
+        f"Every student: {s['iters']} steps, batch {s['batch_size']}, lr {s['lr']} (G), "
+        f"{s.get('lr_d') or s['lr']} (D), EMA "
         f"{s['ema_decay']}, on the same {s['pairs']} ODE pairs (teacher DDIM {s['steps']} steps, "
         f"guidance {s['guidance']}); GAN rows: lambda_GAN {s['lambda_gan']} after "
         f"{int(s['iters'] * s['warmup_frac'])} regression-only warm-up steps, R1 gamma "
