@@ -2,8 +2,9 @@
 largest-batch logic, FSDP's sharding rules and the refused flags.
 
 The measured-vs-predicted checks use shapes and batch sizes the activation factor was NOT
-fitted on (d2g_fast.plan.calibrate.VALIDATION_CASES). One runs in CI; all of them with
-D2G_TEST_PLAN_SLOW=1.
+fitted on (d2g_fast.plan.calibrate.VALIDATION_CASES): SD-shaped UNets, the SD3/FLUX transformer
+families and LoRA students. Three run in CI (a UNet, a FLUX transformer, a LoRA student); all of
+them with D2G_TEST_PLAN_SLOW=1.
 """
 import os
 
@@ -28,19 +29,43 @@ def _check(case):
     assert abs(result["step_error"]) < 0.15, calibrate.table([result])
 
 
+def _key(c):
+    return (c.family, c.width, c.latent, c.batch, c.lora_rank)
+
+
 def test_calibration_and_validation_cases_differ():
-    fitted = {(c.width, c.latent, c.batch) for c in calibrate.CALIBRATION_CASES}
-    assert not fitted & {(c.width, c.latent, c.batch) for c in calibrate.VALIDATION_CASES}
+    fitted = {_key(c) for c in calibrate.CALIBRATION_CASES}
+    assert not fitted & {_key(c) for c in calibrate.VALIDATION_CASES}
+    assert {c.family for c in calibrate.VALIDATION_CASES} == {"sd", "sd3", "flux"}
+    assert any(c.lora_rank for c in calibrate.VALIDATION_CASES)
 
 
-def test_prediction_matches_measured_cpu_peak():
-    _check(calibrate.VALIDATION_CASES[0])
+CI_CASES = (calibrate.Case(48, 24, 3), calibrate.Case(2, 8, 2, family="flux"),
+            calibrate.Case(32, 16, 3, lora_rank=4))
+
+
+@pytest.mark.parametrize("case", CI_CASES, ids=str)
+def test_prediction_matches_measured_cpu_peak(case):
+    assert case in calibrate.VALIDATION_CASES
+    _check(case)
 
 
 @pytest.mark.skipif(not SLOW, reason="every validation case: D2G_TEST_PLAN_SLOW=1")
-@pytest.mark.parametrize("case", calibrate.VALIDATION_CASES[1:], ids=str)
+@pytest.mark.parametrize("case", [c for c in calibrate.VALIDATION_CASES if c not in CI_CASES],
+                         ids=str)
 def test_prediction_matches_measured_cpu_peak_all(case):
     _check(case)
+
+
+def test_lora_student_changes_the_state_rows_by_itself():
+    """The plan builds the LoRA run: only the adapters train, so AdamW's states and the
+    gradients shrink to the adapters' while G's frozen base is still held."""
+    full = calibrate.predict(calibrate.Case(32, 16, 2))
+    lora = calibrate.predict(calibrate.Case(32, 16, 2, lora_rank=4))
+    f, r = dict(full.rows), dict(lora.rows)
+    assert r["AdamW states (G, D)"] < f["AdamW states (G, D)"]
+    assert lora.params["g_trainable"] < full.params["g"] // 10
+    assert r["weights: G"] >= f["weights: G"]  # the base plus the adapters
 
 
 # ------------------------------------------------------------------------------ the logic
@@ -101,7 +126,7 @@ def test_fsdp_shards_the_training_state():
     sharded = dict(_plan(4, gpus=8, fsdp=True, device="cpu").rows)
     assert sharded["weights: G"] == one["weights: G"] // 8
     assert sharded["AdamW states (G, D)"] == one["AdamW states (G, D)"] // 8
-    assert sharded["frozen: teacher UNet, text encoders, E-LatentLPIPS"] == 3 * GIB
+    assert sharded["frozen: text encoders, E-LatentLPIPS"] == 3 * GIB
     assert sharded["FSDP: D gathered for the step"] == 4 * GIB - 4 * GIB // 8
     assert _plan(4, gpus=8, fsdp=True).largest_batch > _plan(4, gpus=8).largest_batch
 
@@ -145,6 +170,25 @@ def test_plan_command_on_the_tiny_architecture(capsys):
     # 1 GB cannot hold the CUDA reserve alone: refused with exit status 1
     code, out, _ = _d2g(capsys, "--arch", "tiny", "--batch-size", "4", "--gpu-memory", "1")
     assert code == 1 and "does NOT fit" in out
+
+
+def test_plan_of_a_flux_folder(tmp_path, capsys):
+    """A FLUX folder (any family): networks built from its configs on the meta device; the
+    teacher's own transformer is counted as the trainer holds it (an fp32 copy, G's size)."""
+    from d2g_fast.plan.planner import simulate
+    from d2g_fast.testing.tiny import save_tiny_flux_pipeline
+
+    path = save_tiny_flux_pipeline(str(tmp_path / "flux"))
+    req = PlanRequest(path, batch_size=2, device="cpu", resolution=32)
+    timeline, state, counts = simulate(req)
+    assert state.teacher_net > 0 and abs(state.teacher_net - state.g_weights) <= 64  # G: + a scalar
+    assert counts["g"] == counts["g_trainable"] > 0
+    text = plan(req, timeline=timeline, state=state, counts=counts).format()
+    assert "frozen: the teacher's network (held, not called)" in text
+    code, _, err = _d2g(capsys, "--teacher", path, "--resolution", "33")
+    assert code == 2 and "--resolution" in err
+    code, _, err = _d2g(capsys, "--arch", "tiny", "--resolution", "32")
+    assert code == 2 and "--resolution" in err
 
 
 def test_distill_announces_only_where_asked(monkeypatch):

@@ -39,17 +39,49 @@ def shaped(width: int, latent: int):
     return components
 
 
+def flow_shaped(family: str, heads: int, latent: int):
+    """A callable ``(device) -> teacher`` of a tiny SD3- or FLUX-shaped teacher
+    (:mod:`d2g_fast.testing.tiny`, ``heads`` attention heads of 16 channels) at ``latent`` x
+    ``latent`` latents (16 channels; the tiny VAE's factor 2)."""
+    def teacher(device):
+        from d2g_fast.bench import archs
+        from d2g_fast.testing import tiny
+
+        arch = {"sd3": "tiny-sd3", "flux": "tiny-flux"}[family]
+        if family == "sd3":
+            comps = tiny.tiny_sd3_components(sample_size=latent, num_heads=heads, head_dim=16)
+        else:
+            comps = tiny.tiny_flux_components(num_heads=heads, head_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+        pipe = archs.pipeline_class(arch)(**comps)
+        from d2g_fast.teacher.families import family_for_pipeline
+
+        made = family_for_pipeline(pipe).from_pipeline(pipe, resolution=2 * latent)
+        return made.to(device=device)
+    teacher.__name__ = f"{family}-shaped {heads} heads {latent}x{latent}"
+    return teacher
+
+
 @dataclass(frozen=True)
 class Case:
-    width: int
+    width: int          # UNet: the first level's channels; sd3/flux: attention heads (x16)
     latent: int
     batch: int
     precision: str = "fp32"
     checkpointing: bool = False
+    family: str = "sd"  # "sd" (an SD-shaped UNet), "sd3" or "flux" (tiny transformers)
+    lora_rank: int = 0  # a LoRA student of this rank (0: full G)
 
     def __str__(self):
-        return (f"w{self.width} {self.latent}x{self.latent} B{self.batch} {self.precision}"
-                f"{' ckpt' if self.checkpointing else ''}")
+        size = f"w{self.width}" if self.family == "sd" else f"{self.family} h{self.width}"
+        return (f"{size} {self.latent}x{self.latent} B{self.batch} {self.precision}"
+                f"{' ckpt' if self.checkpointing else ''}"
+                f"{f' lora{self.lora_rank}' if self.lora_rank else ''}")
+
+    def source(self):
+        if self.family == "sd":
+            return shaped(self.width, self.latent)
+        return flow_shaped(self.family, self.width, self.latent)
 
 
 CALIBRATION_CASES = (Case(32, 16, 2), Case(32, 16, 4), Case(32, 16, 2, "bf16"),
@@ -57,32 +89,46 @@ CALIBRATION_CASES = (Case(32, 16, 2), Case(32, 16, 4), Case(32, 16, 2, "bf16"),
 """The cases ACTIVATION_FIT was fitted on."""
 
 VALIDATION_CASES = (Case(48, 24, 3), Case(32, 32, 1, "bf16"),
-                    Case(64, 16, 5, "bf16", True), Case(48, 32, 2, checkpointing=True))
-"""Other widths, latent sizes and batch sizes: the plan must match these within 15 %."""
+                    Case(64, 16, 5, "bf16", True), Case(48, 32, 2, checkpointing=True),
+                    Case(2, 8, 2, family="flux"), Case(2, 8, 3, family="sd3"),
+                    Case(32, 16, 3, lora_rank=4),
+                    Case(4, 16, 3, family="flux"), Case(4, 16, 2, "bf16", True, family="sd3"),
+                    Case(3, 16, 2, family="flux", lora_rank=4), Case(48, 24, 2, lora_rank=8))
+"""Other widths, latent sizes, batch sizes, the SD3/FLUX transformer families and LoRA
+students: the plan must match these within 15 %."""
 
 
 def _request(case: Case):
     from d2g_fast.plan.planner import PlanRequest
 
-    return PlanRequest(shaped(case.width, case.latent), batch_size=case.batch, gpus=1,
-                       gpu_memory_gb=1e6, precision=case.precision,
-                       gradient_checkpointing=case.checkpointing, device="cpu")
+    options = {"lora_rank": case.lora_rank} if case.lora_rank else {}
+    return PlanRequest(case.source(), batch_size=case.batch, gpus=1, gpu_memory_gb=1e6,
+                       precision=case.precision, gradient_checkpointing=case.checkpointing,
+                       device="cpu", options=options)
+
+
+def predict(case: Case):
+    """The plan of ``case`` (simulated only, nothing measured)."""
+    from d2g_fast.plan.planner import plan, simulate
+
+    req = _request(case)
+    timeline, state, counts = simulate(req)
+    return plan(req, timeline=timeline, state=state, counts=counts, max_batch=1)
 
 
 def compare(case: Case) -> dict:
     """Measured (real CPU run) and predicted bytes of ``case``: persistent state, step peak
     above it, and their sum; ``error`` is predicted/measured - 1 of the sum."""
     from d2g_fast.plan.measure import measure_step
-    from d2g_fast.plan.planner import plan, simulate
-
     from d2g_fast.plan.fake import portable_trunk
+    from d2g_fast.plan.planner import _persistent_rows, plan, simulate
 
     req = _request(case)
     with portable_trunk():
         measured = measure_step(req.source, req.train_config(), case.batch)
     timeline, state, _ = simulate(req)
     p = plan(req, timeline=timeline, state=state, max_batch=1)
-    persistent = sum(b for what, b in p.rows[:5])
+    persistent = sum(b for _, b in _persistent_rows(req, state))
     predicted = {"persistent": persistent, "step_peak": p.peak - persistent, "total": p.peak}
     labels = timeline.peak(case.batch)
     return {"case": str(case), "measured": measured, "predicted": predicted,

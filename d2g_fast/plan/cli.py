@@ -14,9 +14,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from d2g_fast.bench.archs import ARCHS
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--teacher", default=None, help="local diffusers folder of the teacher "
-                     "(only its config files are read)")
+    src.add_argument("--teacher", default=None, help="local diffusers folder of the teacher, "
+                     "any family (SD, SDXL, SD3, FLUX; only its config files and tokenizers "
+                     "are read)")
     src.add_argument("--arch", default=None, choices=ARCHS, help="a built-in architecture")
+    p.add_argument("--resolution", type=int, default=None, help="with --teacher: the image "
+                   "side in pixels of the pairs (d2g collect --resolution; default: the "
+                   "family's own)")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch per GPU "
                    "(d2g distill --batch-size)")
     p.add_argument("--gpus", default="1", help="processes / GPUs of the run; several "
@@ -28,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="d2g distill --precision")
     p.add_argument("--lora-rank", type=int, default=None,
-                   help="LoRA student rank (refused until the trainer has LoRA students)")
+                   help="a LoRA student of this rank (d2g distill --lora-rank; default "
+                   "targets)")
     p.add_argument("--light-d", action="store_true",
                    help="the light D (d2g distill --light-d): D's backbone frozen, shared "
                    "with a LoRA G's base")
@@ -53,10 +58,13 @@ def request_from_args(args, gpus: int = 1):
     source = args.teacher or args.arch
     if source is None:
         raise ValueError("teacher (--teacher DIR or --arch NAME): say which teacher to plan for")
+    if args.resolution is not None and args.teacher is None:
+        raise ValueError("resolution (--resolution): only with --teacher (an --arch has its "
+                         "native resolution)")
     if args.teacher is not None:
-        from d2g_fast.train.build import check_teacher_folder
+        from d2g_fast.teacher.families import check_teacher_folder
 
-        check_teacher_folder(args.teacher)
+        check_teacher_folder(args.teacher, args.resolution)
     options = {}
     if args.lora_rank is not None:
         options["lora_rank"] = args.lora_rank
@@ -65,7 +73,8 @@ def request_from_args(args, gpus: int = 1):
     return PlanRequest(source, batch_size=args.batch_size, gpus=gpus,
                        gpu_memory_gb=args.gpu_memory, fsdp=args.fsdp,
                        gradient_checkpointing=args.gradient_checkpointing,
-                       precision=args.precision, options=options).check()
+                       precision=args.precision, options=options,
+                       resolution=args.resolution).check()
 
 
 def run(args: argparse.Namespace) -> int:

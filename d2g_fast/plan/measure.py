@@ -53,13 +53,16 @@ def persistent_bytes(run) -> int:
     seen: dict[int, int] = {}
 
     def add(t):
+        if hasattr(t, "to_local"):  # an FSDP2 shard (DTensor): this process's part
+            t = t.to_local()
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             s = t.untyped_storage()
             seen[s._cdata] = s.nbytes()
 
-    teacher = run.teacher
-    nets = [run.generator, run.ema, run.discriminator, run.lpips, teacher.unet,
-            teacher.text_encoder, getattr(teacher, "text_encoder_2", None)]
+    from d2g_fast.plan.simulate import frozen_networks
+
+    nets = [run.generator, run.ema, run.discriminator, run.lpips] + \
+        frozen_networks(run.teacher)
     for net in nets:
         if net is None:
             continue
@@ -82,14 +85,19 @@ def measure_step(source: str, config, batch_size: int) -> dict:
     on the CPU, take one step (AdamW states appear), then measure an R1 step.
 
     Returns {"persistent": bytes, "step_peak": bytes above the start, "total": their sum}."""
+    from d2g_fast.bench import archs
     from d2g_fast.plan.simulate import _teacher, synthetic_batch
     from d2g_fast.train import build_run
     from d2g_fast.train.step import train_step
-    from d2g_fast.bench import archs
 
     torch.manual_seed(0)
-    comps = source("cpu") if callable(source) else archs.components(source, device="cpu")
-    run = build_run(config, teacher=_teacher(comps), dataset=None, device="cpu")
+    if callable(source):
+        made = source("cpu")
+        teacher = _teacher(made) if isinstance(made, dict) else made
+    else:
+        teacher = archs.teacher(source)
+    run = build_run(config, teacher=teacher, dataset=None, device="cpu",
+                    guidance=teacher.default_guidance)  # a store's, were there one
     batch = synthetic_batch(run, batch_size)
     step = config.r1_interval
     train_step(run, batch, step + 1)

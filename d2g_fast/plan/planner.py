@@ -4,8 +4,9 @@ The prediction has three parts:
 
 1. Persistent state, counted from the trainer's own networks built on fake tensors
    (:func:`d2g_fast.plan.simulate.fake_run`): G's weights, its EMA, D's weights, the frozen
-   networks the run keeps on the device (the teacher's UNet and text encoders, E-LatentLPIPS and
-   its folded trunk cache) and AdamW's two states per TRAINABLE parameter. Trainable means
+   networks the run keeps on the device (the teacher's network, UNet or transformer, and its
+   text encoders, all in fp32 as ``build_run`` loads them; E-LatentLPIPS and its folded trunk
+   cache) and AdamW's two states per TRAINABLE parameter. Trainable means
    ``requires_grad`` in the built run, so a LoRA student or a frozen D backbone changes these
    rows by itself once the trainer builds them.
 2. The step: the trainer's G phase and D phase (an R1 step) simulated on fake tensors, every
@@ -59,6 +60,7 @@ class PlanRequest:
     precision: str = "bf16"
     device: str = "cuda"           # "cuda": add the GPU reserve; "cpu": none (calibration)
     options: dict = field(default_factory=dict)  # further TrainConfig fields (lora_rank, ...)
+    resolution: int | tuple[int, int] | None = None  # a folder's pixels (None: its default)
 
     def check(self) -> "PlanRequest":
         from d2g_fast.train.config import PRECISIONS, TrainConfig
@@ -108,8 +110,9 @@ class State:
     ema: int
     d_weights: int
     d_trainable: int
-    frozen: int
-    largest_unit: int              # bytes of the largest FSDP unit (a UNet block)
+    frozen: int                    # text encoders, E-LatentLPIPS and its trunk cache
+    largest_unit: int              # bytes of the largest FSDP unit (a network block)
+    teacher_net: int = 0           # the teacher's own network, kept on the device
 
     def adamw(self) -> int:
         return 2 * (self.g_trainable + self.d_trainable)
@@ -136,16 +139,16 @@ def state_of(run, lpips_cache: int) -> State:
 
     g, d = run.generator, run.discriminator
     g_w, ema, d_w = net(g), net(run.ema), net(d)
-    t = run.teacher
-    frozen = sum(net(m) for m in (t.unet, t.text_encoder, getattr(t, "text_encoder_2", None),
-                                  run.lpips)) + lpips_cache
-    from d2g_fast.train.distributed import _unet_blocks
+    from d2g_fast.plan.simulate import frozen_networks
 
+    teacher_net, *texts = frozen_networks(run.teacher)
+    teacher_bytes = net(teacher_net)  # after G, EMA, D: what one of them shares is theirs
+    frozen = sum(net(m) for m in texts + [run.lpips]) + lpips_cache
     units = [sum(p.numel() * p.element_size() for p in b.parameters())
-             for b in _unet_blocks(g.unet)]
+             for b in run.teacher.blocks(g.net)]  # G's FSDP units (shard_generator's)
     return State(g_w, trainable(g), ema, d_w, d_trainable=sum(
         p.numel() * p.element_size() for p in run.d_params), frozen=frozen,
-        largest_unit=max(units, default=0))
+        largest_unit=max(units, default=0), teacher_net=teacher_bytes)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -229,7 +232,8 @@ def _persistent_rows(req: PlanRequest, state: State) -> list[tuple[str, int]]:
     n = req.gpus if req.sharded else 1
     return [("weights: G", state.g_weights // n), ("weights: EMA of G", state.ema // n),
             ("weights: D", state.d_weights // n), ("AdamW states (G, D)", state.adamw() // n),
-            ("frozen: teacher UNet, text encoders, E-LatentLPIPS", state.frozen)]
+            ("frozen: the teacher's network (held, not called)", state.teacher_net),
+            ("frozen: text encoders, E-LatentLPIPS", state.frozen)]
 
 
 def _reserve(req: PlanRequest, total: int) -> list[tuple[str, int]]:
@@ -288,7 +292,7 @@ def simulate(req: PlanRequest):
     from d2g_fast.plan.simulate import _record, fake_run, meta_run
 
     config = req.train_config()
-    run = meta_run(req.source, config)
+    run = meta_run(req.source, config, req.resolution)
     counts = {"g": sum(p.numel() for p in run.generator.parameters()),
               "g_trainable": sum(p.numel() for p in run.generator.parameters()
                                  if p.requires_grad),
@@ -317,6 +321,20 @@ def _device_memory_gb(device: str) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
+MEMORY_OPTIONS = ("lora_rank", "lora_alpha", "lora_targets", "light_d", "d_taps", "augment")
+"""TrainConfig fields besides the request's own that change what a run holds; ``d2g distill``'s
+plan carries those its run sets."""
+
+
+def _plan_options(config) -> dict:
+    from d2g_fast.train.config import TrainConfig
+
+    default = TrainConfig()
+    return {name: getattr(config, name) for name in MEMORY_OPTIONS
+            if name in TrainConfig.__dataclass_fields__
+            and getattr(config, name) != getattr(default, name)}
+
+
 def announce(config, log=print) -> Plan | None:
     """What ``d2g distill`` says before building its run: the plan's line for this run
     (process 0 only) and a warning when the prediction exceeds the device's memory. Never stops
@@ -330,14 +348,15 @@ def announce(config, log=print) -> Plan | None:
     if not wanted or os.environ.get("RANK", "0") != "0":
         return None
     try:
-        from d2g_fast.train.build import check_teacher_folder
+        from d2g_fast.train.build import check_teacher_folder, stored_resolution
 
         check_teacher_folder(config.teacher)
         req = PlanRequest(config.teacher, batch_size=config.batch_size,
+                          resolution=stored_resolution(config.pairs),
                           gpus=int(os.environ.get("WORLD_SIZE", "1")),
                           gpu_memory_gb=_device_memory_gb(device), fsdp=config.fsdp,
                           gradient_checkpointing=config.gradient_checkpointing,
-                          precision=config.precision,
+                          precision=config.precision, options=_plan_options(config),
                           device="cuda" if device.startswith("cuda") else "cpu")
         result = plan(req)
     except Exception as exc:  # noqa: BLE001 - the plan is advice; training goes on

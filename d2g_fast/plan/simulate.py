@@ -35,65 +35,86 @@ def _scheduler_real(scheduler):
     return type(scheduler).from_config(scheduler.config)
 
 
-def meta_components(source: str) -> dict:
-    """Teacher components with weights on the meta device: ``source`` is an architecture of
-    :mod:`d2g_fast.bench.archs`, a local diffusers folder (configs read, weights never), or a
-    callable ``source(device) -> components`` (tests and calibration shapes)."""
+def meta_teacher(source, resolution=None):
+    """The teacher family object of ``source`` with its network and text encoders on the meta
+    device: ``source`` is an architecture of :mod:`d2g_fast.bench.archs` (at its native
+    resolution), a local diffusers folder of any family (configs read, weights never; at
+    ``resolution`` pixels, None: the family's default), or a callable ``source(device)``
+    returning a teacher family object or the components of a UNet teacher (tests and
+    calibration shapes). The scheduler's tables are real CPU tensors (the build reads them)."""
     if callable(source):
-        comps = source("meta")
+        made = source("meta")
+        teacher = _teacher(made) if isinstance(made, dict) else made
+    elif os.path.isdir(source):
+        teacher = _folder_teacher(source, resolution)
+    else:
+        from d2g_fast.bench import archs
+
+        archs.check_arch(source)
+        comps = archs.components(source, device="meta")
         comps["scheduler"] = _scheduler_real(comps["scheduler"])
-        return comps
-    if os.path.isdir(source):
-        return _folder_components(source)
-    from d2g_fast.bench import archs
-
-    archs.check_arch(source)
-    comps = archs.components(source, device="meta")
-    if "unet" not in comps:
-        raise ValueError(f"arch (--arch): {source!r} is a transformer (SD3/FLUX) teacher; d2g "
-                         f"plan models UNet teachers (sd15, sd21, sdxl) so far")
-    comps["scheduler"] = _scheduler_real(comps["scheduler"])
-    return comps
+        teacher = archs.teacher(source, comps)
+    teacher.base_scheduler = _scheduler_real(teacher.base_scheduler)
+    return teacher
 
 
-def _folder_components(path: str) -> dict:
-    from diffusers import UNet2DConditionModel
-    from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel,
-                              CLIPTextModelWithProjection)
-
-    from d2g_fast.train.build import check_teacher_folder
-
-    check_teacher_folder(path)
-    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-        index = json.load(f)
-    comps = {}
-    with torch.device("meta"):
-        comps["unet"] = UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(os.path.join(path, "unet")))
-        for name, cls in (("text_encoder", CLIPTextModel),
-                          ("text_encoder_2", CLIPTextModelWithProjection)):
-            if name in index and os.path.isdir(os.path.join(path, name)):
-                comps[name] = cls(CLIPTextConfig.from_pretrained(os.path.join(path, name)))
-    for name in ("tokenizer", "tokenizer_2"):
-        if name in index and os.path.isdir(os.path.join(path, name)):
-            comps[name] = AutoTokenizer.from_pretrained(os.path.join(path, name))
-    scheduler_cls = index["scheduler"][1]
+def _folder_teacher(path: str, resolution=None):
+    """A local diffusers folder's teacher with meta weights: each network built from its
+    config by the class ``model_index.json`` names (the family's parts: its network and text
+    encoders), the tokenizers and scheduler loaded (small), the VAE's config read."""
     import diffusers
+    import transformers
 
-    cls = getattr(diffusers, scheduler_cls)
-    comps["scheduler"] = cls.from_config(cls.load_config(os.path.join(path, "scheduler")))
-    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
-        comps["vae_config"] = json.load(f)
-    return comps
+    from d2g_fast.teacher.families import check_teacher_folder, read_model_index
+
+    family = check_teacher_folder(path, resolution)
+    index = read_model_index(path)
+    comps = {}
+    for name in family.component_names():
+        entry = index.get(name)
+        sub = os.path.join(path, name)
+        if not (isinstance(entry, (list, tuple)) and entry[0] is not None and os.path.isdir(sub)):
+            comps[name] = None
+            continue
+        lib, cls_name = entry
+        if name == "scheduler":
+            cls = getattr(diffusers, cls_name)
+            comps[name] = cls.from_config(cls.load_config(sub))
+        elif name.startswith("tokenizer"):
+            tok_cls = getattr(transformers, cls_name, transformers.AutoTokenizer)
+            comps[name] = tok_cls.from_pretrained(sub, local_files_only=True)
+        elif lib == "transformers":
+            config = transformers.AutoConfig.from_pretrained(sub, local_files_only=True)
+            with torch.device("meta"):
+                comps[name] = getattr(transformers, cls_name)(config).eval()
+        else:
+            cls = getattr(diffusers, cls_name)
+            with torch.device("meta"):
+                comps[name] = cls.from_config(cls.load_config(sub)).eval()
+    vae_config = None
+    if os.path.isfile(os.path.join(path, "vae", "config.json")):
+        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as f:
+            vae_config = json.load(f)
+    pipeline_config = {k: v for k, v in index.items() if not isinstance(v, (list, tuple))}
+    return family(comps, vae_config=vae_config, pipeline_config=pipeline_config,
+                  resolution=resolution, source=os.path.abspath(path))
 
 
 def _teacher(comps: dict):
+    """A UNet teacher (SD, or SDXL with a second text encoder) from its components."""
     from d2g_fast.teacher import Teacher
 
     vae_config = comps.get("vae_config") or comps["vae"].config
     return Teacher(comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"],
                    text_encoder_2=comps.get("text_encoder_2"),
                    tokenizer_2=comps.get("tokenizer_2"), vae_config=vae_config)
+
+
+def frozen_networks(teacher) -> list:
+    """What the trainer keeps of the teacher on the device: its network (the run never calls
+    it, but the family reads devices and layouts from it) and its text encoders."""
+    return [teacher.denoiser] + [getattr(teacher, enc) for _, enc in teacher.text_pairs
+                                 if getattr(teacher, enc, None) is not None]
 
 
 def _to_fake(modules, mode, device: torch.device) -> None:
@@ -111,14 +132,15 @@ def _to_fake(modules, mode, device: torch.device) -> None:
                     m._buffers[name] = FakeTensor(mode, b, device)
 
 
-def meta_run(source: str, config):
+def meta_run(source: str, config, resolution=None):
     """The trainer's Run for ``config`` with the teacher of ``source``, every weight on the
     meta device (built outside the fake mode: the build reads the scheduler's real tables)."""
     from d2g_fast.train import build_run
 
     torch.manual_seed(0)
-    return build_run(config, teacher=_teacher(meta_components(source)), dataset=None,
-                     device="meta")
+    teacher = meta_teacher(source, resolution)
+    return build_run(config, teacher=teacher, dataset=None, device="meta",
+                     guidance=teacher.default_guidance)
 
 
 def fake_run(run, mode):
@@ -129,9 +151,8 @@ def fake_run(run, mode):
     """
     teacher = run.teacher
     cpu = torch.device("cpu")
-    nets = [run.generator, run.discriminator, run.lpips, teacher.unet, teacher.text_encoder]
-    nets += [n for n in (run.ema, getattr(teacher, "text_encoder_2", None),
-                         getattr(run, "regression", None)) if n is not None]
+    nets = [run.generator, run.discriminator, run.lpips] + frozen_networks(teacher)
+    nets += [n for n in (run.ema, getattr(run, "regression", None)) if n is not None]
     _to_fake(nets, mode, cpu)
     run.device = cpu
     run.d_params = [p for p in run.discriminator.parameters() if p.requires_grad]
