@@ -5,7 +5,9 @@ teacher's network: D owns no backbone parameter) and its output equals the light
 teacher (SD UNet and FLUX-dev transformer, with gradient checkpointing's recompute too); a
 SIGKILL while writing a checkpoint resumes exactly (the full-G form with
 D2G_TEST_LIGHT_D_SLOW=1); D's input gradient and R1's double backward
-pass float64 gradcheck/gradgradcheck; bad combinations are refused by flag, nothing written."""
+pass float64 gradcheck/gradgradcheck; bad combinations are refused by flag, nothing written;
+d2g plan --light-d matches the measured CPU peak of a light-D step within 15 % (one case in CI,
+all with D2G_TEST_LIGHT_D_SLOW=1)."""
 import contextlib
 import dataclasses
 import os
@@ -278,3 +280,41 @@ def test_bad_combinations_are_refused_naming_the_flag(world, light_run, tmp_path
     with pytest.raises(ValueError, match="--light-d"):
         train(other, log=lambda *a: None)
     assert list_checkpoints(light_run.out) == before and _rows(light_run.out) == rows
+
+
+# ------------------------------------------------------------------ d2g plan --light-d
+PLAN_CASES = [  # (UNet width, latent side, batch, TrainConfig options)
+    (32, 16, 3, LIGHT_LORA),
+    pytest.param(32, 16, 3, LIGHT, marks=pytest.mark.skipif(
+        os.environ.get("D2G_TEST_LIGHT_D_SLOW") != "1", reason="D2G_TEST_LIGHT_D_SLOW=1")),
+    pytest.param(48, 24, 2, dict(LIGHT_LORA, lora_rank=8), marks=pytest.mark.skipif(
+        os.environ.get("D2G_TEST_LIGHT_D_SLOW") != "1", reason="D2G_TEST_LIGHT_D_SLOW=1")),
+]
+
+
+@pytest.mark.parametrize("width, latent, batch, options", PLAN_CASES)
+def test_plan_matches_a_measured_cpu_peak_with_the_light_d(width, latent, batch, options):
+    """d2g plan --light-d (the trainer's build_run on fake tensors) against the profiler's peak
+    of a real CPU step of the same run (d2g_fast.plan.measure), within 15 % (models and batch
+    sizes other than the plan's calibration cases); the light D's state rows shrink."""
+    from d2g_fast.plan import calibrate
+    from d2g_fast.plan.fake import portable_trunk
+    from d2g_fast.plan.measure import measure_step
+    from d2g_fast.plan.planner import PlanRequest, plan, simulate
+
+    def request(opts):
+        return PlanRequest(calibrate.shaped(width, latent), batch_size=batch, gpus=1,
+                           gpu_memory_gb=1e6, device="cpu", options=opts).check()
+
+    req = request(options)
+    with portable_trunk():
+        measured = measure_step(req.source, req.train_config(), batch)
+    timeline, state, _ = simulate(req)
+    predicted = plan(req, timeline=timeline, state=state, max_batch=1).peak
+    assert abs(predicted / measured["total"] - 1) < 0.15, (predicted, measured)
+    full = plan(request({k: v for k, v in options.items() if k != "light_d"}), max_batch=1)
+    light_rows, full_rows = dict(plan(req, timeline=timeline, state=state,
+                                      max_batch=1).rows), dict(full.rows)
+    assert light_rows["AdamW states (G, D)"] < full_rows["AdamW states (G, D)"]
+    if options.get("lora_rank"):  # D's backbone is G's: D's own weights are its additions
+        assert light_rows["weights: D"] < 0.01 * full_rows["weights: D"]
