@@ -36,6 +36,8 @@ DEFAULTS = dict(pairs=2304, steps=25, guidance=4.0, iters=700, batch_size=32, lr
                 r1_gamma=0.1)
 # --quick (the test suite): every stage, minutes less.
 QUICK = dict(pairs=256, steps=10, iters=120, eval_n=96)
+# --guidance-sweep without a value (d2g_fast/toy/guidance_sweep.py).
+SWEEP_SCALES = "1.5,2.5,4,6,8"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "where the CPU computes bf16 in hardware (AMX-BF16 or AVX-512-BF16), "
                         "else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--guidance-sweep", nargs="?", default=None, metavar="SCALES",
+                   const=SWEEP_SCALES,
+                   help=f"instead: one guidance-conditioned student over these scales (default "
+                        f"{SWEEP_SCALES}) beside the teacher and a fixed-scale student at "
+                        f"--guidance, evaluated at every scale (its own default counts: "
+                        f"d2g_fast/toy/guidance_sweep.py)")
 
 
 def resolve(args: argparse.Namespace) -> dict:
@@ -205,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     from d2g_fast import toy
     from d2g_fast.teacher.collect_cmd import quiet_model_loading
 
+    if args.guidance_sweep is not None:
+        from d2g_fast.toy import guidance_sweep
+
+        return guidance_sweep.run(args)
     settings = resolve(args)
     quiet_model_loading()
     import diffusers
