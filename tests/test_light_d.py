@@ -7,7 +7,8 @@ SIGKILL while writing a checkpoint resumes exactly (the full-G form with
 D2G_TEST_LIGHT_D_SLOW=1); D's input gradient and R1's double backward
 pass float64 gradcheck/gradgradcheck; bad combinations are refused by flag, nothing written;
 d2g plan --light-d matches the measured CPU peak of a light-D step within 15 % (one case in CI,
-all with D2G_TEST_LIGHT_D_SLOW=1)."""
+all with D2G_TEST_LIGHT_D_SLOW=1); torchrun 2 processes == 1 process x 2 micro-batches
+(D2G_TEST_LIGHT_D_SLOW=1)."""
 import contextlib
 import dataclasses
 import os
@@ -318,3 +319,25 @@ def test_plan_matches_a_measured_cpu_peak_with_the_light_d(width, latent, batch,
     assert light_rows["AdamW states (G, D)"] < full_rows["AdamW states (G, D)"]
     if options.get("lora_rank"):  # D's backbone is G's: D's own weights are its additions
         assert light_rows["weights: D"] < 0.01 * full_rows["weights: D"]
+
+
+@pytest.mark.skipif(os.environ.get("D2G_TEST_LIGHT_D_SLOW") != "1",
+                    reason="torchrun form: D2G_TEST_LIGHT_D_SLOW=1")
+def test_two_processes_match_one_at_the_same_global_batch(world, tmp_path):
+    """A LoRA G with the light D on 2 processes x 1 micro-batch == 1 process x 2 (replicated,
+    gloo): D's additions are averaged like every trained parameter."""
+    from safetensors.torch import load_file
+    from test_train import _assert_same_metrics, _torchrun
+
+    one = _config(world, tmp_path / "one", max_steps=4, batch_size=2, grad_accum=2, **LIGHT_LORA)
+    proc = subprocess.run(_distill_cmd(one), env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = _config(world, tmp_path / "two", max_steps=4, batch_size=2, **LIGHT_LORA)
+    _torchrun(two, 29547)
+    _assert_same_metrics(_rows(one.out), _rows(two.out), rel=1e-4)
+    d1, d2 = (load_file(os.path.join(r, "checkpoints", "step-0000004",
+                                     "discriminator.safetensors")) for r in (one.out, two.out))
+    assert set(d1) == set(d2)
+    apart = torch.cat([(d1[k] - d2[k]).flatten() for k in d1]).norm()
+    moved = d1["noise_conv.weight"].norm()
+    assert moved > 0 and apart < 0.01 * torch.cat([t.flatten() for t in d1.values()]).norm()
