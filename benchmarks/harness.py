@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -118,24 +116,15 @@ def disable_tf32() -> None:
 
 
 def git_revision() -> str:
-    """Short commit of the checkout, "+dirty" with uncommitted changes to tracked files;
-    D2G_GIT_REV for a copied tree without .git (e.g. a GPU machine)."""
-    if os.environ.get("D2G_GIT_REV"):
-        return os.environ["D2G_GIT_REV"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=BENCH_DIR, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=BENCH_DIR, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) or "unknown"
-    except Exception:
-        return "unknown"
+    """The checkout's short commit (d2g_fast.bench.machine, the one source with d2g bench)."""
+    from d2g_fast.bench import machine  # noqa: PLC0415 (the harness imports without the package)
+    return machine.git_revision()
 
 
 def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    """The GPU's or CPU's name (d2g_fast.bench.machine, the one source with d2g bench)."""
+    from d2g_fast.bench import machine  # noqa: PLC0415
+    return machine.device_name(device)
 
 
 # CPU features that decide how fast bf16/fp32 convolutions and matmuls run (oneDNN picks AMX or

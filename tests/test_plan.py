@@ -201,3 +201,22 @@ def test_distill_announces_only_where_asked(monkeypatch):
     monkeypatch.setenv("D2G_PLAN", "1")
     assert announce(TrainConfig(teacher="/nonexistent", device="cpu"), log=lines.append) is None
     assert len(lines) == 1 and "plan unavailable" in lines[0] and "--teacher" in lines[0]
+
+
+# ------------------------------------------------------------------------------ d2g bench
+def test_gpu_days_lever_rows_come_from_the_plan():
+    """d2g bench gpu-days' per-lever rows: each lever's predicted peak per GPU (the plan of
+    the lever's run), and what it saves against full training."""
+    from d2g_fast.bench import gpu_days
+
+    s = gpu_days.Settings(arch="tiny", out="unused", device="cpu")
+    rows = {r.name: r for r in gpu_days.measure_levers(s, gpu_days.Progress(1))}
+    assert set(rows) == {f"memory.plan.{n}" for n in
+                         ("full", "lora", "light-d", "lora+light-d", "checkpointing", "fsdp8")}
+    value = {n.rsplit(".", 1)[1]: r.value for n, r in rows.items()}
+    assert value["lora"] < value["full"] and value["light-d"] < value["full"]
+    assert value["lora+light-d"] < min(value["lora"], value["light-d"])
+    assert value["fsdp8"] < value["full"]
+    for r in rows.values():
+        assert r.source == "derived" and "memory.params.generator" in r.detail
+        assert r.detail.startswith("d2g plan --arch tiny --batch-size 4")

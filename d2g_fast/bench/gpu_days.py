@@ -5,6 +5,9 @@ Stages (each prints its progress):
   0. memory: the model state per GPU (G, EMA, D, AdamW states, teacher) replicated and under
      FSDP2, from the parameter counts of meta-device networks built from the published configs
      (d2g_fast.bench.memory; no weights, no device memory: runs anywhere, for every arch);
+     then each memory lever's predicted peak per GPU (full training, LoRA student, light D,
+     both, gradient checkpointing, FSDP2 over 8 GPUs) from ``d2g plan`` (d2g_fast.plan: the
+     trainer's step simulated on fake tensors; minutes of CPU for the large teachers);
   1. collection: pairs/s of ODE-pair collection, our Teacher against diffusers' pipeline loop
      (and CUDA graphs / torch.compile of our UNet where the device allows);
   2. loss: E-LatentLPIPS against pixel LPIPS with VAE decoding, forward + backward;
@@ -21,13 +24,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+from d2g_fast.bench.machine import device_name, git_revision  # noqa: F401 (re-exported)
 
 SECONDS_PER_DAY = 86400.0
 # Real-size transformer architectures: only their memory rows (meta device) run on a CPU.
@@ -199,6 +202,63 @@ def measure_memory(s: Settings, progress: Progress) -> list[Row]:
     for r in rows:
         if r.unit == "GiB":
             progress.note(f"  {r.name}: {r.value:.3g} GiB")
+    return rows
+
+
+LORA_RANK = 64
+"""The LoRA rank of the lever rows (LCM-LoRA's for SD1.5/SDXL)."""
+# (lever, d2g plan flags, TrainConfig overrides, gradient checkpointing)
+LEVER_PLANS = (
+    ("full", "", {}, False),
+    ("lora", f"--lora-rank {LORA_RANK}", {"lora_rank": LORA_RANK}, False),
+    ("light-d", "--light-d", {"light_d": True}, False),
+    ("lora+light-d", f"--lora-rank {LORA_RANK} --light-d",
+     {"lora_rank": LORA_RANK, "light_d": True}, False),
+    ("checkpointing", "--gradient-checkpointing", {}, True),
+)
+LEVER_GPUS = 8       # the FSDP row: the full run sharded over this many GPUs
+LEVER_GPU_GB = 80.0  # the GPUs the lever rows are planned for
+
+
+def measure_levers(s: Settings, progress: Progress) -> list[Row]:
+    """Stage 0b: the predicted peak memory per GPU of each memory lever, from ``d2g plan``
+    (the trainer's R1 step simulated on fake tensors: d2g_fast.plan), at the training batch of
+    the timed rows, bf16, on 80 GB GPUs; the FSDP row reuses the full run's simulation."""
+    from d2g_fast.plan.planner import GIB, PlanRequest, plan, simulate
+    from d2g_fast.train.config import TrainConfig
+
+    batch = s.default_train_batch()
+    rows, full = [], None
+    for lever, flags, overrides, ckpt in LEVER_PLANS:
+        if any(k not in TrainConfig.__dataclass_fields__ for k in overrides):
+            progress.omit(f"memory.plan.{lever}: the trainer has no {flags} yet")
+            continue
+        req = PlanRequest(s.arch, batch_size=batch, gpu_memory_gb=LEVER_GPU_GB,
+                          gradient_checkpointing=ckpt, precision="bf16", options=overrides)
+        simulated = simulate(req)
+        requests = [(lever, flags, req)]
+        if lever == "full":
+            sharded = PlanRequest(s.arch, batch_size=batch, gpus=LEVER_GPUS, fsdp=True,
+                                  gpu_memory_gb=LEVER_GPU_GB, precision="bf16")
+            requests.append((f"fsdp{LEVER_GPUS}", f"--gpus {LEVER_GPUS} --fsdp", sharded))
+        for name, flags_of, request in requests:
+            result = plan(request, timeline=simulated[0], state=simulated[1],
+                          counts=simulated[2])
+            command = (f"d2g plan --arch {s.arch} --batch-size {batch} --precision bf16 "
+                       f"{flags_of}").strip()
+            versus = "" if full is None else \
+                f"; {result.peak / full.peak:.2f}x memory.plan.full"
+            rows.append(Row(
+                f"memory.plan.{name}", "memory",
+                f"predicted peak memory per GPU, {name} (micro-batch {batch}, bf16)",
+                result.peak / GIB, "GiB", "derived",
+                f"{command}: {'fits' if result.fits else 'does NOT fit'} a "
+                f"{LEVER_GPU_GB:g} GB GPU, largest batch {result.largest_batch}; G "
+                f"{result.params['g_trainable'] / 1e6:.1f} M of memory.params.generator "
+                f"trained{versus}"))
+            if name == "full":
+                full = result
+            progress.note(f"  memory.plan.{name}: {result.peak / GIB:.3g} GiB")
     return rows
 
 
@@ -430,23 +490,6 @@ def published() -> list[Row]:
 
 
 # ------------------------------------------------------------------------------ the command
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
-
-
-def git_revision() -> str:
-    if os.environ.get("D2G_GIT_REV"):  # a copied tree without .git (e.g. a GPU machine)
-        return os.environ["D2G_GIT_REV"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=here, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def run_gpu_days(s: Settings) -> list[Row]:
     """Measure, derive, write DIR/gpu_days.{csv,md,png}; returns every row.
 
@@ -457,7 +500,7 @@ def run_gpu_days(s: Settings) -> list[Row]:
 
     s.check()
     os.makedirs(s.out, exist_ok=True)
-    progress = Progress(5)
+    progress = Progress(6)
     t0 = time.perf_counter()
     meta = {"command": s.command(), "device": device_name(s.device),
             "torch": torch.__version__, "git": git_revision(), "arch": s.arch,
@@ -476,6 +519,7 @@ def run_gpu_days(s: Settings) -> list[Row]:
         return rows, None
 
     for title, stage in (("model-state memory (meta-device networks)", measure_memory),
+                         ("each memory lever's peak per GPU (d2g plan)", measure_levers),
                          (f"collection on {device_name(s.device)}", measure_collection),
                          ("regression loss", measure_loss), ("training step", measure_training)):
         progress.stage(title)
