@@ -29,9 +29,11 @@ from pathlib import Path
 HELP = "distil the shipped toy text-to-image teacher into a one-step student and evaluate it"
 
 # The demo's recipe, the one source of it (d2g toy ablate and benchmarks read it too): sized for
-# a 2-core CPU (the stage times are in the report). lr is G's and D's unless lr_d is set;
-# warm-up (GAN term off) for warmup_frac x iters steps; R1 every 16 steps.
-DEFAULTS = dict(pairs=2304, steps=25, guidance=4.0, iters=700, batch_size=32, lr=2e-4,
+# a 2-core CPU, about 4.5 minutes (the stage times are in the report). 10 DDIM steps per pair:
+# the toy teacher's 10-step samples are its 25-step ones to E-LatentLPIPS 0.001 (the student's
+# error is 0.12); 560 steps: issue 23, benchmarks/results/demo-recipe-cpu-2026-12-05. lr is
+# G's and D's unless lr_d is set; warm-up (GAN term off) for warmup_frac x iters steps.
+DEFAULTS = dict(pairs=2048, steps=10, guidance=4.0, iters=560, batch_size=32, lr=2e-4,
                 lr_d=None, lambda_gan=0.05, eval_n=288, warmup_frac=0.1, ema_decay=0.99,
                 r1_gamma=0.1)
 # --quick (the test suite): every stage, minutes less.
