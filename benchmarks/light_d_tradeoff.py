@@ -5,7 +5,7 @@ each run's D memory (trained / frozen weights, gradients, AdamW states, from the
 seconds per step.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/light_d_tradeoff.py OUT \
-        [--pairs 512] [--iters 80] [--batch-size 16] [--eval-n 144] [--seeds 0 1]
+        [--pairs 512] [--steps 25] [--iters 80] [--batch-size 16] [--eval-n 144] [--seeds 0 1]
 
 The recipe is the full method's row of the toy ablation (d2g_fast.toy.ablate, the demo's
 DEFAULTS) with fewer pairs and steps when asked. Resumable: each finished (variant, seed) is
@@ -48,13 +48,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--pairs", type=int, default=512)
+    p.add_argument("--steps", type=int, default=25, help="teacher DDIM steps per pair")
     p.add_argument("--iters", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-n", type=int, default=144)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    s = AblateSettings(pairs=args.pairs, iters=args.iters, batch_size=args.batch_size,
+    s = AblateSettings(pairs=args.pairs, steps=args.steps, iters=args.iters, batch_size=args.batch_size,
                        eval_n=args.eval_n, seeds=tuple(args.seeds)).validate()
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
