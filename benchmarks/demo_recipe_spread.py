@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     judge = Judge(demo.toy_world(ns), AblateSettings(eval_n=r["eval_n"],
                                                      guidance=r["guidance"]))
     m = judge.student(student)
-    keep = ("fd", "accuracy", "per_attribute", "e_latentlpips", "precision", "recall")
+    keep = ("fd", "accuracy", "attribute_accuracy", "e_latentlpips", "precision", "recall")
     line = {"tag": tag, "recipe": args.recipe, "seed": args.seed, "settings": r,
             "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
             "threads": torch.get_num_threads(), "load_after": os.getloadavg()[0],
