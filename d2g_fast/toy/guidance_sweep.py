@@ -26,7 +26,7 @@ from pathlib import Path
 # Two students' collection, distillation and evaluation at five scales: fewer pairs and steps
 # than the demo's one student, sized for a shared 2-core CPU (the time of each stage is in the
 # report; README: the committed run).
-SWEEP_DEFAULTS = dict(pairs=512, steps=25, iters=200, eval_n=144)
+SWEEP_DEFAULTS = dict(pairs=256, steps=25, iters=100, eval_n=72)
 # --quick (the test suite): every stage, tiny counts.
 SWEEP_QUICK = dict(pairs=64, steps=6, iters=20, eval_n=72)
 # Held-out prompt/noise pairs shown across the scales in grid_guidance.png (indices into
@@ -203,8 +203,9 @@ def closeness(per_scale: dict, fixed: float, scales: list[float]) -> list[str]:
         f"({c['fd'] / f['fd']:.2f}x), accuracy {100 * c['accuracy']:.1f} % against "
         f"{100 * f['accuracy']:.1f} %, E-LatentLPIPS to the teacher {c['e_latentlpips']:.4f} "
         f"against {f['e_latentlpips']:.4f} (the teacher's {t['steps']} steps: FD {t['fd']:.2f}, "
-        f"accuracy {100 * t['accuracy']:.1f} %; two real sets are {t['real_floor_fd']:.2f} "
-        f"apart, the FD's noise floor at this sample size).",
+        f"accuracy {100 * t['accuracy']:.1f} %; two random real sets of this size, whose "
+        f"captions are not balanced as the held-out set's, are {t['real_floor_fd']:.2f} "
+        f"apart).",
         f"- The conditioned student saw about 1/{len(scales)} of its pairs at each of its "
         f"{len(scales)} scales "
         f"(same pairs budget and steps as the fixed-scale student, spread over the scales).",
