@@ -157,7 +157,7 @@ def save_sweep_chart(per_scale: dict, fixed: float, path: str) -> None:
                 label=f"fixed-scale student (trained at {fixed:g})")
         if key == "fd":
             ax.axhline(per_scale[scales[0]]["teacher_multistep"]["real_floor_fd"], color="gray",
-                       linestyle="--", label="real vs real (floor)")
+                       linestyle="--", label="two random real sets (captions not balanced)")
             ax.set_yscale("log")
         ax.set_xlabel("guidance scale")
         ax.set_ylabel(label)
