@@ -8,7 +8,8 @@ D2G_TEST_LIGHT_D_SLOW=1); D's input gradient and R1's double backward
 pass float64 gradcheck/gradgradcheck; bad combinations are refused by flag, nothing written;
 d2g plan --light-d matches the measured CPU peak of a light-D step within 15 % (one case in CI,
 all with D2G_TEST_LIGHT_D_SLOW=1); torchrun 2 processes == 1 process x 2 micro-batches
-(D2G_TEST_LIGHT_D_SLOW=1)."""
+(D2G_TEST_LIGHT_D_SLOW=1), and FSDP2 with the light D of a full G, resumed once, == 1 process
+(ditto)."""
 import contextlib
 import dataclasses
 import os
@@ -341,3 +342,19 @@ def test_two_processes_match_one_at_the_same_global_batch(world, tmp_path):
     apart = torch.cat([(d1[k] - d2[k]).flatten() for k in d1]).norm()
     moved = d1["noise_conv.weight"].norm()
     assert moved > 0 and apart < 0.01 * torch.cat([t.flatten() for t in d1.values()]).norm()
+
+
+@pytest.mark.skipif(os.environ.get("D2G_TEST_LIGHT_D_SLOW") != "1",
+                    reason="torchrun FSDP2 form: D2G_TEST_LIGHT_D_SLOW=1")
+def test_fsdp_light_d_with_a_full_g_matches_one_process(world, tmp_path):
+    """The light D of a full G (its own frozen copy) sharded by FSDP2 on 2 processes, resumed
+    once, computes what 1 process x 2 micro-batches computes."""
+    from test_train import _assert_same_metrics, _torchrun
+
+    one = _config(world, tmp_path / "one", max_steps=4, batch_size=2, grad_accum=2, **LIGHT)
+    proc = subprocess.run(_distill_cmd(one), env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = _config(world, tmp_path / "fsdp", max_steps=2, batch_size=2, fsdp=True, **LIGHT)
+    _torchrun(sharded, 29548)
+    _torchrun(dataclasses.replace(sharded, max_steps=4), 29549)  # resumes from step 2
+    _assert_same_metrics(_rows(one.out), _rows(sharded.out), rel=1e-4)
