@@ -30,7 +30,7 @@ def _check(case):
 
 
 def _key(c):
-    return (c.family, c.width, c.latent, c.batch, c.lora_rank)
+    return (c.family, c.width, c.latent, c.batch, c.lora_rank, c.light_d)
 
 
 def test_calibration_and_validation_cases_differ():
@@ -38,6 +38,7 @@ def test_calibration_and_validation_cases_differ():
     assert not fitted & {_key(c) for c in calibrate.VALIDATION_CASES}
     assert {c.family for c in calibrate.VALIDATION_CASES} == {"sd", "sd3", "flux"}
     assert any(c.lora_rank for c in calibrate.VALIDATION_CASES)
+    assert any(c.light_d for c in calibrate.VALIDATION_CASES)
 
 
 CI_CASES = (calibrate.Case(48, 24, 3), calibrate.Case(2, 8, 2, family="flux"),

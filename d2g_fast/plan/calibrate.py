@@ -71,12 +71,14 @@ class Case:
     checkpointing: bool = False
     family: str = "sd"  # "sd" (an SD-shaped UNet), "sd3" or "flux" (tiny transformers)
     lora_rank: int = 0  # a LoRA student of this rank (0: full G)
+    light_d: bool = False  # the light D (d2g distill --light-d)
 
     def __str__(self):
         size = f"w{self.width}" if self.family == "sd" else f"{self.family} h{self.width}"
         return (f"{size} {self.latent}x{self.latent} B{self.batch} {self.precision}"
                 f"{' ckpt' if self.checkpointing else ''}"
-                f"{f' lora{self.lora_rank}' if self.lora_rank else ''}")
+                f"{f' lora{self.lora_rank}' if self.lora_rank else ''}"
+                f"{' light-d' if self.light_d else ''}")
 
     def source(self):
         if self.family == "sd":
@@ -93,8 +95,9 @@ VALIDATION_CASES = (Case(48, 24, 3), Case(32, 32, 1, "bf16"),
                     Case(2, 8, 2, family="flux"), Case(2, 8, 3, family="sd3"),
                     Case(32, 16, 3, lora_rank=4),
                     Case(4, 16, 3, family="flux"), Case(4, 16, 2, "bf16", True, family="sd3"),
-                    Case(3, 16, 2, family="flux", lora_rank=4), Case(48, 24, 2, lora_rank=8))
-"""Other widths, latent sizes, batch sizes, the SD3/FLUX transformer families and LoRA
+                    Case(3, 16, 2, family="flux", lora_rank=4), Case(48, 24, 2, lora_rank=8),
+                    Case(32, 16, 3, light_d=True), Case(48, 24, 2, lora_rank=8, light_d=True))
+"""Other widths, latent sizes, batch sizes, the SD3/FLUX transformer families, the light D and LoRA
 students: the plan must match these within 15 %."""
 
 
@@ -102,6 +105,8 @@ def _request(case: Case):
     from d2g_fast.plan.planner import PlanRequest
 
     options = {"lora_rank": case.lora_rank} if case.lora_rank else {}
+    if case.light_d:
+        options["light_d"] = True
     return PlanRequest(case.source(), batch_size=case.batch, gpus=1, gpu_memory_gb=1e6,
                        precision=case.precision, gradient_checkpointing=case.checkpointing,
                        device="cpu", options=options)
