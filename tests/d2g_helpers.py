@@ -70,6 +70,67 @@ def sigkill_after_checkpoint(cmd, env, run_dir: str, step: int = 2, timeout: flo
     return [s for s, _ in list_checkpoints(run_dir)]
 
 
+def metrics_rows(run_dir: str) -> list[dict]:
+    """The rows of a run folder's metrics.csv."""
+    import os
+
+    from d2g_fast.train.log import MetricsLog
+
+    return MetricsLog.read(os.path.join(run_dir, "metrics.csv"))
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    """``rows`` without the timing columns (they differ between any two runs)."""
+    from d2g_fast.train.log import TIMING_COLUMNS
+
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+
+
+def checkpoints_equal(a: str, b: str, atol: float = 0.0) -> bool:
+    """Whether G, its EMA and D of the last checkpoints of the run folders ``a`` and ``b`` agree
+    (exactly, by default)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from d2g_fast.train.checkpoint import list_checkpoints
+
+    def last(run_dir, name):
+        step = list_checkpoints(run_dir)[-1][0]
+        return load_file(os.path.join(run_dir, "checkpoints", f"step-{step:07d}",
+                                      f"{name}.safetensors"))
+
+    for name in ("generator", "ema", "discriminator"):
+        ta, tb = last(a, name), last(b, name)
+        if not all(torch.allclose(ta[k], tb[k], atol=atol, rtol=0) for k in ta):
+            return False
+    return True
+
+
+def assert_resume_after_sigkill_while_writing_is_exact(make_config, distill_cmd, env):
+    """A run SIGKILLed while writing its step-4 checkpoint (checkpoint.FAULT_ENV) keeps only
+    step 2's checkpoint and resumes to the metrics and weights of the same run without the kill.
+    ``make_config(name)`` gives the TrainConfig (6 steps, a checkpoint every 2) of the run in
+    folder ``name``; the killed run is started as ``distill_cmd(config)`` in the environment
+    ``env(**extra)``; the unbroken run and the resume train in this process."""
+    import signal
+    import subprocess
+
+    from d2g_fast.train import train
+    from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
+
+    ref = make_config("ref")
+    train(ref, log=lambda *a: None)
+    killed = make_config("killed")
+    proc = subprocess.run(distill_cmd(killed), env=env(**{FAULT_ENV: "4"}),
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(killed.out)] == [2]  # step 4's is not complete
+    train(killed, log=lambda *a: None)  # --resume auto
+    assert without_timings(metrics_rows(killed.out)) == without_timings(metrics_rows(ref.out))
+    assert checkpoints_equal(ref.out, killed.out)
+
+
 def weights_apart(teacher_dir: str, one: str, two: str, step: int = 4) -> tuple[float, float]:
     """(|G_one - G_two|, |G_one - G_init|) over all of G's weights at checkpoint ``step`` of the
     run folders ``one`` and ``two``; G_init is the teacher's network (``unet/`` or

@@ -13,19 +13,17 @@ all with D2G_TEST_LIGHT_D_SLOW=1); torchrun 2 processes == 1 process x 2 micro-b
 import contextlib
 import dataclasses
 import os
-import signal
 import subprocess
 
 import pytest
 import torch
-from d2g_helpers import one_thread
+from d2g_helpers import assert_resume_after_sigkill_while_writing_is_exact, one_thread
 
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
 
 from d2g_fast.train import TrainConfig, train  # noqa: E402
-from test_train import (_config, _distill_cmd, _env, _rows, _state_equal,  # noqa: E402
-                        _without_timings, _world)
+from test_train import _config, _distill_cmd, _env, _rows, _world  # noqa: E402
 
 LIGHT = dict(light_d=True)
 LIGHT_LORA = dict(light_d=True, lora_rank=4, lora_alpha=8.0)
@@ -124,18 +122,8 @@ def test_only_d_additions_train_get_optimiser_state_and_are_checkpointed(world, 
         reason="the full-G form with D2G_TEST_LIGHT_D_SLOW=1 (the LoRA form runs in CI)")),
     LIGHT_LORA], ids=["full G", "LoRA G"])
 def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(world, tmp_path, kw):
-    from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
-
-    ref = _config(world, tmp_path / "ref", max_steps=6, **kw)
-    train(ref, log=lambda *a: None)
-    killed = _config(world, tmp_path / "killed", max_steps=6, **kw)
-    proc = subprocess.run(_distill_cmd(killed), env=_env(**{FAULT_ENV: "4"}),
-                          capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [s for s, _ in list_checkpoints(killed.out)] == [2]
-    train(killed, log=lambda *a: None)
-    assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
-    assert _state_equal(ref.out, killed.out)
+    assert_resume_after_sigkill_while_writing_is_exact(
+        lambda name: _config(world, tmp_path / name, max_steps=6, **kw), _distill_cmd, _env)
 
 
 # ------------------------------------------------------------------ D on G's network == plain

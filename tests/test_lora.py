@@ -7,20 +7,18 @@ form with D2G_TEST_LORA_SLOW=1)."""
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 
 import pytest
 import torch
-from d2g_helpers import one_thread
+from d2g_helpers import assert_resume_after_sigkill_while_writing_is_exact, one_thread
 
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
 
 from d2g_fast.cli import main as d2g_main  # noqa: E402
 from d2g_fast.train import train  # noqa: E402
-from test_train import (_config, _distill_cmd, _env, _rows, _state_equal,  # noqa: E402
-                        _without_timings, _world)
+from test_train import _config, _distill_cmd, _env, _rows, _world  # noqa: E402
 
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 
@@ -87,18 +85,8 @@ def test_only_adapters_train_and_are_checkpointed(world, lora_run):
 
 
 def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(world, tmp_path):
-    from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
-
-    ref = _config(world, tmp_path / "ref", max_steps=6, **LORA)
-    train(ref, log=lambda *a: None)
-    killed = _config(world, tmp_path / "killed", max_steps=6, **LORA)
-    proc = subprocess.run(_distill_cmd(killed), env=_env(**{FAULT_ENV: "4"}),
-                          capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [s for s, _ in list_checkpoints(killed.out)] == [2]
-    train(killed, log=lambda *a: None)
-    assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
-    assert _state_equal(ref.out, killed.out)
+    assert_resume_after_sigkill_while_writing_is_exact(
+        lambda name: _config(world, tmp_path / name, max_steps=6, **LORA), _distill_cmd, _env)
 
 
 def test_export_merged_pipeline_and_lora_file_reproduce_g(lora_run, tmp_path):

@@ -13,7 +13,10 @@ import sys
 
 import pytest
 import torch
+from d2g_helpers import checkpoints_equal as _state_equal
+from d2g_helpers import metrics_rows as _rows
 from d2g_helpers import one_thread, sigkill_after_checkpoint, weights_apart
+from d2g_helpers import without_timings as _without_timings
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -23,7 +26,7 @@ from d2g_fast.data import load_prompts  # noqa: E402
 from d2g_fast.teacher import Teacher, collect  # noqa: E402
 from d2g_fast.testing import save_tiny_sd_pipeline  # noqa: E402
 from d2g_fast.train import TrainConfig, train  # noqa: E402
-from d2g_fast.train.log import COLUMNS, TIMING_COLUMNS, MetricsLog  # noqa: E402
+from d2g_fast.train.log import COLUMNS, TIMING_COLUMNS  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,14 +87,6 @@ def _cli_args(config: TrainConfig) -> list[str]:
     return args
 
 
-def _rows(run_dir):
-    return MetricsLog.read(os.path.join(run_dir, "metrics.csv"))
-
-
-def _without_timings(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
-
-
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     env.update(extra)
@@ -147,25 +142,6 @@ def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(eps_world, tmp
         os.path.join(killed.out, "checkpoints")))
     assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
     assert _state_equal(ref.out, killed.out)
-
-
-def _state_equal(a, b, atol=0.0):
-    from safetensors.torch import load_file
-
-    for name in ("generator", "ema", "discriminator"):
-        fa = os.path.join(a, "checkpoints", "step-" + _last(a), f"{name}.safetensors")
-        fb = os.path.join(b, "checkpoints", "step-" + _last(b), f"{name}.safetensors")
-        ta, tb = load_file(fa), load_file(fb)
-        for k in ta:
-            if not torch.allclose(ta[k], tb[k], atol=atol, rtol=0):
-                return False
-    return True
-
-
-def _last(run_dir):
-    from d2g_fast.train.checkpoint import list_checkpoints
-
-    return f"{list_checkpoints(run_dir)[-1][0]:07d}"
 
 
 def test_resume_refuses_a_changed_recipe(eps_world, tmp_path):
