@@ -228,6 +228,24 @@ def _assert_stock_pipeline_is_g(config, out: str, scales, prompt: str = "a red c
     return images
 
 
+def _assert_sample_takes_the_trained_scales_only(student, prompt, inside, outside, trained,
+                                                 tmp_path, capsys):
+    """d2g sample --guidance ``inside`` writes a PNG of ``prompt``; ``outside`` the student's
+    trained set (``trained``, its range as the error names it) is refused by name and writes
+    nothing."""
+    from d2g_fast.cli import main as d2g_main
+
+    assert d2g_main(["sample", "--model", student, "--prompts", prompt, "--guidance",
+                     str(inside), "--out", str(tmp_path / "png")]) == 0
+    assert sorted(os.listdir(tmp_path / "png")) == ["00000.png", "prompts.json"]
+    capsys.readouterr()
+    assert d2g_main(["sample", "--model", student, "--prompts", prompt, "--guidance",
+                     str(outside), "--out", str(tmp_path / "png2")]) == 2
+    err = capsys.readouterr().err
+    assert "--guidance" in err and trained in err, err
+    assert not os.path.exists(tmp_path / "png2")
+
+
 def test_export_is_a_stock_guidance_conditioned_pipeline(multi_world, tmp_path, capsys):
     from test_train import _config
 
@@ -241,16 +259,8 @@ def test_export_is_a_stock_guidance_conditioned_pipeline(multi_world, tmp_path, 
     info = json.load(open(os.path.join(out, "d2g_student.json")))
     assert info["guidance_set"] == {"values": [1.5, 5.0, 9.0]} and info["guidance_scale"] == 5.0
     _assert_stock_pipeline_is_g(config, out, (1.5, 7.0, 9.0))
-    # d2g sample --guidance writes PNGs; a scale outside the trained set is refused by name.
-    assert d2g_main(["sample", "--model", out, "--prompts", "a red cube", "--guidance", "8",
-                     "--out", str(tmp_path / "png")]) == 0
-    assert sorted(os.listdir(tmp_path / "png")) == ["00000.png", "prompts.json"]
-    capsys.readouterr()
-    assert d2g_main(["sample", "--model", out, "--prompts", "a red cube", "--guidance", "12",
-                     "--out", str(tmp_path / "png2")]) == 2
-    err = capsys.readouterr().err
-    assert "--guidance" in err and "[1.5, 9]" in err, err
-    assert not os.path.exists(tmp_path / "png2")
+    _assert_sample_takes_the_trained_scales_only(out, "a red cube", 8, 12, "[1.5, 9]",
+                                                  tmp_path, capsys)
     # d2g eval of the student in one step: the same check, before anything is read or written.
     captions = tmp_path / "c.txt"
     captions.write_text("a red cube\n" * 30000)
@@ -344,14 +354,8 @@ def test_flux_dev_student_end_to_end_on_a_multi_guidance_store(tmp_path, capsys)
     config = TrainConfig(teacher=folder, pairs=pairs, out=run_dir, lpips_random=True,
                          batch_size=2, ema_decay=0.5)
     _assert_stock_pipeline_is_g(config, out, (2.0, 3.0, 8.0), prompt="a red fox")
-    assert d2g_main(["sample", "--model", out, "--prompts", "a red fox", "--guidance", "3",
-                     "--out", str(tmp_path / "png")]) == 0
-    assert sorted(os.listdir(tmp_path / "png")) == ["00000.png", "prompts.json"]
-    capsys.readouterr()
-    assert d2g_main(["sample", "--model", out, "--prompts", "a red fox", "--guidance", "12",
-                     "--out", str(tmp_path / "png2")]) == 2
-    assert "--guidance" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "png2")
+    _assert_sample_takes_the_trained_scales_only(out, "a red fox", 3, 12, "[2, 8]", tmp_path,
+                                                  capsys)
 
 
 def test_a_fixed_guidance_student_refuses_another_guidance():
