@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from d2g_fast import _dispatch, _ext
+from d2g_fast.bench.machine import device_name
 
 
 def build_info(print_it: bool = True) -> dict:
@@ -16,7 +17,7 @@ def build_info(print_it: bool = True) -> dict:
         "extension_error": _ext.ext_error(),
         "cuda_extension": _ext.cuda_kernels_compiled(),
         "cuda_archs": _ext.cuda_archs(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda_device": device_name("cuda") if torch.cuda.is_available() else None,
         "triton": triton_version if triton_ok else None,
         "triton_error": None if triton_ok else triton_version,
         "triton_interpreted": _dispatch.triton_interpreted(),

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 from diffusers import (DDIMScheduler, StableDiffusionPipeline,  # noqa: E402
                        StableDiffusionXLPipeline)
 
+from d2g_fast.bench.machine import device_name  # noqa: E402
 from d2g_fast.cli import main as d2g_main  # noqa: E402
 from d2g_fast.data import PairDataset, StoreError, load_prompts  # noqa: E402
 from d2g_fast.data.store import ConfigMismatchError  # noqa: E402
@@ -165,6 +166,9 @@ def test_collect_verify_names_flipped_shard(sd_folder, tmp_path, capsys):
     out = str(tmp_path / "pairs")
     assert d2g_main(["collect", "--teacher", sd_folder, "--num-pairs", "6", "--shard-size", "2",
                      "--batch-size", "2", "--steps", "3", "--no-progress", "--out", out]) == 0
+    # The receipts name the CPU as every record does (d2g_fast.bench.machine, the one source).
+    devices = json.load(open(os.path.join(out, "manifest.json")))["cost"]["devices"]
+    assert devices == [device_name("cpu")] and "cores, 1 torch threads)" in devices[0], devices
     assert d2g_main(["verify", out, "--recompute", "3"]) == 0
     assert "intact" in capsys.readouterr().out
     shard = os.path.join(out, "shard-00001.safetensors")

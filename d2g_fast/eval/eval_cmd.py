@@ -354,13 +354,13 @@ def _evaluate(args, protocol, captions: list[str], out: str, dist, device: str,
     """Steps 2-5 of ``run`` in every process (rank 0 alone computes the metrics)."""
     import torch
 
+    from d2g_fast.bench.machine import device_name
     from d2g_fast.data.store import plan_shards, remove_stale_temporaries
     from d2g_fast.eval import generate as gen
     from d2g_fast.eval.features import (INCEPTION_RESIZE, ClipScorer, HFImageFeatures,
                                         InceptionFeatures, folder_sha256)
     from d2g_fast.eval.protocol import captions_sha256
     from d2g_fast.eval.report import FORMAT, VERSION, write_report
-    from d2g_fast.teacher.collect import device_name
 
     log = print if dist.rank == 0 else (lambda *a, **k: None)
 

@@ -10,13 +10,13 @@ import copy
 import datetime
 import json
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from d2g_fast.bench.machine import device_name
 from d2g_fast.data import store
 from d2g_fast.data.seeding import (GUIDANCE_RULE, NOISE_RULE, PROMPT_RULE, GuidanceSchedule,
                                    PromptSchedule, batch_noise, derive_seed, guidance_set)
@@ -54,13 +54,6 @@ def init_distributed(device: str) -> tuple[ProcessGroup, str]:
             backend="nccl" if device.startswith("cuda") else "gloo",
             timeout=datetime.timedelta(hours=24))
     return ProcessGroup(rank, world), device
-
-
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
