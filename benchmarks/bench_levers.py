@@ -39,7 +39,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Case, SkipCase  # noqa: E402
+from benchmarks.harness import Case, SkipCase, markdown_table  # noqa: E402
 
 LEVERS = {  # lever -> (TrainConfig overrides, processes)
     "full": ({}, 1),
@@ -321,17 +321,15 @@ def _markdown(rows: list[dict], tags: dict, argv) -> str:
              "prediction of the same (no GPU reserve); time (plain steps): median over rounds "
              "of the round median, x full: median of the per-round ratios (spread: lowest-"
              "highest round ratio).",
-             "",
-             "| shape | lever | persistent MiB | step peak MiB | memory MiB | x full memory | "
-             "plan MiB | step ms | x full time | ratio spread |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        pred = "" if r["predicted_mib"] is None else f"{r['predicted_mib']:.1f}"
-        lines.append(f"| {r['shape']} | {r['lever']} | {r['persistent_mib']:.1f} | "
-                     f"{r['step_peak_mib']:.1f} | {r['total_mib']:.1f} | "
-                     f"{r['memory_vs_full']:.2f} | {pred} | {r['median_ms']:.0f} | "
-                     f"{r['time_vs_full']:.2f} | {r['ratio_spread']} |")
-    return "\n".join(lines)
+             ""]
+    header = ["shape", "lever", "persistent MiB", "step peak MiB", "memory MiB",
+              "x full memory", "plan MiB", "step ms", "x full time", "ratio spread"]
+    cells = [[r["shape"], r["lever"], f"{r['persistent_mib']:.1f}", f"{r['step_peak_mib']:.1f}",
+              f"{r['total_mib']:.1f}", f"{r['memory_vs_full']:.2f}",
+              "" if r["predicted_mib"] is None else f"{r['predicted_mib']:.1f}",
+              f"{r['median_ms']:.0f}", f"{r['time_vs_full']:.2f}", r["ratio_spread"]]
+             for r in rows]
+    return "\n".join(lines + markdown_table(header, cells, align="llrrrrrrrl"))
 
 
 if __name__ == "__main__":

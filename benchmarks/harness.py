@@ -150,6 +150,15 @@ def machine_tags(device: str) -> dict:
             "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
 
 
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """The lines of a markdown table of ``rows`` (cells already formatted) under ``header``;
+    ``align`` has one letter per column: "l" left, "r" right (numbers)."""
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r}: one of l/r per column of {header}")
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def time_callable(fn: Callable[[], object], device: str, *, min_time_s: float = 0.3,
                   min_reps: int = 5, max_reps: int = 200, warmup: int = 2) -> dict:
     """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU), its spread, and the

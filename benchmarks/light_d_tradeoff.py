@@ -16,12 +16,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import markdown_table  # noqa: E402
 
 VARIANTS = {"full_d": {}, "light_d": {"light_d": True}}
 
@@ -89,15 +95,14 @@ def main(argv=None) -> int:
 
 
 def table(results: dict) -> str:
-    lines = ["| D | seed | FD | accuracy | E-LatentLPIPS to teacher | s / step | D trained MB | "
-             "D frozen MB | D grads + AdamW MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, seeds in results["rows"].items():
-        for seed, m in seeds.items():
-            lines.append(f"| {name} | {seed} | {m['fd']:.2f} | {m['accuracy']:.3f} | "
-                         f"{m['e_latentlpips']:.4f} | {m['seconds_per_step']:.2f} | "
-                         f"{m['d_trained_bytes'] / 1e6:.2f} | {m['d_frozen_bytes'] / 1e6:.2f} | "
-                         f"{m['d_grad_adamw_bytes'] / 1e6:.2f} |")
-    return "\n".join(lines)
+    header = ["D", "seed", "FD", "accuracy", "E-LatentLPIPS to teacher", "s / step",
+              "D trained MB", "D frozen MB", "D grads + AdamW MB"]
+    cells = [[name, str(seed), f"{m['fd']:.2f}", f"{m['accuracy']:.3f}",
+              f"{m['e_latentlpips']:.4f}", f"{m['seconds_per_step']:.2f}",
+              *(f"{m[k] / 1e6:.2f}" for k in ("d_trained_bytes", "d_frozen_bytes",
+                                              "d_grad_adamw_bytes"))]
+             for name, seeds in results["rows"].items() for seed, m in seeds.items()]
+    return "\n".join(markdown_table(header, cells, align="lrrrrrrrr"))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks.harness import (COMPILE_KWARGS, COMPILED, SkipCase, bench_names,  # noqa: E402
                                 copy_bandwidth_gbs, disable_tf32, load_cases, machine_tags,
-                                matmul_tflops, peak_memory_mb, time_callable)
+                                markdown_table, matmul_tflops, peak_memory_mb, time_callable)
 
 COLUMNS = ["op", "config", "provider", "mode", "median_ms", "min_ms", "p90_ms", "reps", "rounds",
            "round_min_ms", "round_max_ms", "round_ms", "first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
@@ -90,17 +90,17 @@ def write_outputs(rows, args, argv, tags, floor_gbs, peak_tflops, final=False):
           "first call (includes compiling); peak MB: one call, allocations through torch above the "
           "start (CPU: torch.profiler allocation events; CUDA: max_memory_allocated); "
           "x ref / x compiled: speed-up over the eager / compiled reference.",
-          "",
-          "| op | config | provider | mode | median ms | spread | first ms | peak MB | GB/s | TFLOP/s "
-          "| x ref | x compiled | of floor | note |",
-          "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+          ""]
+    cells = []
     for r in rows:
         spread = (f"{fmt(r['round_min_ms'])}-{fmt(r['round_max_ms'])}" if r.get("round_min_ms") is not None
                   else "")
-        cells = [fmt(r.get(k)) for k in ("op", "config", "provider", "mode", "median_ms")] + [spread] + \
-            [fmt(r.get(k)) for k in ("first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref", "vs_compiled",
-                                     "of_floor", "note")]
-        md.append("| " + " | ".join(cells) + " |")
+        cells.append([fmt(r.get(k)) for k in ("op", "config", "provider", "mode", "median_ms")] + [spread] +
+                     [fmt(r.get(k)) for k in ("first_ms", "peak_mem_mb", "gb_s", "tflop_s", "vs_ref",
+                                              "vs_compiled", "of_floor", "note")])
+    md += markdown_table(["op", "config", "provider", "mode", "median ms", "spread", "first ms", "peak MB",
+                          "GB/s", "TFLOP/s", "x ref", "x compiled", "of floor", "note"], cells,
+                         align="llllrlrrrrrrrl")
     md_path = os.path.join(args.out, f"bench-{stamp}.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md) + "\n")

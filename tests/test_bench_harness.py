@@ -67,6 +67,14 @@ def test_case_id_names_device_file_op_config_provider_mode():
         "cpu:lpips_distance:lpips_distance:N=2_64x64x64_float32:cpu:bwd"
 
 
+def test_markdown_table_aligns_numbers_right_and_refuses_a_bad_align():
+    from benchmarks.harness import markdown_table
+    assert markdown_table(["lever", "ms"], [["full", "12"], ["lora", ""]], align="lr") == [
+        "| lever | ms |", "|---|---:|", "| full | 12 |", "| lora |  |"]
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["lever", "ms"], [], align="l")
+
+
 def test_cpu_flags_name_the_bf16_hardware_and_torch_capability():
     from benchmarks.harness import CPU_FLAGS, cpu_flags
     from d2g_fast.cpu_features import bf16_hardware
