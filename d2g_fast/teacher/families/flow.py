@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from d2g_fast.models import transformer_discriminator
 from d2g_fast.teacher.families.base import TeacherFamily
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -161,9 +162,9 @@ class FlowFamily(TeacherFamily):
 
     # ------------------------------------------------------------------ discriminator
     def default_taps(self, net) -> list[int]:
-        """The last block of each quarter of the stack (``blocks``), e.g. 5, 11, 17, 23 of 24."""
-        n = len(self.blocks(net))
-        return sorted({max(0, (n * q) // 4 - 1) for q in (1, 2, 3, 4)})
+        """The transformer discriminator's rule on ``blocks``: the last block of each quarter
+        of the stack, e.g. 5, 11, 17, 23 of 24."""
+        return transformer_discriminator.default_taps(len(self.blocks(net)))
 
     def tokens_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens [B, N, D] (row-major patches, N = (h / 2) (w / 2)) -> [B, D, h/2, w/2]."""
