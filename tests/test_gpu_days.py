@@ -118,10 +118,30 @@ def test_a_run_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # as a time limit stops the run
     monkeypatch.setattr(gpu_days, "measure_training", killed)
     with pytest.raises(KeyboardInterrupt):
-        gpu_days.run_gpu_days(Settings(arch="tiny", out=str(tmp_path), device="cpu"))
+        gpu_days.run_gpu_days(Settings(arch="tiny", out=str(tmp_path), device="cpu",
+                                       levers=False))  # its 5 plan simulations: not tested here
     assert "PARTIAL" in (tmp_path / "gpu_days.md").read_text()
     names = {r["name"] for r in _read_csv(tmp_path / "gpu_days.csv")}
     assert {"collect.ours", "recipe.collect.ours", "published.dmd2_sd15"} <= names
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-levers"]], ids=["default", "no-levers"])
+def test_no_levers_skips_the_lever_stage_and_says_so(tmp_path, monkeypatch, flags):
+    from d2g_fast.bench import gpu_days
+
+    calls = []
+    monkeypatch.setattr(gpu_days, "measure_levers", lambda s, p: calls.append(s) or [])
+    for stage in ("measure_collection", "measure_loss", "measure_training"):  # time nothing
+        monkeypatch.setattr(gpu_days, stage, lambda s, p: [])
+    with one_thread():
+        assert cli.main(["bench", "gpu-days", "--arch", "tiny", "--out", str(tmp_path),
+                         *flags]) == 0
+    md = (tmp_path / "gpu_days.md").read_text()
+    skipped = "each memory lever's peak per GPU (d2g plan): skipped (--no-levers)"
+    if flags:
+        assert not calls and skipped in md and "--no-levers`" in md
+    else:
+        assert len(calls) == 1 and calls[0].levers and skipped not in md
 
 
 def test_row_rejects_an_unknown_source():

@@ -33,6 +33,10 @@ def _add_gpu_days(sub) -> None:
                    help="per-device micro-batch of the timed training step (default by arch)")
     p.add_argument("--compile", action="store_true",
                    help="also measure torch.compile of the teacher UNet (GPU; about a minute)")
+    p.add_argument("--no-levers", action="store_true",
+                   help="skip the memory levers' stage (memory.plan.* rows: d2g plan's peak per "
+                   "GPU of full training, LoRA, light D, checkpointing, FSDP2; 5 simulations, "
+                   "minutes of CPU for the large teachers)")
     p.set_defaults(_bench=_run_gpu_days)
 
 
@@ -42,7 +46,8 @@ def _run_gpu_days(args) -> int:
     run_gpu_days(Settings(
         arch=args.arch, out=args.out, pairs=args.pairs, steps=args.steps, iters=args.iters,
         batch=args.batch, quick=args.quick, device=args.device, guidance=args.guidance,
-        collect_batch=args.collect_batch, train_batch=args.train_batch, compile=args.compile))
+        collect_batch=args.collect_batch, train_batch=args.train_batch, compile=args.compile,
+        levers=not args.no_levers))
     return 0
 
 

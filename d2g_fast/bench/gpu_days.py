@@ -7,7 +7,8 @@ Stages (each prints its progress):
      (d2g_fast.bench.memory; no weights, no device memory: runs anywhere, for every arch);
      then each memory lever's predicted peak per GPU (full training, LoRA student, light D,
      both, gradient checkpointing, FSDP2 over 8 GPUs) from ``d2g plan`` (d2g_fast.plan: the
-     trainer's step simulated on fake tensors; minutes of CPU for the large teachers);
+     trainer's step simulated on fake tensors; minutes of CPU for the large teachers;
+     ``--no-levers`` skips it);
   1. collection: pairs/s of ODE-pair collection, our Teacher against diffusers' pipeline loop
      (and CUDA graphs / torch.compile of our UNet where the device allows);
   2. loss: E-LatentLPIPS against pixel LPIPS with VAE decoding, forward + backward;
@@ -92,6 +93,7 @@ class Settings:
     collect_batch: int | None = None
     train_batch: int | None = None
     compile: bool = False
+    levers: bool = True  # --no-levers: skip the memory levers' plan stage (measure_levers)
 
     def check(self) -> "Settings":
         from d2g_fast.bench.archs import check_arch
@@ -126,7 +128,8 @@ class Settings:
             parts.append(f"--collect-batch {self.collect_batch}")
         if self.train_batch:
             parts.append(f"--train-batch {self.train_batch}")
-        parts += [flag for flag, on in (("--quick", self.quick), ("--compile", self.compile)) if on]
+        parts += [flag for flag, on in (("--quick", self.quick), ("--compile", self.compile),
+                                        ("--no-levers", not self.levers)) if on]
         return " ".join(parts)
 
     @property
@@ -523,6 +526,9 @@ def run_gpu_days(s: Settings) -> list[Row]:
                          (f"collection on {device_name(s.device)}", measure_collection),
                          ("regression loss", measure_loss), ("training step", measure_training)):
         progress.stage(title)
+        if stage is measure_levers and not s.levers:
+            progress.omit(f"{title}: skipped (--no-levers)")
+            continue
         if stage in (measure_collection, measure_training) and s.arch in CPU_UNTIMED \
                 and not s.gpu:
             progress.omit(f"{title}: not measured ({s.arch} is timed on GPUs only: its random "
