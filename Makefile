@@ -37,10 +37,11 @@ $(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py
 install build: $(VENV)/.install-stamp
 	flock /tmp/d2g_fast_build.lock $(PY) setup.py -q build_ext --inplace
 
-# PYTEST_ARGS: extra pytest arguments (.ci/run adds its plugin .ci/ci_require_compare.py).
+# PYTEST_ARGS: extra pytest arguments (.ci/run adds its plugin .ci/ci_require_compare.py);
+# they come last, so e.g. PYTEST_ARGS=--durations=0 overrides the 30 slowest tests printed.
 PYTEST_ARGS ?=
 test: build
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=30 tests $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m d2g_fast.demo
