@@ -86,6 +86,23 @@ def test_training_lowers_heldout_elatentlpips(world_name, request, tmp_path):
         assert json.load(f)["d_taps"] == []
 
 
+def test_each_family_names_its_discriminator():
+    """The family, not the network's class name, says which D the trainer builds."""
+    from d2g_fast.models import DiffusionDiscriminator
+    from d2g_fast.models.transformer_discriminator import FluxDiscriminator, SD3Discriminator
+    from d2g_fast.teacher.families import FAMILIES, TeacherFamily
+
+    assert {name: cls.discriminator_class() for name, cls in FAMILIES.items()} == {
+        "sd": DiffusionDiscriminator, "sdxl": DiffusionDiscriminator,
+        "sd3": SD3Discriminator, "flux": FluxDiscriminator}
+
+    class NoDiscriminator(TeacherFamily):
+        name = "new"
+
+    with pytest.raises(NotImplementedError, match="the new teacher family's UNet has no disc"):
+        NoDiscriminator.discriminator_class()
+
+
 def test_transformer_discriminator_built_from_the_family(sd3_world, flux_world, tmp_path):
     from d2g_fast.models import TransformerDiscriminator
     from d2g_fast.teacher import load_teacher
@@ -95,6 +112,7 @@ def test_transformer_discriminator_built_from_the_family(sd3_world, flux_world, 
         teacher = load_teacher(world[0], resolution=16)
         d = make_discriminator(teacher, _config(world, tmp_path / "x"))
         assert isinstance(d, TransformerDiscriminator)
+        assert type(d) is teacher.discriminator_class()
         assert d.taps == teacher.default_taps(teacher.denoiser)
         assert [id(b) for b in d.blocks()] != [id(b) for b in teacher.blocks(teacher.denoiser)]
         assert len(d.blocks()) == len(teacher.blocks(teacher.denoiser))

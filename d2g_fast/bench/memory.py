@@ -28,15 +28,17 @@ FSDP_WORLDS = (8, 64)        # the processes of the FSDP rows (64: the paper's A
 def parameter_counts(arch: str) -> dict[str, int]:
     """Parameters of G, D (trainable / frozen), the teacher's network and text encoders."""
     from d2g_fast.bench import archs
-    from d2g_fast.models import DiffusionDiscriminator
-    from d2g_fast.models.transformer_discriminator import BACKBONES, TransformerDiscriminator
+    from d2g_fast.models import TransformerDiscriminator
+    from d2g_fast.teacher.families import family_for_pipeline_class
 
     nets = archs.meta_networks(arch)
     net = nets["denoiser"]
-    if type(net).__name__ in BACKBONES:
-        d = TransformerDiscriminator.from_transformer(net)
+    family = family_for_pipeline_class(archs.pipeline_class(arch).__name__)
+    disc_cls = family.discriminator_class()
+    if issubclass(disc_cls, TransformerDiscriminator):
+        d = disc_cls.from_transformer(net)
     else:
-        d = DiffusionDiscriminator.from_unet(net)
+        d = disc_cls.from_unet(net)
 
     def count(module, trainable=None):
         return sum(p.numel() for p in module.parameters()

@@ -126,16 +126,20 @@ class TransformerDiscriminator(HeadReadout, nn.Module):
                          config: TransformerDiscriminatorConfig | None = None,
                          **overrides: Any) -> "TransformerDiscriminator":
         """A discriminator whose backbone is a deep, trainable copy of ``transformer`` (an
-        ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``). Keyword overrides update
-        ``config``."""
-        name = type(transformer).__name__
-        if name not in BACKBONES:
-            raise NotImplementedError(f"TransformerDiscriminator: transformer class {name} is not "
-                                      f"supported (supported: {', '.join(BACKBONES)})")
+        ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``). On a subclass (a teacher
+        family's ``discriminator_class()``) it builds that subclass; on this base class, the
+        subclass of the transformer's class (``BACKBONES``; a bare network has no family to
+        ask). Keyword overrides update ``config``."""
+        if cls is TransformerDiscriminator:
+            name = type(transformer).__name__
+            if name not in BACKBONES:
+                raise NotImplementedError(f"TransformerDiscriminator: transformer class {name} "
+                                          f"is not supported (supported: {', '.join(BACKBONES)})")
+            cls = BACKBONES[name]
         config = dataclasses.replace(config or TransformerDiscriminatorConfig(), **overrides)
         backbone = copy.deepcopy(transformer).requires_grad_(True).train()
         backbone.gradient_checkpointing = False  # D checkpoints its own block calls
-        return BACKBONES[name](backbone, config)
+        return cls(backbone, config)
 
     # ------------------------------------------------------- per-family (subclasses)
     def blocks(self) -> list[nn.Module]:

@@ -159,13 +159,14 @@ def make_discriminator(teacher, config: TrainConfig, guidance: float | None = No
     UNets. With ``guidance_set`` the UNet D gets its own zero-initialised guidance input (the
     family's, as G's) and judges each pair for its guidance; FLUX-dev's D embeds each row's
     guidance already. ``config.light_d``: the light D (d2g_fast.models.light_discriminator),
-    its backbone frozen; on ``shared_net`` (a LoRA G's network) when given."""
-    from d2g_fast.models.transformer_discriminator import BACKBONES
-
-    if type(teacher.denoiser).__name__ in BACKBONES:
-        return make_transformer_discriminator(teacher, config, guidance, shared_net)
-    from d2g_fast.models import DiffusionDiscriminator
+    its backbone frozen; on ``shared_net`` (a LoRA G's network) when given. The teacher's
+    family says which discriminator class its network takes (``discriminator_class()``)."""
+    from d2g_fast.models import TransformerDiscriminator
     from d2g_fast.models.discriminator import DiscriminatorConfig
+
+    disc_cls = teacher.discriminator_class()
+    if issubclass(disc_cls, TransformerDiscriminator):
+        return make_transformer_discriminator(teacher, config, guidance, shared_net)
 
     settings = DiscriminatorConfig(
         gradient_checkpointing=config.gradient_checkpointing,
@@ -177,12 +178,11 @@ def make_discriminator(teacher, config: TrainConfig, guidance: float | None = No
         from d2g_fast.models.light_discriminator import add_guidance_proj, light_discriminator
         from d2g_fast.teacher.families.sd import GUIDANCE_EMBED_DIM
 
-        disc = light_discriminator(DiffusionDiscriminator, settings, teacher.unet.float(),
-                                   shared_net)
+        disc = light_discriminator(disc_cls, settings, teacher.unet.float(), shared_net)
         if guidance_set:
             add_guidance_proj(disc, GUIDANCE_EMBED_DIM)
         return disc
-    disc = DiffusionDiscriminator.from_unet(teacher.unet.float(), settings)
+    disc = disc_cls.from_unet(teacher.unet.float(), settings)
     if guidance_set:
         teacher.add_guidance_input(disc.unet)
     return disc
@@ -190,8 +190,9 @@ def make_discriminator(teacher, config: TrainConfig, guidance: float | None = No
 
 def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float | None = None,
                                    shared_net=None):
-    from d2g_fast.models import TransformerDiscriminator
+    from d2g_fast.models.transformer_discriminator import TransformerDiscriminatorConfig
 
+    disc_cls = teacher.discriminator_class()
     net = teacher.denoiser.float()
     taps = list(config.d_taps) or teacher.default_taps(net)
     embedded = teacher.guidance_for_generator(guidance)
@@ -201,12 +202,10 @@ def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float
                     noise_conditioning=not config.d_noise_off)
     if config.light_d:
         from d2g_fast.models.light_discriminator import light_discriminator
-        from d2g_fast.models.transformer_discriminator import (
-            BACKBONES, TransformerDiscriminatorConfig)
 
-        return light_discriminator(BACKBONES[type(net).__name__],
-                                   TransformerDiscriminatorConfig(**settings), net, shared_net)
-    return TransformerDiscriminator.from_transformer(net, **settings)
+        return light_discriminator(disc_cls, TransformerDiscriminatorConfig(**settings), net,
+                                   shared_net)
+    return disc_cls.from_transformer(net, **settings)
 
 
 # A VAE's (shift_factor, scaling_factor) is taken to be an encoder's when both agree to this.

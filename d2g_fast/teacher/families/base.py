@@ -48,10 +48,13 @@ The one-step generator
     is the embedded-guidance value G's network gets when the pairs were collected at guidance g
     (None for families without a guidance embedding).
 Discriminator
-    ``blocks(net)`` lists the network's repeated blocks in forward order (FSDP units; the
-    candidates for discriminator taps); ``default_taps(net)`` the block indices tapped by
-    default; ``tokens_to_grid(tokens)`` reshapes the image tokens [B, N, D] of a transformer
-    block into a grid [B, D, h / p, w / p] (p: patch size, 2 for SD3 and FLUX's packing).
+    ``discriminator_class()`` (a classmethod) is the discriminator built on the family's
+    network (:mod:`d2g_fast.models`: the UNet ``DiffusionDiscriminator`` or a
+    ``TransformerDiscriminator`` subclass); ``blocks(net)`` lists the network's repeated blocks
+    in forward order (FSDP units; the candidates for discriminator taps); ``default_taps(net)``
+    the block indices tapped by default; ``tokens_to_grid(tokens)`` reshapes the image tokens
+    [B, N, D] of a transformer block into a grid [B, D, h / p, w / p] (p: patch size, 2 for SD3
+    and FLUX's packing).
 Export
     ``export_scheduler(prediction_type)`` is the scheduler that makes the stock pipeline call
     the network exactly once, at G's timestep, and return G's x0;
@@ -573,6 +576,12 @@ class TeacherFamily:
         return latents
 
     # ------------------------------------------------------------------ discriminator
+    @classmethod
+    def discriminator_class(cls) -> type:
+        """The discriminator class built on this family's network (d2g_fast.models)."""
+        raise NotImplementedError(f"discriminator: the {cls.name} teacher family's "
+                                  f"{cls.denoiser_label} has no discriminator")
+
     def blocks(self, net) -> list:
         """The network's repeated blocks in forward order (FSDP units, tap candidates)."""
         raise NotImplementedError

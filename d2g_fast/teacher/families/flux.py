@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from d2g_fast.models.transformer_discriminator import FluxDiscriminator
 from d2g_fast.teacher.families.base import Conditioning
 from d2g_fast.teacher.families.flow import FlowFamily, calculate_shift
 
@@ -168,6 +169,10 @@ class FluxFamily(FlowFamily):
         else:
             scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
         scheduler.set_begin_index(0)
+
+    @classmethod
+    def discriminator_class(cls) -> type:
+        return FluxDiscriminator
 
     def blocks(self, net) -> list:
         """The double-stream blocks, then the single-stream blocks; each returns (text tokens,

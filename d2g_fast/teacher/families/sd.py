@@ -16,6 +16,7 @@ import inspect
 
 import torch
 
+from d2g_fast.models.discriminator import DiffusionDiscriminator
 from d2g_fast.teacher.families.base import Conditioning, TeacherFamily
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -211,6 +212,11 @@ class UNetFamily(TeacherFamily):
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
     # ------------------------------------------------------------------ discriminator
+    @classmethod
+    def discriminator_class(cls) -> type:
+        """The paper's UNet discriminator."""
+        return DiffusionDiscriminator
+
     def blocks(self, net) -> list:
         return list(net.down_blocks) + [net.mid_block] + list(net.up_blocks)
 

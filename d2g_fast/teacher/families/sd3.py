@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from d2g_fast.models.transformer_discriminator import SD3Discriminator
 from d2g_fast.teacher.families.base import Conditioning
 from d2g_fast.teacher.families.flow import FlowFamily, calculate_shift
 
@@ -121,6 +122,10 @@ class SD3Family(FlowFamily):
             kwargs["mu"] = calculate_shift((h // self.patch) * (w // self.patch),
                                            scheduler.config, self.default_max_shift)
         scheduler.set_timesteps(steps, device=self.device, **kwargs)
+
+    @classmethod
+    def discriminator_class(cls) -> type:
+        return SD3Discriminator
 
     def blocks(self, net) -> list:
         """The joint (MMDiT) blocks; each returns (text tokens, image tokens)."""
