@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,11 @@ from pathlib import Path
 HELP = "distil the shipped toy text-to-image teacher into a one-step student and evaluate it"
 
 # The demo's recipe, the one source of it (d2g toy ablate and benchmarks read it too): sized for
-# a 2-core CPU, about 4.5 minutes (the stage times are in the report). 10 DDIM steps per pair:
+# a 2-core CPU, under 5 minutes (the stage times are in the report). 10 DDIM steps per pair:
 # the toy teacher's 10-step samples are its 25-step ones to E-LatentLPIPS 0.001 (the student's
-# error is 0.12); 560 steps: issue 23, benchmarks/results/demo-recipe-cpu-2026-12-05. lr is
-# G's and D's unless lr_d is set; warm-up (GAN term off) for warmup_frac x iters steps.
-DEFAULTS = dict(pairs=2048, steps=10, guidance=4.0, iters=560, batch_size=32, lr=2e-4,
+# error is 0.11); 450 steps: issue 23, benchmarks/RESULTS.md (the seeds' spread against 560).
+# lr is G's and D's unless lr_d is set; warm-up (GAN term off) for warmup_frac x iters steps.
+DEFAULTS = dict(pairs=2048, steps=10, guidance=4.0, iters=450, batch_size=32, lr=2e-4,
                 lr_d=None, lambda_gan=0.05, eval_n=288, warmup_frac=0.1, ema_decay=0.99,
                 r1_gamma=0.1)
 # --quick (the test suite): every stage, minutes less.
@@ -72,12 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the distillation's --precision (default fp32); auto: bf16 (autocast) "
                         "where the CPU computes bf16 in hardware (AMX-BF16 or AVX-512-BF16), "
                         "else fp32")
-    p.add_argument("--procs", type=_procs, default="auto",
-                   help="processes for the collection and the distillation (torchrun, gloo; "
-                        "the evaluation runs in the first): auto = 2 where the CPU has 2 or "
-                        "more cores, else 1. Two one-thread processes, each with half the "
-                        "batch, step the toy's small networks faster than one two-thread "
-                        "process (benchmarks/RESULTS.md, the demo's time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--guidance-sweep", nargs="?", default=None, metavar="SCALES",
                    const=SWEEP_SCALES,
@@ -85,61 +78,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{SWEEP_SCALES}) beside the teacher and a fixed-scale student at "
                         f"--guidance, evaluated at every scale (its own default counts: "
                         f"d2g_fast/toy/guidance_sweep.py)")
-
-
-def _procs(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--procs must be auto or an integer >= 1, got {text!r}")
-    return value
-
-
-def process_count(choice) -> int:
-    """--procs auto: two processes where there are two cores to run them."""
-    if choice != "auto":
-        return choice
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
-# Set by launch() for the processes it starts: the launcher's start (time.time()), so that the
-# report's total includes the processes' start-up.
-LAUNCHED_AT_ENV = "D2G_DEMO_LAUNCHED_AT"
-
-
-def argv_of(args: argparse.Namespace) -> list[str]:
-    """The command-line flags that give ``args`` again (those that differ from the defaults),
-    read off the demo's own parser, so the launched processes run exactly this demo."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    argv = []
-    for action in parser._actions:
-        value = getattr(args, action.dest, action.default)
-        if not action.option_strings or value == action.default:
-            continue
-        if action.nargs == 0:  # store_true
-            argv.append(action.option_strings[0])
-        else:
-            argv += [action.option_strings[0], str(value)]
-    return argv
-
-
-def launch(args: argparse.Namespace, procs: int) -> int:
-    """Run this demo in ``procs`` processes under torchrun; returns their exit status. Each gets
-    an equal share of the cores as its torch threads."""
-    threads = max(1, (os.cpu_count() or 1) // procs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={procs}", "-m", "d2g_fast.demo", *argv_of(args)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), LAUNCHED_AT_ENV: repr(time.time())}
-    return subprocess.run(cmd, env=env).returncode
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def resolve(args: argparse.Namespace) -> dict:
@@ -163,8 +101,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def stage(number: int, total: int, text: str) -> None:
-    if rank() == 0:
-        print(f"\n[{number}/{total}] {text}", flush=True)
+    print(f"\n[{number}/{total}] {text}", flush=True)
 
 
 def training_precision(choice: str) -> str:
@@ -176,19 +113,12 @@ def training_precision(choice: str) -> str:
     return "bf16" if bf16_hardware() else "fp32"
 
 
-def stage_times_section(stage_seconds: dict, precision: str, procs: int = 1,
-                        threads: int | None = None) -> str:
-    """The report's "Time per stage" section (markdown); ``procs`` processes of ``threads``
-    torch threads (default: this process's) collected and distilled."""
-    import torch
-
+def stage_times_section(stage_seconds: dict, precision: str) -> str:
+    """The report's "Time per stage" section (markdown)."""
     from d2g_fast.cpu_features import describe
 
-    threads = threads or torch.get_num_threads()
     rows = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in stage_seconds.items())
-    return (f"\n## Time per stage\n\n{describe()}; distillation precision {precision}; "
-            f"collection and distillation in {procs} process(es) of {threads} torch "
-            f"thread(s).\n\n"
+    return (f"\n## Time per stage\n\n{describe()}; distillation precision {precision}.\n\n"
             f"| stage | seconds |\n|---|---:|\n{rows}\n")
 
 
@@ -207,28 +137,23 @@ def toy_world(args) -> Path:
 def collect_pairs(out: str, settings: dict, args) -> str:
     from d2g_fast import toy
     from d2g_fast.teacher import Teacher
-    from d2g_fast.teacher.collect import collect, init_distributed
+    from d2g_fast.teacher.collect import collect
 
-    group, _ = init_distributed("cpu")  # the launched processes share the shards
     teacher = Teacher.from_pretrained(str(toy_world(args) / "teacher"))
     pairs_dir = os.path.join(out, "pairs")
     collect(teacher, toy.train_prompts(), pairs_dir, settings["pairs"], steps=settings["steps"],
-            guidance=args.guidance, batch_size=64, shard_size=256, seed=args.seed, group=group,
+            guidance=args.guidance, batch_size=64, shard_size=256, seed=args.seed,
             progress=not args.no_progress, log=lambda *a: None)
-    group.barrier()  # every shard on disk before any process trains on the store
     return pairs_dir
 
 
 def distill(out: str, name: str, pairs_dir: str, settings: dict, args, lambda_gan: float,
             recipe: dict | None = None):
-    """Train and export one student; returns its pipeline folder (the first process exports;
-    the others return None)."""
+    """Train and export one student; returns its pipeline folder."""
     from d2g_fast.train import export_pipeline, train
 
     config = train_config(out, name, pairs_dir, settings, args, lambda_gan, recipe)
     train(config, log=lambda *a: None)
-    if rank() != 0:
-        return None
     return export_pipeline(config.out, os.path.join(out, name.replace("run", "student")))
 
 
@@ -272,9 +197,12 @@ ABLATION_NOTE = """
 `d2g toy ablate` trains one student per row of the paper's two ablation tables (loss: MSE,
 Pseudo-Huber, pixel LPIPS, LatentLPIPS, E-LatentLPIPS; discriminator: regression only, + diffusion
 D, + z conditioning, + R1, + multi-scale, + mix-and-match) on the same pairs and seeds and
-reports them beside the paper's figures. The run recorded on the project's CPU, and why the GAN
-term barely moves this demo's numbers, are in the repository's `benchmarks/RESULTS.md`
-(section "The paper's ablations on the toy world").
+reports them beside the paper's figures. The full run recorded on the project's CPU (this
+demo's settings at 560 steps per student, 3 seeds) is
+`benchmarks/results/toy-ablation-cpu-2026-12-05-full/report.md` in the repository, and
+`benchmarks/RESULTS.md` (section "The paper's ablations on the toy world: the full run") reads
+it: which of the paper's orderings the toy reproduces, and why the GAN term does not move this
+demo's numbers.
 """
 
 
@@ -295,30 +223,21 @@ def run(args: argparse.Namespace) -> int:
 
         return guidance_sweep.run(args)
     settings = resolve(args)
-    procs = process_count(args.procs)
-    if args.batch_size % procs:
-        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the "
-                         f"processes (--procs {args.procs}: {procs})")
-    if procs > 1 and "WORLD_SIZE" not in os.environ:
-        return launch(args, procs)
     quiet_model_loading()
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
-    threads = torch.get_num_threads()  # per process, during collection and distillation
+    start = time.perf_counter()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     total = 4 if args.ablation else 3
     stage_seconds = {}  # wall seconds of each stage, for the report
-    start = clock = time.time()
-    if LAUNCHED_AT_ENV in os.environ:
-        start = float(os.environ[LAUNCHED_AT_ENV])
-        stage_seconds[f"start-up ({procs} processes)"] = clock - start
+    clock = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal clock
-        now = time.time()
+        now = time.perf_counter()
         stage_seconds[name] = now - clock
         clock = now
 
@@ -336,26 +255,25 @@ def run(args: argparse.Namespace) -> int:
         students["regression_only_1step"] = distill(out, "run_regression_only", pairs_dir,
                                                     settings, args, 0.0)
         lap("distillation (regression only)")
-    if rank() != 0:
-        return 0  # the evaluation runs in the first process, with every core
-    torch.set_num_threads(os.cpu_count() or 1)
     stage(total, total, f"evaluating on {settings['eval_n']} held-out prompts and noises")
+    # The multi-step teacher judged is the pairs' own sampler (DDIM --steps): what the student
+    # learnt to reproduce in one step.
     metrics = toy.evaluate(students, out, toy_dir=toy_world(args), n=settings["eval_n"],
-                           guidance=args.guidance, progress=not args.no_progress)
+                           teacher_steps=settings["steps"], guidance=args.guidance,
+                           progress=not args.no_progress)
     append_ablation_note(os.path.join(out, "report.md"))
     lap("evaluation")
-    seconds = time.time() - start
+    seconds = time.perf_counter() - start
     precision = training_precision(args.precision)
     with open(os.path.join(out, "report.md"), "a", encoding="utf-8") as f:
-        f.write(stage_times_section({**stage_seconds, "total": seconds}, precision, procs,
-                                    threads))
+        f.write(stage_times_section({**stage_seconds, "total": seconds}, precision))
     with open(os.path.join(out, "demo.json"), "w", encoding="utf-8") as f:
         json.dump({"settings": {**settings, "guidance": args.guidance,
                                 "batch_size": args.batch_size, "lr": args.lr,
                                 "lambda_gan": args.lambda_gan, "seed": args.seed,
                                 "ablation": args.ablation, "precision": precision},
-                   "seconds": seconds, "stage_seconds": stage_seconds, "processes": procs,
-                   "threads_per_process": threads}, f, indent=1)
+                   "seconds": seconds, "stage_seconds": stage_seconds,
+                   "threads": torch.get_num_threads()}, f, indent=1)
     print("\n" + summary_table(metrics))
     print("\n" + "  ".join(f"{name} {sec:.0f} s" for name, sec in stage_seconds.items())
           + f"  (distillation precision {precision})")

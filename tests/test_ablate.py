@@ -159,6 +159,12 @@ def test_demo_report_points_at_the_ablation_tables(tmp_path):
     text = report.read_text(encoding="utf-8")
     assert text.startswith("# demo\n") and "d2g toy ablate" in text
     assert "benchmarks/RESULTS.md" in text
+    # the recorded full run it names is in the repository
+    import re
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    named = re.findall(r"`(benchmarks/results/[^`]+)`", text)
+    assert named and all(os.path.isfile(os.path.join(repo, p)) for p in named), named
 
 
 def test_each_row_switches_on_exactly_its_parts(tmp_path):

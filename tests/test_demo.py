@@ -39,18 +39,9 @@ def test_quick_demo_student_beats_the_teachers_one_step_sampling(tmp_path):
                  "grid_teacher_multistep.png"):
         assert (out / name).is_file(), name
     # the time of each stage, in the report and demo.json (issue 23)
-    record = json.loads((out / "demo.json").read_text())
-    stages = record["stage_seconds"]
-    # --procs auto: two one-thread processes where there are two cores (torchrun, gloo); the
-    # launched processes' start-up is a stage of its own and part of the total.
-    procs = 2 if (os.cpu_count() or 1) >= 2 else 1
-    assert record["processes"] == procs, record
-    expected = {"collection", "distillation", "evaluation"}
-    if procs > 1:
-        expected.add(f"start-up ({procs} processes)")
-    assert set(stages) == expected, stages
+    stages = json.loads((out / "demo.json").read_text())["stage_seconds"]
+    assert set(stages) == {"collection", "distillation", "evaluation"}, stages
     assert all(sec > 0 for sec in stages.values()), stages
-    assert record["seconds"] >= sum(stages.values()) - 1e-6, record
     assert "## Time per stage" in (out / "report.md").read_text()
     # the stages ran through the real commands' code: a pair store, a run, an exported student
     assert (out / "pairs" / "manifest.json").is_file()
@@ -64,23 +55,3 @@ def test_demo_rejects_bad_arguments(tmp_path):
                           timeout=300)
     assert proc.returncode == 2
     assert "--iters must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "d2g_fast.demo", "--out", str(tmp_path),
-                           "--procs", "0"], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
-    assert proc.returncode == 2 and "--procs must be auto or an integer >= 1" in proc.stderr
-    assert not any(tmp_path.iterdir())  # nothing written
-
-
-def test_launched_processes_get_the_same_arguments():
-    import argparse
-
-    from d2g_fast import demo
-
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    argv = ["--out", "x", "--pairs", "64", "--lr", "0.001", "--ablation", "--procs", "3",
-            "--lambda-gan", "0.2", "--no-progress", "--toy-dir", "w"]
-    args = parser.parse_args(argv)
-    again = parser.parse_args(demo.argv_of(args))
-    assert vars(again) == vars(args)
-    assert demo.argv_of(parser.parse_args([])) == []  # the defaults need no flags
