@@ -1,15 +1,18 @@
-"""The demo's distillation step in one process or in several (issue 23 item 3): does data
-parallelism over the cores (torchrun, gloo) beat the threads of one process on the toy? The same
-work, the demo's own trainer settings, interleaved rounds.
+"""The demo's distillation step laid out over the cores (issue 23 item 3): the threads of one
+process, one process with G's and D's phases side by side (--overlap-phases), or data
+parallelism over processes (torchrun, gloo)? The same work, the demo's own trainer settings,
+interleaved rounds.
 
     python benchmarks/demo_procs.py --pairs STORE [--rounds 3] [--steps 48] [--out DIR]
 
 Variants, each a fresh ``d2g distill --config`` of ``--steps`` steps (batch 32, fp32, the GAN
 term on from the first step, R1 every 16 steps: d2g_fast.demo.train_config with no warm-up):
 
-  1p x 1t   one process, one torch thread (the basis of the floor);
-  1p x Nt   one process, N = all cores' torch threads (the demo until now);
-  Np x 1t   N processes of one thread each under torchrun (gloo), each with 32/N of the batch.
+  1p x 1t             one process, one torch thread (the basis of the floor);
+  1p x Nt             one process, N = all cores' torch threads, phases one after the other;
+  1p x Nt overlapped  the same with --overlap-phases (each phase on N/2 threads; the demo);
+  Np x 1t             N processes of one thread each under torchrun (gloo), each with 32/N of
+                      the batch.
 
 Per variant and round: the training's own wall seconds per step (the run's device_hours, which
 add up every process, divided by the processes, between its first and last logged step: no
@@ -33,6 +36,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.harness import markdown_table  # noqa: E402
+
 
 def write_config(pairs: str, out: Path, steps: int) -> Path:
     """The demo's TrainConfig for ``steps`` steps, GAN term on from the start, as a file."""
@@ -45,15 +50,16 @@ def write_config(pairs: str, out: Path, steps: int) -> Path:
                                demo.DEFAULTS["lambda_gan"], {"warmup_frac": 0.0})
     values = {k: v for k, v in config.to_dict().items()
               if k not in ("out", "checkpoint_every", "sample_every")}
-    values.update(checkpoint_every=steps, sample_every=0, log_every=8)
+    values.update(checkpoint_every=steps, sample_every=0, log_every=8, overlap_phases=False)
     path = out / "config.json"
     path.write_text(json.dumps(values, indent=1))
     return path
 
 
-def run_variant(name: str, procs: int, threads: int, config: Path, run_dir: Path) -> dict:
+def run_variant(name: str, procs: int, threads: int, overlap: bool, config: Path,
+                run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "d2g_fast.cli", "distill", "--config", str(config),
-           "--out", str(run_dir), "--no-progress"]
+           "--out", str(run_dir), "--no-progress"] + (["--overlap-phases"] if overlap else [])
     if procs > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={procs}"] + cmd[1:]
@@ -87,29 +93,32 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = write_config(os.path.abspath(args.pairs), out, args.steps)
-    variants = [("1p x 1t", 1, 1), (f"1p x {cores}t", 1, cores), (f"{cores}p x 1t", cores, 1)]
+    variants = [("1p x 1t", 1, 1, False), (f"1p x {cores}t", 1, cores, False),
+                (f"1p x {cores}t overlapped", 1, cores, True),
+                (f"{cores}p x 1t", cores, 1, False)]
     results = []
     for r in range(args.rounds):
-        for name, procs, threads in variants:
+        for name, procs, threads, overlap in variants:
             run_dir = out / f"run_{name.replace(' ', '')}_r{r}"
-            res = run_variant(name, procs, threads, config, run_dir)
+            res = run_variant(name, procs, threads, overlap, config, run_dir)
             res["round"] = r
             results.append(res)
             print(json.dumps(res), flush=True)
     base = variants[1][0]
-    by = {name: [x for x in results if x["variant"] == name] for name, _, _ in variants}
+    by = {v[0]: [x for x in results if x["variant"] == v[0]] for v in variants}
     floor = statistics.median(x["step_s"] for x in by["1p x 1t"]) / cores
+    rows = []
+    for name, *_ in variants:
+        ratios = [x["step_s"] / b["step_s"] for x, b in zip(by[name], by[base])]
+        rows.append([name, f"{statistics.median(x['step_s'] for x in by[name]):.3f}",
+                     f"{statistics.median(ratios):.2f}",
+                     f"{statistics.median(x['wall_s'] for x in by[name]):.1f}"])
+    rows.append([f"floor: 1p x 1t / {cores}", f"{floor:.3f}", "", ""])
     lines = [f"The demo's distillation step (toy, batch 32, fp32, GAN on), {args.steps} steps per "
              f"run, {args.rounds} interleaved rounds, {cores} cores; ratio: per round against "
-             f"{base}, median.", "",
-             "| variant | s / step (median) | ratio to " + base + " | whole process, s (median) |",
-             "|---|---:|---:|---:|"]
-    for name, _, _ in variants:
-        ratios = [x["step_s"] / b["step_s"] for x, b in zip(by[name], by[base])]
-        lines.append(f"| {name} | {statistics.median(x['step_s'] for x in by[name]):.3f} | "
-                     f"{statistics.median(ratios):.2f} | "
-                     f"{statistics.median(x['wall_s'] for x in by[name]):.1f} |")
-    lines.append(f"| floor: 1p x 1t / {cores} | {floor:.3f} | | |")
+             f"{base}, median.", ""]
+    lines += markdown_table(["variant", "s / step (median)", f"ratio to {base}",
+                             "whole process, s (median)"], rows, "lrrr")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     (out / "results.md").write_text(table)

@@ -4,7 +4,8 @@ student's FD and accuracy, and its time, for a recipe (issue 23 item 3, issue 25
     python benchmarks/demo_recipe_spread.py --recipe old|new|defaults --seed S --out DIR
         [--lambda-gan X] [--lr-d X] [--warmup-frac X] [--r1-gamma X] [--tag NAME]
 
-One (recipe, seed) per call, so that several run side by side at one thread each. The pairs
+One (recipe, seed) per call, so that several run side by side at one thread each (or one at a
+time with --threads 2, where the demo's rule overlaps G's and D's phases). The pairs
 are collected once per recipe into DIR/pairs-<recipe> (the collection's seed is fixed at 0:
 only the training seed varies) and reused by every later call; the student is trained and
 exported under DIR/<tag>_seed<S>/ and judged on the demo's held-out prompts and noise
@@ -45,7 +46,6 @@ def recipe(name: str) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    torch.set_num_threads(1)
     from d2g_fast import demo
     from d2g_fast.toy.ablate import AblateSettings, Judge
     from d2g_fast.toy.evaluate import quiet_diffusers
@@ -58,9 +58,16 @@ def main(argv=None) -> int:
     p.add_argument("--toy-dir", default=None,
                    help="a copy of a toy world (default: the shipped one; a copy keeps runs "
                         "consistent when the shipped weights change while they train)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1); with 2 or more the demo overlaps G's and "
+                        "D's phases unless --sequential-phases")
+    p.add_argument("--sequential-phases", action="store_true")
     for flag in ("lambda_gan", "lr_d", "warmup_frac", "r1_gamma"):
         p.add_argument("--" + flag.replace("_", "-"), type=float, default=None)
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     quiet_diffusers()
     r = recipe(args.recipe)
     for flag in ("lambda_gan", "lr_d", "warmup_frac", "r1_gamma"):
@@ -70,7 +77,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or args.recipe
     ns = argparse.Namespace(guidance=r["guidance"], seed=0, toy_dir=args.toy_dir, no_progress=True,
-                            batch_size=r["batch_size"], lr=r["lr"], precision="fp32")
+                            batch_size=r["batch_size"], lr=r["lr"], precision="fp32",
+                            sequential_phases=args.sequential_phases)
     settings = {k: r[k] for k in ("pairs", "steps", "iters", "eval_n")}
     pairs_dir = out / f"pairs-{args.recipe}"
     if not (pairs_dir / "manifest.json").is_file():
@@ -87,7 +95,8 @@ def main(argv=None) -> int:
     keep = ("fd", "accuracy", "attribute_accuracy", "e_latentlpips", "precision", "recall")
     line = {"tag": tag, "recipe": args.recipe, "seed": args.seed, "settings": r,
             "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
-            "threads": torch.get_num_threads(), "load_after": os.getloadavg()[0],
+            "threads": torch.get_num_threads(), "overlap_phases": demo.overlap_phases(ns),
+            "load_after": os.getloadavg()[0],
             **{k: m[k] for k in keep if k in m}}
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")

@@ -31,9 +31,10 @@ HELP = "distil the shipped toy text-to-image teacher into a one-step student and
 # The demo's recipe, the one source of it (d2g toy ablate and benchmarks read it too): sized for
 # a 2-core CPU, under 5 minutes (the stage times are in the report). 10 DDIM steps per pair:
 # the toy teacher's 10-step samples are its 25-step ones to E-LatentLPIPS 0.001 (the student's
-# error is 0.11); 450 steps: issue 23, benchmarks/RESULTS.md (the seeds' spread against 560).
+# error is 0.11); 500 steps with G's and D's phases overlapped: issue 23, benchmarks/RESULTS.md
+# (the seeds' spread against 560 and 450).
 # lr is G's and D's unless lr_d is set; warm-up (GAN term off) for warmup_frac x iters steps.
-DEFAULTS = dict(pairs=2048, steps=10, guidance=4.0, iters=450, batch_size=32, lr=2e-4,
+DEFAULTS = dict(pairs=2048, steps=10, guidance=4.0, iters=500, batch_size=32, lr=2e-4,
                 lr_d=None, lambda_gan=0.05, eval_n=288, warmup_frac=0.1, ema_decay=0.99,
                 r1_gamma=0.1)
 # --quick (the test suite): every stage, minutes less.
@@ -71,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the distillation's --precision (default fp32); auto: bf16 (autocast) "
                         "where the CPU computes bf16 in hardware (AMX-BF16 or AVX-512-BF16), "
                         "else fp32")
+    p.add_argument("--sequential-phases", action="store_true",
+                   help="run G's and D's phases of each step one after the other (default: side "
+                        "by side on two threads where torch has 2+ threads, --overlap-phases)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--guidance-sweep", nargs="?", default=None, metavar="SCALES",
                    const=SWEEP_SCALES,
@@ -113,12 +117,29 @@ def training_precision(choice: str) -> str:
     return "bf16" if bf16_hardware() else "fp32"
 
 
-def stage_times_section(stage_seconds: dict, precision: str) -> str:
+def overlap_phases(args=None) -> bool:
+    """G's and D's phases side by side (TrainConfig.overlap_phases) unless --sequential-phases
+    or torch has a single thread (the demo's rule; d2g toy ablate's and the sweep's too)."""
+    import torch
+
+    return not getattr(args, "sequential_phases", False) and torch.get_num_threads() >= 2
+
+
+def training_layout(args) -> str:
+    """How the distillation ran, for the report and the console."""
+    import torch
+
+    phases = "overlapped" if overlap_phases(args) else "sequential"
+    return (f"distillation precision {training_precision(args.precision)}, "
+            f"{torch.get_num_threads()} torch threads, G's and D's phases {phases}")
+
+
+def stage_times_section(stage_seconds: dict, layout: str) -> str:
     """The report's "Time per stage" section (markdown)."""
     from d2g_fast.cpu_features import describe
 
     rows = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in stage_seconds.items())
-    return (f"\n## Time per stage\n\n{describe()}; distillation precision {precision}.\n\n"
+    return (f"\n## Time per stage\n\n{describe()}; {layout}.\n\n"
             f"| stage | seconds |\n|---|---:|\n{rows}\n")
 
 
@@ -173,6 +194,7 @@ def train_config(out: str, name: str, pairs_dir: str, settings: dict, args, lamb
         lr_d=recipe["lr_d"] or args.lr, lambda_gan=lambda_gan,
         warmup_steps=int(iters * recipe["warmup_frac"]), ema_decay=recipe["ema_decay"],
         r1_gamma=recipe["r1_gamma"], precision=training_precision(args.precision),
+        overlap_phases=overlap_phases(args),
         r1_interval=16, checkpoint_every=max(1, iters // 4), keep_checkpoints=1,
         log_every=max(1, iters // 20), sample_every=max(1, iters // 2),
         progress=not args.no_progress, seed=args.seed, device="cpu")
@@ -265,18 +287,20 @@ def run(args: argparse.Namespace) -> int:
     lap("evaluation")
     seconds = time.perf_counter() - start
     precision = training_precision(args.precision)
+    layout = training_layout(args)
     with open(os.path.join(out, "report.md"), "a", encoding="utf-8") as f:
-        f.write(stage_times_section({**stage_seconds, "total": seconds}, precision))
+        f.write(stage_times_section({**stage_seconds, "total": seconds}, layout))
     with open(os.path.join(out, "demo.json"), "w", encoding="utf-8") as f:
         json.dump({"settings": {**settings, "guidance": args.guidance,
                                 "batch_size": args.batch_size, "lr": args.lr,
                                 "lambda_gan": args.lambda_gan, "seed": args.seed,
-                                "ablation": args.ablation, "precision": precision},
+                                "ablation": args.ablation, "precision": precision,
+                                "overlap_phases": overlap_phases(args)},
                    "seconds": seconds, "stage_seconds": stage_seconds,
                    "threads": torch.get_num_threads()}, f, indent=1)
     print("\n" + summary_table(metrics))
     print("\n" + "  ".join(f"{name} {sec:.0f} s" for name, sec in stage_seconds.items())
-          + f"  (distillation precision {precision})")
+          + f"  ({layout})")
     print(f"\ndemo finished in {seconds / 60:.1f} min: report {os.path.join(out, 'report.md')}"
           f", metrics {os.path.join(out, 'metrics.json')} (the teacher is a toy)")
     return 0

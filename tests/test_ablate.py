@@ -206,7 +206,8 @@ def test_demo_and_ablation_train_the_full_method_with_one_recipe(tmp_path):
     world = tmp_path / "world"
     full = row_config(ROWS[-1], AblateSettings(), 0, world, "pairs", "out", False)
     for name in ("max_steps", "batch_size", "lr_g", "lr_d", "lambda_gan", "warmup_steps",
-                 "ema_decay", "r1_gamma", "r1_interval", "mix_fraction", "augment"):
+                 "ema_decay", "r1_gamma", "r1_interval", "mix_fraction", "augment",
+                 "overlap_phases"):
         assert getattr(demo, name) == getattr(full, name), name
     assert demo.max_steps == DEFAULTS["iters"] and demo.ema_decay == DEFAULTS["ema_decay"]
     assert demo.warmup_steps == int(DEFAULTS["iters"] * DEFAULTS["warmup_frac"])

@@ -39,10 +39,17 @@ def test_quick_demo_student_beats_the_teachers_one_step_sampling(tmp_path):
                  "grid_teacher_multistep.png"):
         assert (out / name).is_file(), name
     # the time of each stage, in the report and demo.json (issue 23)
-    stages = json.loads((out / "demo.json").read_text())["stage_seconds"]
+    record = json.loads((out / "demo.json").read_text())
+    stages = record["stage_seconds"]
     assert set(stages) == {"collection", "distillation", "evaluation"}, stages
     assert all(sec > 0 for sec in stages.values()), stages
     assert "## Time per stage" in (out / "report.md").read_text()
+    # G's and D's phases side by side wherever torch has two threads, as the trainer ran it
+    overlapped = record["threads"] >= 2
+    assert record["settings"]["overlap_phases"] == overlapped
+    assert json.loads((out / "run" / "config.json").read_text())["overlap_phases"] == overlapped
+    assert ("phases overlapped" if overlapped else "phases sequential") in \
+        (out / "report.md").read_text()
     # the stages ran through the real commands' code: a pair store, a run, an exported student
     assert (out / "pairs" / "manifest.json").is_file()
     assert (out / "run" / "metrics.csv").is_file()

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from d2g_fast.demo import DEFAULTS as DEMO_DEFAULTS
+from d2g_fast.demo import overlap_phases
 from d2g_fast.toy import data
 
 # (name, table, label, paper figure, regression settings, discriminator parts or None).
@@ -133,7 +134,8 @@ def row_config(row: tuple, s: AblateSettings, seed: int, world: Path, pairs_dir:
         lambda_gan=s.lambda_gan if gan else 0.0,
         warmup_steps=int(iters * s.warmup_frac), ema_decay=s.ema_decay, r1_interval=16,
         checkpoint_every=max(1, iters // 4), keep_checkpoints=1, log_every=max(1, iters // 20),
-        progress=progress, seed=seed, device="cpu", **switches, **regression)
+        progress=progress, seed=seed, device="cpu", overlap_phases=overlap_phases(),
+        **switches, **regression)
 
 
 def train_row(row, s: AblateSettings, seed: int, world: Path, pairs_dir: str, out: Path,
@@ -322,6 +324,7 @@ def _software() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
+            "overlap_phases": overlap_phases(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
@@ -419,7 +422,8 @@ def report_markdown(metrics: dict) -> str:
         "",
         f"Command: `{metrics.get('command') or 'd2g toy ablate'}`; {metrics['seconds'] / 60:.1f} "
         f"min on {sw['cores']} CPU core(s) ({sw['cpu']}), torch {sw['torch']}, diffusers "
-        f"{sw['diffusers']}, {sw['threads']} torch thread(s).",
+        f"{sw['diffusers']}, {sw['threads']} torch thread(s)"
+        f"{', G and D phases overlapped' if sw.get('overlap_phases') else ''}.",
         "",
         f"Every student: {s['iters']} steps, batch {s['batch_size']}, lr {s['lr']} (G), "
         f"{s.get('lr_d') or s['lr']} (D), EMA "

@@ -286,8 +286,8 @@ def report_markdown(per_scale: dict, fixed: float, scales: list[float], settings
     ]
     from d2g_fast import demo
 
-    return "\n".join(lines) + "\n" + demo.stage_times_section(
-        seconds, demo.training_precision(args.precision))
+    return "\n".join(lines) + "\n" + demo.stage_times_section(seconds,
+                                                             demo.training_layout(args))
 
 
 def write_outputs(out: str, per_scale: dict, conditioned_folder: str, scales: list[float],
@@ -309,7 +309,8 @@ def write_outputs(out: str, per_scale: dict, conditioned_folder: str, scales: li
                                 "evaluation_scales": eval_scales, "fixed_guidance": fixed,
                                 "batch_size": args.batch_size, "lr": args.lr,
                                 "lambda_gan": args.lambda_gan, "seed": args.seed,
-                                "precision": demo.training_precision(args.precision)},
+                                "precision": demo.training_precision(args.precision),
+                                "overlap_phases": demo.overlap_phases(args)},
                    "per_scale": {f"{g:g}": m for g, m in per_scale.items()},
                    "stage_seconds": seconds, "threads": torch.get_num_threads()}, f, indent=1)
     (Path(out) / "report.md").write_text(

@@ -33,6 +33,7 @@ class Run:
     d_params: list = field(default_factory=list)  # D's trainable parameters
     sharded: bool = False                # FSDP2 (config.fsdp on several processes)
     regression: torch.nn.Module = None   # G's regression loss (fake, target) -> (N,)
+    phase_pool: object = None            # --overlap-phases: D's phase's thread (a ThreadPoolExecutor)
     counters: dict = field(default_factory=lambda: {"nonfinite_in_a_row": 0,
                                                     "nonfinite_skipped": 0,
                                                     "device_seconds": 0.0})
@@ -349,6 +350,7 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
         device = config.device if config.device != "auto" else \
             ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    phase_pool = make_phase_pool(config, device)
     num_train = 0
     # New parameters (D's heads and zero-convs, a random E-LatentLPIPS) are drawn from the seed,
     # so every process and every resumed run builds the same networks.
@@ -399,7 +401,23 @@ def build_run(config: TrainConfig, *, teacher=None, dataset=None, procs: Process
                d_loss=make_d_loss(config), lpips=lpips, opt_g=opt_g, opt_d=opt_d,
                dataset=dataset, num_train=num_train, g_forward=g_forward,
                d_params=trainable_parameters(discriminator), sharded=sharded,
-               regression=regression)
+               regression=regression, phase_pool=phase_pool)
+
+
+def make_phase_pool(config: TrainConfig, device: torch.device):
+    """D's thread of --overlap-phases (d2g_fast.train.step.overlapped_micro_step), or None."""
+    if not config.overlap_phases:
+        return None
+    if device.type != "cpu":
+        raise ValueError(f"overlap_phases (--overlap-phases): a CPU setting (a GPU's stream "
+                         f"already queues both phases' kernels); this run's device is {device}")
+    if torch.get_num_threads() < 2:
+        raise ValueError("overlap_phases (--overlap-phases): needs at least 2 torch threads "
+                         "(one per phase); this process has 1 (OMP_NUM_THREADS, "
+                         "torch.set_num_threads)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2g-d-phase")
 
 
 def make_d_loss(config: TrainConfig):

@@ -116,6 +116,15 @@ class TrainConfig:
     replicating them; for models whose training state does not fit one device (SDXL)."""
     num_workers: int = 0
     """DataLoader worker processes reading the pair store."""
+    overlap_phases: bool = False
+    """CPU: after G's forward, run G's loss and backward beside D's step on a second thread,
+    each phase with half of torch's threads (R1 steps run them one after the other). Small
+    networks' kernels scale poorly over cores and the two phases are independent (the toy
+    demo's step: benchmarks/RESULTS.md). The math is the sequential order's (both phases
+    read D's weights from before the step); rounding differs, as each kernel runs on fewer
+    threads. Needs >= 2 threads; not with --fsdp, --gradient-checkpointing (its recomputation
+    resets the random state the other phase draws from) or --light-d with --lora-rank (D then
+    switches G's adapters off and on)."""
     lora_rank: int = 0
     """Train G as a LoRA student of this rank (0: train every weight of G). The teacher's
     weights stay frozen; only the adapters (and a guidance input G adds) are trained, averaged
@@ -206,6 +215,8 @@ class TrainConfig:
             raise ValueError("light_d (--light-d): with --lora-rank D shares G's frozen base, "
                              "which FSDP2 (--fsdp) shards with G's units; use --light-d "
                              "--lora-rank without --fsdp, or --light-d --fsdp without LoRA")
+        if self.overlap_phases:
+            _overlap_compatible(self)
         if self.timestep is not None and self.timestep < 0:
             raise ValueError(f"timestep (--timestep): must be >= 0, got {self.timestep}")
         for name in ("teacher", "pairs", "out"):
@@ -215,6 +226,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _overlap_compatible(cfg) -> None:
+    if cfg.device.startswith("cuda"):
+        raise ValueError(f"overlap_phases (--overlap-phases): a CPU setting, got --device "
+                         f"{cfg.device}")
+    for other in ("fsdp", "gradient_checkpointing"):
+        if getattr(cfg, other):
+            raise ValueError(f"overlap_phases (--overlap-phases): not with {other} "
+                             f"({flag(other)})")
+    if cfg.light_d and cfg.lora_rank:
+        raise ValueError("overlap_phases (--overlap-phases): not with --light-d and --lora-rank "
+                         "(D switches G's shared adapters off and on while G's phase runs)")
 
 
 def flag(name: str) -> str:

@@ -10,12 +10,17 @@ Both losses are divided by the number of micro-batches of the step; after the la
 the gradients are averaged over processes, the step is skipped everywhere if any loss was not
 finite, gradients are clipped, AdamW steps G and D, and the EMA follows G.
 
-D's phase judges G's fakes from before G's update (no second G forward). The random draws of a micro-batch (augmentation,
+D's phase judges G's fakes from before G's update (no second G forward). With
+``--overlap-phases`` (CPU), G's loss and backward and D's step of a micro-batch run side by side
+on two threads after G's forward: nothing in one reads what the other writes (G's phase takes
+D's input gradient only, D's phase D's weight gradients), so the math is the sequential order's.
+The random draws of a micro-batch (augmentation,
 mix-and-match) are seeded from (seed, step, micro-batch number), so a resumed run and a run on
 another number of processes draw the same numbers.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 
@@ -78,12 +83,24 @@ def gan_gradient(run, fake: torch.Tensor, micro: dict) -> tuple[torch.Tensor, to
     return gan.detach(), grad
 
 
-def generator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
-    """G's loss on one prepared micro-batch, backpropagated into G (times ``scale``); stores the
-    detached fake in ``micro["fake"]``. Returns {"e_latentlpips", "g_gan" (None in warm-up)}."""
-    torch.manual_seed(micro["seed"])  # the augmentation draws (host or device sampler)
+def generator_forward(run, micro: dict) -> torch.Tensor:
+    """G(z, c) of a prepared micro-batch, with its graph; stores the detached fake, which D's
+    phase judges, in ``micro["fake"]``."""
     with autocast(run):
         fake = run.g_forward(micro["noise"], micro["ehs"], micro["added"])
+    micro["fake"] = fake.detach()
+    return fake
+
+
+def generator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
+    """G's forward, loss and backward on one prepared micro-batch (see generator_loss_step)."""
+    return generator_loss_step(run, micro, generator_forward(run, micro), step, scale)
+
+
+def generator_loss_step(run, micro: dict, fake: torch.Tensor, step: int, scale: float) -> dict:
+    """G's loss on its fakes, backpropagated into G (times ``scale``).
+    Returns {"e_latentlpips", "g_gan" (None in warm-up)}."""
+    torch.manual_seed(micro["seed"])  # the augmentation draws (host or device sampler)
     # run.regression: --regression-loss (E-LatentLPIPS by default); older callers' Runs lack it.
     regression = (run.regression(fake, micro["target"]) if run.regression is not None
                   else run.lpips(fake, micro["target"])).mean()
@@ -94,7 +111,6 @@ def generator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
         # d/dG of <fake, grad> is the GAN loss's gradient through G.
         loss = loss + run.config.lambda_gan * (fake * grad).sum()
     (loss * scale).backward()
-    micro["fake"] = fake.detach()
     return {"e_latentlpips": regression.detach(), "g_gan": gan}
 
 
@@ -107,6 +123,41 @@ def discriminator_micro_step(run, micro: dict, step: int, scale: float) -> dict:
     return {"d_loss": out.loss.detach(), "d_gan": out.gan_loss.detach(),
             "r1": None if out.r1_penalty is None else out.r1_penalty.detach(),
             "d_real": out.real_score.mean(), "d_fake": out.fake_score.mean()}
+
+
+def overlaps(run, step: int) -> bool:
+    """Whether this step runs its phases side by side (--overlap-phases). Not on R1 steps: R1
+    switches attention to the math backend through a process-wide setting that G's phase, on
+    the other thread, would see for part of its step (a race on its rounding)."""
+    return (run.phase_pool is not None and run.config.lambda_gan > 0
+            and not run.d_loss.is_r1_step(step))
+
+
+def overlapped_micro_step(run, micro: dict, step: int, scale: float) -> dict:
+    """G's forward, then G's loss and backward on this thread beside D's step on the phase
+    pool's, each with half of the intra-op threads (small kernels scale poorly over cores; two
+    independent halves keep them busy). Returns both phases' logs."""
+    fake = generator_forward(run, micro)
+    total = torch.get_num_threads()
+    half = max(1, total // 2)
+    torch.set_num_threads(half)
+    try:
+        d_phase = run.phase_pool.submit(_on_threads, half, discriminator_micro_step, run, micro,
+                                        step, scale)
+        try:
+            entry = generator_loss_step(run, micro, fake, step, scale)
+        except BaseException:
+            concurrent.futures.wait([d_phase])  # D's thread finishes before the error leaves
+            raise
+        entry.update(d_phase.result())
+    finally:
+        torch.set_num_threads(total)
+    return entry
+
+
+def _on_threads(threads: int, fn, *args):
+    torch.set_num_threads(threads)  # this thread's OpenMP team (a new thread starts with all)
+    return fn(*args)
 
 
 def prepare_micro_batch(run, batch: dict, step: int, micro: int) -> dict:
@@ -211,11 +262,14 @@ def train_step(run, batches: list[dict] | dict, step: int) -> dict:
               for a, batch in enumerate(batches)]
     # FSDP averages gradients over processes itself; replicated training sums them.
     scale = 1.0 / (run.config.grad_accum if run.sharded else run.micro_batches)
-    logs = [generator_micro_step(run, m, step, scale) for m in micros]
-    # Regression only (lambda_GAN = 0): G never reads D, so D's phase would only cost time.
-    if run.config.lambda_gan > 0:
-        for m, entry in zip(micros, logs):
-            entry.update(discriminator_micro_step(run, m, step, scale))
+    if overlaps(run, step):
+        logs = [overlapped_micro_step(run, m, step, scale) for m in micros]
+    else:
+        logs = [generator_micro_step(run, m, step, scale) for m in micros]
+        # Regression only (lambda_GAN = 0): G never reads D, so D's phase would only cost time.
+        if run.config.lambda_gan > 0:
+            for m, entry in zip(micros, logs):
+                entry.update(discriminator_micro_step(run, m, step, scale))
     losses = _sum_logs(logs, run)
     update = apply_updates(run, losses)
     if run.counters["nonfinite_in_a_row"] >= run.config.max_nonfinite:
