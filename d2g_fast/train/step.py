@@ -14,9 +14,9 @@ D's phase judges G's fakes from before G's update (no second G forward). With
 ``--overlap-phases`` (CPU), G's loss and backward and D's step of a micro-batch run side by side
 on two threads after G's forward: nothing in one reads what the other writes (G's phase takes
 D's input gradient only, D's phase D's weight gradients), so the math is the sequential order's.
-The random draws of a micro-batch (augmentation,
-mix-and-match) are seeded from (seed, step, micro-batch number), so a resumed run and a run on
-another number of processes draw the same numbers.
+The random draws of a micro-batch (augmentation, mix-and-match) are seeded from (seed, step,
+micro-batch number), so a resumed run and a run on another number of processes draw the same
+numbers.
 """
 from __future__ import annotations
 
