@@ -109,15 +109,21 @@ def checkpoints_equal(a: str, b: str, atol: float = 0.0) -> bool:
 
 def assert_resume_after_sigkill_while_writing_is_exact(make_config, distill_cmd, env):
     """A run SIGKILLed while writing its step-4 checkpoint (checkpoint.FAULT_ENV) keeps only
-    step 2's checkpoint and resumes to the metrics and weights of the same run without the kill.
+    step 2's checkpoint (step 4's partial folder is left behind), and resumes to the metrics and
+    weights of the same run without the kill, clearing the partial folder.
     ``make_config(name)`` gives the TrainConfig (6 steps, a checkpoint every 2) of the run in
     folder ``name``; the killed run is started as ``distill_cmd(config)`` in the environment
     ``env(**extra)``; the unbroken run and the resume train in this process."""
+    import os
     import signal
     import subprocess
 
     from d2g_fast.train import train
     from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
+
+    def partial_folders(run_dir):
+        return [n for n in os.listdir(os.path.join(run_dir, "checkpoints"))
+                if n.startswith(".tmp-")]
 
     ref = make_config("ref")
     train(ref, log=lambda *a: None)
@@ -126,7 +132,9 @@ def assert_resume_after_sigkill_while_writing_is_exact(make_config, distill_cmd,
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [s for s, _ in list_checkpoints(killed.out)] == [2]  # step 4's is not complete
+    assert partial_folders(killed.out) == [".tmp-step-0000004"]
     train(killed, log=lambda *a: None)  # --resume auto
+    assert partial_folders(killed.out) == []
     assert without_timings(metrics_rows(killed.out)) == without_timings(metrics_rows(ref.out))
     assert checkpoints_equal(ref.out, killed.out)
 

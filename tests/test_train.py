@@ -7,12 +7,12 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from d2g_helpers import assert_resume_after_sigkill_while_writing_is_exact
 from d2g_helpers import checkpoints_equal as _state_equal
 from d2g_helpers import metrics_rows as _rows
 from d2g_helpers import one_thread, sigkill_after_checkpoint, weights_apart
@@ -126,22 +126,8 @@ def test_resume_after_sigkill_between_steps_is_exact(eps_world, tmp_path):
 
 
 def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(eps_world, tmp_path):
-    ref = _config(eps_world, tmp_path / "ref", max_steps=6)
-    train(ref, log=lambda *a: None)
-    killed = _config(eps_world, tmp_path / "killed", max_steps=6)
-    from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
-
-    proc = subprocess.run(_distill_cmd(killed), env=_env(**{FAULT_ENV: "4"}),
-                          capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [s for s, _ in list_checkpoints(killed.out)] == [2]  # step 4's folder is not complete
-    assert any(n.startswith(".tmp-step-") for n in os.listdir(
-        os.path.join(killed.out, "checkpoints")))
-    train(killed, log=lambda *a: None)
-    assert not any(n.startswith(".tmp-") for n in os.listdir(
-        os.path.join(killed.out, "checkpoints")))
-    assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
-    assert _state_equal(ref.out, killed.out)
+    assert_resume_after_sigkill_while_writing_is_exact(
+        lambda name: _config(eps_world, tmp_path / name, max_steps=6), _distill_cmd, _env)
 
 
 def test_resume_refuses_a_changed_recipe(eps_world, tmp_path):

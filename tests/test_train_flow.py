@@ -6,18 +6,18 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
-from d2g_helpers import one_thread, weights_apart
+from d2g_helpers import assert_resume_after_sigkill_while_writing_is_exact, one_thread
+from d2g_helpers import weights_apart
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from test_train import (_assert_same_metrics, _cli_args, _distill, _distill_cmd, _env,  # noqa: E402
-                        _rows, _state_equal, _torchrun, _without_timings)
+                        _rows, _torchrun, _without_timings)
 
 from d2g_fast.cli import main as d2g_main  # noqa: E402
 from d2g_fast.testing.tiny import save_tiny_flux_pipeline, save_tiny_sd3_pipeline  # noqa: E402
@@ -178,18 +178,8 @@ def test_lpips_encoder_follows_the_teachers_vae(sd3_world, flux_world, tmp_path)
 
 # ------------------------------------------------------------------------------ resume
 def test_resume_after_sigkill_while_writing_a_checkpoint_is_exact(flux_world, tmp_path):
-    ref = _config(flux_world, tmp_path / "ref", max_steps=6)
-    train(ref, log=lambda *a: None)
-    killed = _config(flux_world, tmp_path / "killed", max_steps=6)
-    from d2g_fast.train.checkpoint import FAULT_ENV, list_checkpoints
-
-    proc = subprocess.run(_distill_cmd(killed), env=_env(**{FAULT_ENV: "4"}),
-                          capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [s for s, _ in list_checkpoints(killed.out)] == [2]
-    train(killed, log=lambda *a: None)   # --resume auto
-    assert _without_timings(_rows(killed.out)) == _without_timings(_rows(ref.out))
-    assert _state_equal(ref.out, killed.out)
+    assert_resume_after_sigkill_while_writing_is_exact(
+        lambda name: _config(flux_world, tmp_path / name, max_steps=6), _distill_cmd, _env)
 
 
 # ------------------------------------------------------------------------------ processes
