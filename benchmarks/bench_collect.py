@@ -72,8 +72,29 @@ def cases(device: str, quick: bool) -> list[Case]:
             for p in ("ref", "ours", "ours-graphs", "ours-compiled")]
 
 
-def main(argv=None) -> int:
+def _rows(device: str, quick: bool, batches: list[int], steps: int, dtype):
+    """One table row per batch size and available provider, yielded as soon as it is timed."""
     from benchmarks.harness import time_callable
+
+    for batch in batches:
+        base = None
+        for provider in ("ref", "ours", "ours-graphs", "ours-compiled"):
+            try:
+                fn = _make(provider, device, quick, batch, steps, dtype)()["fwd"]
+            except SkipCase:
+                continue
+            ms = time_callable(fn, device, min_time_s=1.0, min_reps=3, warmup=1)["median_ms"]
+            rate = batch / (ms * 1e-3)
+            base = base or rate
+            yield [provider, str(batch), f"{ms / 1e3:.3f}", f"{rate:.3g}",
+                   f"{1e6 / rate / 86400:.3g}", f"{rate / base:.2f}x"]
+            del fn
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    from benchmarks.harness import markdown_table_lines
 
     p = argparse.ArgumentParser(description="pairs/s and device-days per million pairs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,23 +111,11 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if gpu else "cpu"
     print(f"# {name} | torch {torch.__version__} | {'tiny-SD' if quick else 'SD1.5 UNet'} "
           f"{str(dtype).replace('torch.', '')} | {args.steps} steps, guidance {GUIDANCE:g}")
-    print("| provider | batch | s/batch | pairs/s | device-days / 1M pairs | vs diffusers |")
-    print("|---|---|---|---|---|---|")
-    for batch in args.batch:
-        base = None
-        for provider in ("ref", "ours", "ours-graphs", "ours-compiled"):
-            try:
-                fn = _make(provider, args.device, quick, batch, args.steps, dtype)()["fwd"]
-            except SkipCase:
-                continue
-            ms = time_callable(fn, args.device, min_time_s=1.0, min_reps=3, warmup=1)["median_ms"]
-            rate = batch / (ms * 1e-3)
-            base = base or rate
-            print(f"| {provider} | {batch} | {ms / 1e3:.3f} | {rate:.3g} | "
-                  f"{1e6 / rate / 86400:.3g} | {rate / base:.2f}x |", flush=True)
-            del fn
-            if gpu:
-                torch.cuda.empty_cache()
+    header = ["provider", "batch", "s/batch", "pairs/s", "device-days / 1M pairs",
+              "vs diffusers"]
+    for line in markdown_table_lines(
+            header, _rows(args.device, quick, args.batch, args.steps, dtype), align="lrrrrr"):
+        print(line, flush=True)
     return 0
 
 

@@ -139,6 +139,7 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def main(argv=None) -> int:
+    from benchmarks.harness import markdown_table_lines
     from d2g_fast.bench.train_speed import largest_batch
 
     p = argparse.ArgumentParser(description="largest per-GPU batch of the full training step")
@@ -158,12 +159,17 @@ def main(argv=None) -> int:
     print(f"# {torch.cuda.get_device_name()} ({total:.0f} GiB, capped to "
           f"{args.memory_gb or total:.0f}) | torch {torch.__version__} | {args.arch} "
           f"{args.precision}")
-    print("| gradient checkpointing | largest micro-batch (R1 step included) |")
-    print("|---|---|")
-    for checkpointing in (False, True):
-        b = largest_batch(args.arch, device="cuda", precision=args.precision,
-                          gradient_checkpointing=checkpointing)
-        print(f"| {'on' if checkpointing else 'off'} | {b} |", flush=True)
+
+    def rows():   # each row is printed as soon as its search ends
+        for checkpointing in (False, True):
+            b = largest_batch(args.arch, device="cuda", precision=args.precision,
+                              gradient_checkpointing=checkpointing)
+            yield ["on" if checkpointing else "off", str(b)]
+
+    for line in markdown_table_lines(
+            ["gradient checkpointing", "largest micro-batch (R1 step included)"], rows(),
+            align="lr"):
+        print(line, flush=True)
     return 0
 
 

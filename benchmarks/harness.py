@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -153,10 +153,20 @@ def machine_tags(device: str) -> dict:
 def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     """The lines of a markdown table of ``rows`` (cells already formatted) under ``header``;
     ``align`` has one letter per column: "l" left, "r" right (numbers)."""
+    return list(markdown_table_lines(header, rows, align))
+
+
+def markdown_table_lines(header: list[str], rows: Iterable[list[str]],
+                         align: str) -> Iterator[str]:
+    """markdown_table's lines one at a time, each row's as soon as ``rows`` yields it: a
+    benchmark that measures its rows one by one prints each when it is measured. ``align`` is
+    checked before the first row is asked for."""
     if len(align) != len(header) or set(align) - {"l", "r"}:
         raise ValueError(f"align {align!r}: one of l/r per column of {header}")
-    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-    return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(r) + " |" for r in rows]
+    yield "| " + " | ".join(header) + " |"
+    yield "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    for row in rows:
+        yield "| " + " | ".join(row) + " |"
 
 
 def time_callable(fn: Callable[[], object], device: str, *, min_time_s: float = 0.3,

@@ -75,6 +75,25 @@ def test_markdown_table_aligns_numbers_right_and_refuses_a_bad_align():
         markdown_table(["lever", "ms"], [], align="l")
 
 
+def test_markdown_table_lines_give_each_row_as_it_is_measured():
+    from benchmarks.harness import markdown_table_lines
+    measured = []
+
+    def rows():
+        for name in ("ref", "ours"):
+            measured.append(name)
+            yield [name, str(len(measured))]
+
+    lines = markdown_table_lines(["provider", "n"], rows(), align="lr")
+    assert [next(lines), next(lines)] == ["| provider | n |", "|---|---:|"] and measured == []
+    assert next(lines) == "| ref | 1 |" and measured == ["ref"]
+    assert list(lines) == ["| ours | 2 |"]
+    bad = markdown_table_lines(["provider", "n"], rows(), align="lx")
+    with pytest.raises(ValueError, match="align"):   # before any row is measured
+        next(bad)
+    assert measured == ["ref", "ours"]
+
+
 def test_cpu_flags_name_the_bf16_hardware_and_torch_capability():
     from benchmarks.harness import CPU_FLAGS, cpu_flags
     from d2g_fast.cpu_features import bf16_hardware
