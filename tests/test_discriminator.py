@@ -216,6 +216,37 @@ def test_new_branches_follow_the_backbone_device():
     assert all(p.device.type == "meta" for p in D.parameters())
 
 
+def test_build_from_run_options():
+    """``build`` (what the trainer and the memory bench call): the run's options become the
+    config; the same weights as ``from_unet`` for the same seed; a guidance-conditioned D gets
+    G's zero-initialised guidance input (the light D its own ``guidance_proj``); the light D's
+    backbone is frozen."""
+    from d2g_fast.models import DiscriminatorOptions
+
+    unet = tiny_unet()
+    options = DiscriminatorOptions(taps=[9], mixed_precision="no", multiscale_input=False,
+                                   multiscale_output=False, guidance=5.0)
+    torch.manual_seed(3)
+    d = DiffusionDiscriminator.build(unet, options)
+    torch.manual_seed(3)
+    ref = DiffusionDiscriminator.from_unet(unet, mixed_precision="no", multiscale_input=False,
+                                           multiscale_output=False)
+    assert d.config == ref.config and d.input_convs is None and len(d.head_names) == 1
+    for (k, a), (k2, b) in zip(d.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert DiffusionDiscriminator.build(unet).config == DiscriminatorConfig()
+    conditioned = DiffusionDiscriminator.build(unet, DiscriminatorOptions(guidance_conditioned=True))
+    proj = conditioned.unet.time_embedding.cond_proj
+    assert proj.weight.requires_grad and not proj.weight.any()
+    assert conditioned.unet.config.time_cond_proj_dim == proj.in_features
+    assert getattr(unet.time_embedding, "cond_proj", None) is None  # the teacher untouched
+    light = DiffusionDiscriminator.build(unet, DiscriminatorOptions(light=True,
+                                                                    guidance_conditioned=True))
+    assert not any(p.requires_grad for p in light.unet.parameters())
+    assert getattr(light.unet.time_embedding, "cond_proj", None) is None
+    assert light.guidance_proj.weight.requires_grad and not light.guidance_proj.weight.any()
+
+
 @pytest.mark.cuda
 def test_discriminator_step_on_gpu_bf16_with_r1():
     from d2g_fast.losses import DiscriminatorLoss

@@ -1,6 +1,8 @@
 """The discriminator built from SD3 / FLUX transformers (tiny random models, no downloads)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -9,8 +11,11 @@ pytest.importorskip("diffusers")
 
 from d2g_fast.losses import DiscriminatorLoss, generator_loss  # noqa: E402
 from d2g_fast.losses.gan import r1_penalty  # noqa: E402
+from d2g_fast.models.discriminator import DiscriminatorOptions  # noqa: E402
 from d2g_fast.models.transformer_discriminator import (  # noqa: E402
-    FluxDiscriminator, SD3Discriminator, TransformerDiscriminator, default_taps)
+    FluxDiscriminator, SD3Discriminator, TransformerDiscriminator, TransformerDiscriminatorConfig,
+    default_taps)
+from d2g_fast.teacher.families import FAMILIES  # noqa: E402
 
 TEXT_DIM, POOLED_DIM, TEXT_LEN = 32, 24, 7
 
@@ -78,6 +83,8 @@ def stock_block_outputs(transformer, latent, ehs, added, sigma=0.0, guidance=3.5
 
 
 BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux}
+# The D class each family names (the only rule that picks a transformer D's subclass).
+DISCRIMINATORS = {name: FAMILIES[name].discriminator_class() for name in BUILDERS}
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -86,7 +93,7 @@ def test_features_at_init_are_the_teachers(family):
     outputs for the same input, whatever the noise (so z has no effect at init)."""
     teacher = BUILDERS[family]()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    d = TransformerDiscriminator.from_transformer(teacher, taps=[0, 1, 2])
+    d = DISCRIMINATORS[family].from_transformer(teacher, taps=[0, 1, 2])
     assert type(d) is {"sd3": SD3Discriminator, "flux": FluxDiscriminator}[family]
     latent, noise, ehs, added = inputs()
     stock = stock_block_outputs(teacher, latent, ehs, added)
@@ -104,7 +111,7 @@ def test_features_at_init_are_the_teachers(family):
 @pytest.mark.parametrize("family,h,w", [("sd3", 8, 8), ("sd3", 12, 8), ("flux", 8, 8),
                                         ("flux", 8, 12)])
 def test_shapes(family, h, w):
-    d = TransformerDiscriminator.from_transformer(BUILDERS[family]())
+    d = DISCRIMINATORS[family].from_transformer(BUILDERS[family]())
     n_blocks = len(d.blocks())
     assert d.taps == default_taps(n_blocks)
     assert len(d.head_names) == len(d.taps) * 3
@@ -131,7 +138,7 @@ def test_default_taps_documented_values():
 
 
 def test_blocks_after_last_tap_do_not_run():
-    d = TransformerDiscriminator.from_transformer(tiny_sd3(), taps=[0])
+    d = SD3Discriminator.from_transformer(tiny_sd3(), taps=[0])
     ran = []
     for i, b in enumerate(d.blocks()):
         b.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
@@ -145,7 +152,7 @@ def test_blocks_after_last_tap_do_not_run():
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_gradients_reach_heads_noise_branch_and_backbone(family):
-    d = TransformerDiscriminator.from_transformer(BUILDERS[family]())
+    d = DISCRIMINATORS[family].from_transformer(BUILDERS[family]())
     latent, noise, ehs, added = inputs()
     out = DiscriminatorLoss(r1_gamma=0.0, mix_fraction=0.5)(d, latent, latent + 0.3, noise, ehs,
                                                             added)
@@ -159,7 +166,7 @@ def test_gradients_reach_heads_noise_branch_and_backbone(family):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_generator_gradient_flows_into_fakes(family):
-    d = TransformerDiscriminator.from_transformer(BUILDERS[family]())
+    d = DISCRIMINATORS[family].from_transformer(BUILDERS[family]())
     latent, noise, ehs, added = inputs()
     fake = latent.clone().requires_grad_(True)
     generator_loss(d, fake, noise, ehs, added).backward()
@@ -170,8 +177,8 @@ def test_generator_gradient_flows_into_fakes(family):
 def test_r1_double_backward_float64(family):
     """R1's second derivative through the transformer and the heads: gradgradcheck of the
     score in float64 (heads on the reference math), and the penalty's gradient reaches D."""
-    d = TransformerDiscriminator.from_transformer(BUILDERS[family](), taps=[1],
-                                                  heads_impl="ref").double()
+    d = DISCRIMINATORS[family].from_transformer(BUILDERS[family](), taps=[1],
+                                                heads_impl="ref").double()
     latent, noise, ehs, added = inputs(n=1, h=2, w=4, dtype=torch.float64)
 
     def score(x):
@@ -189,7 +196,7 @@ def test_r1_double_backward_float64(family):
 
 
 def test_r1_step_in_discriminator_loss_with_checkpointing():
-    d = TransformerDiscriminator.from_transformer(tiny_flux(), gradient_checkpointing=True)
+    d = FluxDiscriminator.from_transformer(tiny_flux(), gradient_checkpointing=True)
     latent, noise, ehs, added = inputs()
     added["guidance"] = torch.full((2,), 4.0)
     out = DiscriminatorLoss(r1_gamma=1.0, r1_interval=4)(d, latent, latent * 0.5, noise, ehs,
@@ -203,7 +210,7 @@ def test_gradient_checkpointing_same_gradients():
     latent, noise, ehs, added = inputs()
     grads = []
     for ckpt in (False, True):
-        d = TransformerDiscriminator.from_transformer(tiny_sd3(), gradient_checkpointing=ckpt)
+        d = SD3Discriminator.from_transformer(tiny_sd3(), gradient_checkpointing=ckpt)
         d(latent, noise, ehs, added).loss.backward()
         grads.append(d.blocks()[0].attn.to_q.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
@@ -211,17 +218,17 @@ def test_gradient_checkpointing_same_gradients():
 
 def test_flux_guidance_changes_features_only_for_guidance_embedded():
     latent, noise, ehs, added = inputs()
-    d = TransformerDiscriminator.from_transformer(tiny_flux(guidance_embeds=True))
+    d = FluxDiscriminator.from_transformer(tiny_flux(guidance_embeds=True))
     a = d.score(latent, noise, ehs, {**added, "guidance": torch.full((2,), 1.0)})
     b = d.score(latent, noise, ehs, {**added, "guidance": torch.full((2,), 7.0)})
     assert not torch.allclose(a, b)
-    d2 = TransformerDiscriminator.from_transformer(tiny_flux(guidance_embeds=False))
+    d2 = FluxDiscriminator.from_transformer(tiny_flux(guidance_embeds=False))
     torch.testing.assert_close(d2.score(latent, noise, ehs, added),
                                d2.score(latent, noise, ehs, {**added, "guidance": torch.ones(2)}))
 
 
 def test_bad_input_named():
-    d = TransformerDiscriminator.from_transformer(tiny_sd3())
+    d = SD3Discriminator.from_transformer(tiny_sd3())
     latent, noise, ehs, added = inputs()
     with pytest.raises(ValueError, match="'latent'"):
         d(latent[:, :4], noise[:, :4], ehs, added)
@@ -234,10 +241,37 @@ def test_bad_input_named():
     with pytest.raises(ValueError, match="pooled_projections"):
         d(latent, noise, ehs, None)
     with pytest.raises(ValueError, match="taps"):
-        TransformerDiscriminator.from_transformer(tiny_sd3(), taps=[0, 3])
+        SD3Discriminator.from_transformer(tiny_sd3(), taps=[0, 3])
     with pytest.raises(ValueError, match="taps"):
-        TransformerDiscriminator.from_transformer(tiny_sd3(), taps=[2, 1])
+        SD3Discriminator.from_transformer(tiny_sd3(), taps=[2, 1])
     with pytest.raises(ValueError, match="scales"):
-        TransformerDiscriminator.from_transformer(tiny_sd3(), scales=[0])
-    with pytest.raises(NotImplementedError, match="not supported"):
-        TransformerDiscriminator.from_transformer(torch.nn.Linear(2, 2))
+        SD3Discriminator.from_transformer(tiny_sd3(), scales=[0])
+    with pytest.raises(TypeError, match="base class: build the teacher family's subclass"):
+        TransformerDiscriminator.from_transformer(tiny_sd3())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_build_from_run_options(family):
+    """``build`` (what the trainer and the memory bench call): the run's options become the
+    config; the same weights as ``from_transformer`` for the same seed; the light D's backbone
+    is frozen and holds the same weights."""
+    net = BUILDERS[family]()
+    options = DiscriminatorOptions(taps=[1], gradient_checkpointing=True, mixed_precision="no",
+                                   noise_conditioning=False, guidance=5.0)
+    torch.manual_seed(3)
+    d = DISCRIMINATORS[family].build(net, options)
+    torch.manual_seed(3)
+    ref = DISCRIMINATORS[family].from_transformer(net, taps=[1], gradient_checkpointing=True,
+                                                  mixed_precision="no", noise_conditioning=False,
+                                                  guidance=5.0)
+    assert type(d) is type(ref) and d.config == ref.config and d.taps == [1]
+    assert d.noise_embed is None
+    for (k, a), (k2, b) in zip(d.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert DISCRIMINATORS[family].build(net).config == TransformerDiscriminatorConfig()
+    torch.manual_seed(3)
+    light = DISCRIMINATORS[family].build(net, dataclasses.replace(options, light=True))
+    assert not any(p.requires_grad for p in light.transformer.parameters())
+    assert light.config == ref.config
+    for (k, a), (k2, b) in zip(light.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)

@@ -2,9 +2,10 @@
 
 The networks are built on the meta device from the architecture's published configs
 (:func:`d2g_fast.bench.archs.meta_networks`: shapes only, no weights, no device memory), and G
-and D exactly as the trainer builds them (D: ``make_discriminator``'s class, so frozen parts such
-as a transformer's unused output layers are counted as frozen). Bytes per parameter of what the
-trainer holds on every device (``d2g distill``: fp32 weights, bf16 only inside autocast):
+and D exactly as the trainer builds them (D: the family's ``discriminator_class().build``, as
+``make_discriminator`` builds it, so frozen parts such as a transformer's unused output layers
+are counted as frozen). Bytes per parameter of what the trainer holds on every device
+(``d2g distill``: fp32 weights, bf16 only inside autocast):
 
     G (trainable)   fp32 weights 4 + fp32 gradients 4 + AdamW exp_avg and exp_avg_sq 8 + EMA 4 = 20
     D (trainable)   4 + 4 + 8 = 16;  D (frozen) 4
@@ -28,17 +29,12 @@ FSDP_WORLDS = (8, 64)        # the processes of the FSDP rows (64: the paper's A
 def parameter_counts(arch: str) -> dict[str, int]:
     """Parameters of G, D (trainable / frozen), the teacher's network and text encoders."""
     from d2g_fast.bench import archs
-    from d2g_fast.models import TransformerDiscriminator
     from d2g_fast.teacher.families import family_for_pipeline_class
 
     nets = archs.meta_networks(arch)
     net = nets["denoiser"]
     family = family_for_pipeline_class(archs.pipeline_class(arch).__name__)
-    disc_cls = family.discriminator_class()
-    if issubclass(disc_cls, TransformerDiscriminator):
-        d = disc_cls.from_transformer(net)
-    else:
-        d = disc_cls.from_unet(net)
+    d = family.discriminator_class().build(net)  # the trainer's builder, default D options
 
     def count(module, trainable=None):
         return sum(p.numel() for p in module.parameters()

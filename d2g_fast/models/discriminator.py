@@ -60,6 +60,25 @@ class DiscriminatorConfig:
 
 
 @dataclass
+class DiscriminatorOptions:
+    """What a run chooses for D whatever the teacher family (``d2g distill``'s D flags), the
+    input of every discriminator class's ``build``; each class reads the options it has."""
+    # The blocks a transformer D taps (None: its default; the UNet D reads every up block).
+    taps: Sequence[int] | None = None
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"      # see DiscriminatorConfig
+    noise_conditioning: bool = True
+    multiscale_input: bool = True      # the UNet D's multi-scale input convs
+    multiscale_output: bool = True     # the UNet D's heads on every up block (else one head)
+    light: bool = False                # the light D: its backbone frozen (light_discriminator)
+    # The guidance a guidance-embedded transformer D embeds when a batch has none (the
+    # family's guidance_for_generator of the collection guidance, as G; None: the D's default).
+    guidance: float | None = None
+    # Pairs collected over several guidance scales: a UNet D gets its own guidance input.
+    guidance_conditioned: bool = False
+
+
+@dataclass
 class DiscriminatorOutput:
     loss: torch.Tensor      # scalar non-saturating loss for the given targets
     scores: torch.Tensor    # (K, N) spatial-mean logit per head and sample
@@ -157,6 +176,36 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
         backbone.requires_grad_(True)
         backbone.train()
         return cls(backbone, config)
+
+    @classmethod
+    def build(cls, unet: nn.Module, options: DiscriminatorOptions | None = None,
+              shared_net: nn.Module | None = None) -> "DiffusionDiscriminator":
+        """D on a UNet teacher's network as a run sets it up (every discriminator class has
+        this builder; the trainer and the memory bench call it on the teacher family's
+        ``discriminator_class()``): a trainable copy of ``unet`` (``from_unet``), or with
+        ``options.light`` the light D, its backbone frozen (``shared_net``: a LoRA G's network,
+        run instead of a copy). A guidance-conditioned D gets a zero-initialised guidance
+        input: G's (diffusers' ``cond_proj``), or for the light D its own ``guidance_proj``
+        (the frozen backbone stays the teacher's)."""
+        from d2g_fast.models.light_discriminator import add_guidance_proj, light_discriminator
+        from d2g_fast.teacher.families.sd import GUIDANCE_EMBED_DIM, add_cond_proj
+
+        options = options or DiscriminatorOptions()
+        config = DiscriminatorConfig(
+            gradient_checkpointing=options.gradient_checkpointing,
+            mixed_precision=options.mixed_precision,
+            noise_conditioning=options.noise_conditioning,
+            multiscale_input=options.multiscale_input,
+            multiscale_output=options.multiscale_output)
+        if options.light:
+            disc = light_discriminator(cls, config, unet, shared_net)
+            if options.guidance_conditioned:
+                add_guidance_proj(disc, GUIDANCE_EMBED_DIM)
+            return disc
+        disc = cls.from_unet(unet, config)
+        if options.guidance_conditioned:
+            add_cond_proj(disc.unet)
+        return disc
 
     # ------------------------------------------------------------------ layout
     def _tap_layout(self) -> tuple[list[str], list[int]]:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from d2g_fast.models.discriminator import HeadReadout, _in_context
+from d2g_fast.models.discriminator import DiscriminatorOptions, HeadReadout, _in_context
 from d2g_fast.models.heads import MultiScaleHeads
 
 DEFAULT_TAP_COUNT = 4
@@ -81,7 +81,9 @@ def _zero(module: nn.Module) -> nn.Module:
 
 class TransformerDiscriminator(HeadReadout, nn.Module):
     """Base class: the taps, heads, checks and the forward; subclasses say how one transformer
-    family turns latents into tokens and calls its blocks. Build with :meth:`from_transformer`."""
+    family turns latents into tokens and calls its blocks (the teacher family's
+    ``discriminator_class()`` names its subclass). Build with :meth:`build` or
+    :meth:`from_transformer` on a subclass."""
 
     # The context D's backbone runs in (a light D on a LoRA G's network: adapters off).
     backbone_context = staticmethod(contextlib.nullcontext)
@@ -89,6 +91,10 @@ class TransformerDiscriminator(HeadReadout, nn.Module):
     def __init__(self, transformer: nn.Module,
                  config: TransformerDiscriminatorConfig | None = None):
         """Takes ``transformer`` as its own backbone (no copy); ``from_transformer`` copies."""
+        if type(self) is TransformerDiscriminator:
+            raise TypeError("TransformerDiscriminator is the base class: build the teacher "
+                            "family's subclass (its discriminator_class(): SD3Discriminator "
+                            "for SD3 transformers, FluxDiscriminator for FLUX ones)")
         super().__init__()
         self.config = config or TransformerDiscriminatorConfig()
         if self.config.mixed_precision not in ("auto", "bf16", "no"):
@@ -122,20 +128,37 @@ class TransformerDiscriminator(HeadReadout, nn.Module):
                 module.to(device)
 
     @classmethod
+    def build(cls, transformer: nn.Module, options: DiscriminatorOptions | None = None,
+              shared_net: nn.Module | None = None) -> "TransformerDiscriminator":
+        """D on a transformer teacher's network as a run sets it up (every discriminator class
+        has this builder; the trainer and the memory bench call it on the teacher family's
+        ``discriminator_class()``): a trainable copy of ``transformer``
+        (``from_transformer``), or with ``options.light`` the light D, its backbone frozen
+        (``shared_net``: a LoRA G's network, run instead of a copy). The multi-scale input
+        switches are the UNet D's; a guidance-conditioned run needs nothing added: FLUX-dev's
+        D takes each row's guidance through its own guidance embedding (the other transformer
+        families have no guidance input for G, which refuses such pairs first)."""
+        from d2g_fast.models.light_discriminator import light_discriminator
+
+        options = options or DiscriminatorOptions()
+        embedded = {} if options.guidance is None else {"guidance": options.guidance}
+        config = TransformerDiscriminatorConfig(
+            taps=None if options.taps is None else list(options.taps),
+            gradient_checkpointing=options.gradient_checkpointing,
+            mixed_precision=options.mixed_precision,
+            noise_conditioning=options.noise_conditioning, **embedded)
+        if options.light:
+            return light_discriminator(cls, config, transformer, shared_net)
+        return cls.from_transformer(transformer, config)
+
+    @classmethod
     def from_transformer(cls, transformer: nn.Module,
                          config: TransformerDiscriminatorConfig | None = None,
                          **overrides: Any) -> "TransformerDiscriminator":
-        """A discriminator whose backbone is a deep, trainable copy of ``transformer`` (an
-        ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``). On a subclass (a teacher
-        family's ``discriminator_class()``) it builds that subclass; on this base class, the
-        subclass of the transformer's class (``BACKBONES``; a bare network has no family to
-        ask). Keyword overrides update ``config``."""
-        if cls is TransformerDiscriminator:
-            name = type(transformer).__name__
-            if name not in BACKBONES:
-                raise NotImplementedError(f"TransformerDiscriminator: transformer class {name} "
-                                          f"is not supported (supported: {', '.join(BACKBONES)})")
-            cls = BACKBONES[name]
+        """A discriminator of this subclass (``SD3Discriminator`` on an
+        ``SD3Transformer2DModel``, ``FluxDiscriminator`` on a ``FluxTransformer2DModel``) whose
+        backbone is a deep, trainable copy of ``transformer``. Keyword overrides update
+        ``config``."""
         config = dataclasses.replace(config or TransformerDiscriminatorConfig(), **overrides)
         backbone = copy.deepcopy(transformer).requires_grad_(True).train()
         backbone.gradient_checkpointing = False  # D checkpoints its own block calls
@@ -325,7 +348,3 @@ class FluxDiscriminator(TransformerDiscriminator):
 
 def _dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-BACKBONES = {"SD3Transformer2DModel": SD3Discriminator,
-             "FluxTransformer2DModel": FluxDiscriminator}

@@ -154,59 +154,34 @@ def collection_guidance_set(dataset) -> dict | None:
 
 def make_discriminator(teacher, config: TrainConfig, guidance: float | None = None,
                        guidance_set: dict | None = None, shared_net=None):
-    """D from a copy of the teacher's network: the transformer discriminator for SD3/FLUX
-    transformers (taps from the family, --d-taps overrides; ``guidance``: the collection
-    guidance, which a guidance-embedded FLUX D embeds as G does), the UNet discriminator for
-    UNets. With ``guidance_set`` the UNet D gets its own zero-initialised guidance input (the
-    family's, as G's) and judges each pair for its guidance; FLUX-dev's D embeds each row's
-    guidance already. ``config.light_d``: the light D (d2g_fast.models.light_discriminator),
-    its backbone frozen; on ``shared_net`` (a LoRA G's network) when given. The teacher's
-    family says which discriminator class its network takes (``discriminator_class()``)."""
-    from d2g_fast.models import TransformerDiscriminator
-    from d2g_fast.models.discriminator import DiscriminatorConfig
-
+    """D on the teacher's network: the teacher family's ``discriminator_class()`` (the UNet D,
+    or the SD3 / FLUX transformer D) built by that class's ``build`` from the run's options
+    (``discriminator_options``). ``guidance``: the collection guidance, which a guidance-embedded
+    FLUX D embeds as G does; with ``guidance_set`` the UNet D gets its own zero-initialised
+    guidance input and judges each pair for its guidance (FLUX-dev's D embeds each row's
+    guidance already). ``config.light_d``: the light D (d2g_fast.models.light_discriminator),
+    its backbone frozen; on ``shared_net`` (a LoRA G's network) when given."""
     disc_cls = teacher.discriminator_class()
-    if issubclass(disc_cls, TransformerDiscriminator):
-        return make_transformer_discriminator(teacher, config, guidance, shared_net)
+    net = teacher.denoiser.float()
+    return disc_cls.build(net, discriminator_options(teacher, net, config, guidance, guidance_set),
+                          shared_net)
 
-    settings = DiscriminatorConfig(
+
+def discriminator_options(teacher, net, config: TrainConfig, guidance: float | None = None,
+                          guidance_set: dict | None = None):
+    """The run's D options: the D flags, the taps (--d-taps, else the family's
+    ``default_taps``), the guidance D embeds (the family's ``guidance_for_generator``, as G)."""
+    from d2g_fast.models.discriminator import DiscriminatorOptions
+
+    return DiscriminatorOptions(
+        taps=list(config.d_taps) or teacher.default_taps(net),
         gradient_checkpointing=config.gradient_checkpointing,
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         noise_conditioning=not config.d_noise_off,
         multiscale_input=not config.d_multiscale_input_off,
-        multiscale_output=not config.d_multiscale_output_off)
-    if config.light_d:
-        from d2g_fast.models.light_discriminator import add_guidance_proj, light_discriminator
-        from d2g_fast.teacher.families.sd import GUIDANCE_EMBED_DIM
-
-        disc = light_discriminator(disc_cls, settings, teacher.unet.float(), shared_net)
-        if guidance_set:
-            add_guidance_proj(disc, GUIDANCE_EMBED_DIM)
-        return disc
-    disc = disc_cls.from_unet(teacher.unet.float(), settings)
-    if guidance_set:
-        teacher.add_guidance_input(disc.unet)
-    return disc
-
-
-def make_transformer_discriminator(teacher, config: TrainConfig, guidance: float | None = None,
-                                   shared_net=None):
-    from d2g_fast.models.transformer_discriminator import TransformerDiscriminatorConfig
-
-    disc_cls = teacher.discriminator_class()
-    net = teacher.denoiser.float()
-    taps = list(config.d_taps) or teacher.default_taps(net)
-    embedded = teacher.guidance_for_generator(guidance)
-    extra = {} if embedded is None else {"guidance": embedded}
-    settings = dict(taps=taps, gradient_checkpointing=config.gradient_checkpointing, **extra,
-                    mixed_precision="bf16" if config.precision == "bf16" else "no",
-                    noise_conditioning=not config.d_noise_off)
-    if config.light_d:
-        from d2g_fast.models.light_discriminator import light_discriminator
-
-        return light_discriminator(disc_cls, TransformerDiscriminatorConfig(**settings), net,
-                                   shared_net)
-    return disc_cls.from_transformer(net, **settings)
+        multiscale_output=not config.d_multiscale_output_off,
+        light=config.light_d, guidance=teacher.guidance_for_generator(guidance),
+        guidance_conditioned=bool(guidance_set))
 
 
 # A VAE's (shift_factor, scaling_factor) is taken to be an encoder's when both agree to this.

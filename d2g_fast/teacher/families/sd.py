@@ -36,6 +36,25 @@ def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
     return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
 
 
+def add_cond_proj(unet) -> None:
+    """A UNet's guidance input (G's, and the UNet D's): diffusers' own (LCM's)
+    ``time_embedding.cond_proj``, a bias-free linear map of the guidance embedding added to the
+    timestep embedding, zero-initialised, and ``time_cond_proj_dim`` in the config (so the stock
+    pipeline feeds ``timestep_cond`` from its ``guidance_scale`` and does not double the
+    batch)."""
+    from torch import nn
+
+    emb = unet.time_embedding
+    if getattr(emb, "cond_proj", None) is not None:
+        return
+    ref = emb.linear_1.weight
+    emb.cond_proj = nn.Linear(GUIDANCE_EMBED_DIM, emb.linear_1.in_features, bias=False,
+                              device=ref.device, dtype=ref.dtype)
+    nn.init.zeros_(emb.cond_proj.weight)
+    emb.cond_proj.weight.requires_grad_(ref.requires_grad)
+    unet.register_to_config(time_cond_proj_dim=GUIDANCE_EMBED_DIM)
+
+
 def unet_to_x0(output, noise, alpha_bar, prediction_type: str):
     """The clean latent implied by a UNet ``output`` on input ``noise`` at a timestep whose
     cumulative alpha is ``alpha_bar`` (a 0-d tensor): DDIM's ``pred_original_sample``."""
@@ -100,21 +119,8 @@ class UNetFamily(TeacherFamily):
                    added_cond_kwargs=added_cond_kwargs, return_dict=False, **extra)[0]
 
     def add_guidance_input(self, net) -> None:
-        """diffusers' own guidance input (LCM's): ``time_embedding.cond_proj``, a bias-free
-        linear map of the guidance embedding added to the timestep embedding, zero-initialised,
-        and ``time_cond_proj_dim`` in the config (so the stock pipeline feeds ``timestep_cond``
-        from its ``guidance_scale`` and does not double the batch)."""
-        from torch import nn
-
-        emb = net.time_embedding
-        if getattr(emb, "cond_proj", None) is not None:
-            return
-        ref = emb.linear_1.weight
-        emb.cond_proj = nn.Linear(GUIDANCE_EMBED_DIM, emb.linear_1.in_features, bias=False,
-                                  device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(emb.cond_proj.weight)
-        emb.cond_proj.weight.requires_grad_(ref.requires_grad)
-        net.register_to_config(time_cond_proj_dim=GUIDANCE_EMBED_DIM)
+        """diffusers' own guidance input, ``time_embedding.cond_proj`` (:func:`add_cond_proj`)."""
+        add_cond_proj(net)
 
     def noise_level(self, t) -> float:
         return float(self.base_scheduler.alphas_cumprod[int(t)])
