@@ -266,3 +266,21 @@ def test_discriminator_step_on_gpu_bf16_with_r1():
     assert_close(outs["cuda"][0], outs["ref"][0], atol=1e-3, rtol=1e-3, name="GAN loss cuda vs ref heads")
     assert_close(outs["cuda"][1], outs["ref"][1], atol=1e-3, rtol=1e-2, name="R1 cuda vs ref heads")
     assert_close(outs["cuda"][2], outs["ref"][2], atol=1e-3, rtol=1e-2, name="head grads")
+
+
+def test_each_discriminator_names_the_run_options_it_reads():
+    """The trainer refuses a D flag whose option the teacher's D lacks (--d-taps on a UNet,
+    the multi-scale switches on a transformer), from each class's OPTIONS: they must be real
+    DiscriminatorOptions fields, and every field must be read by some D."""
+    import dataclasses
+
+    from d2g_fast.models.discriminator import DiscriminatorOptions
+    from d2g_fast.teacher.families import FAMILIES
+
+    known = {f.name for f in dataclasses.fields(DiscriminatorOptions)}
+    classes = {family.discriminator_class() for family in FAMILIES.values()}
+    assert DiffusionDiscriminator in classes and len(classes) >= 3
+    for cls in classes:
+        assert cls.OPTIONS <= known, (cls.__name__, cls.OPTIONS - known)
+    assert set().union(*(cls.OPTIONS for cls in classes)) == known
+    assert "taps" not in DiffusionDiscriminator.OPTIONS

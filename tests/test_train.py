@@ -249,6 +249,8 @@ def test_bad_input_is_refused_before_training(eps_world, tmp_path, capsys):
     assert rc == 2 and "--pairs" in err and "incomplete" in err
     rc, err = _distill([*base, "--lr-g", "-1"], capsys)
     assert rc == 2 and "--lr-g" in err
+    rc, err = _distill([*base, "--d-taps", "0"], capsys)  # a transformer D's option
+    assert rc == 2 and "--d-taps" in err and "DiffusionDiscriminator" in err
     no_loss = [a for a in base if a != "--lpips-random"]
     rc, err = _distill(no_loss, capsys)
     assert rc == 2 and "--lpips-dir" in err

@@ -223,6 +223,10 @@ def test_bad_input_is_refused_before_training(sd3_world, flux_world, tmp_path, c
     out = tmp_path / "bad"
     for config, flag, words in (
             (_config(sd3_world, out, d_taps=[0, 7]), "--d-taps", "blocks"),   # 2 blocks
+            (_config(sd3_world, out, d_multiscale_input_off=True), "--d-multiscale-input-off",
+             "SD3Discriminator"),
+            (_config(flux_world, out, d_multiscale_output_off=True),
+             "--d-multiscale-output-off", "FluxDiscriminator"),
             (_config(sd3_world, out, pairs=flux_world[1]), "--pairs", "flux"),  # FLUX store
             (_config(sd3_world, out, timestep=500), "--timestep", "sigma")):
         rc, err = _distill(_cli_args(config), capsys)

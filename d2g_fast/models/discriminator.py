@@ -129,6 +129,10 @@ class DiffusionDiscriminator(HeadReadout, nn.Module):
     # The context D's backbone runs in: a light D on a LoRA G's network switches the
     # adapters off in it (d2g_fast.models.light_discriminator); a plain D needs none.
     backbone_context = staticmethod(contextlib.nullcontext)
+    # The DiscriminatorOptions fields ``build`` reads (a run setting another is refused).
+    OPTIONS = frozenset({"gradient_checkpointing", "mixed_precision", "noise_conditioning",
+                         "multiscale_input", "multiscale_output", "light",
+                         "guidance_conditioned"})
 
     def __init__(self, unet: nn.Module, config: DiscriminatorConfig | None = None):
         """Takes ``unet`` as its own backbone (no copy); use ``from_unet`` to copy a teacher."""

@@ -87,6 +87,9 @@ class TransformerDiscriminator(HeadReadout, nn.Module):
 
     # The context D's backbone runs in (a light D on a LoRA G's network: adapters off).
     backbone_context = staticmethod(contextlib.nullcontext)
+    # The DiscriminatorOptions fields ``build`` reads (a run setting another is refused).
+    OPTIONS = frozenset({"taps", "gradient_checkpointing", "mixed_precision",
+                         "noise_conditioning", "light", "guidance"})
 
     def __init__(self, transformer: nn.Module,
                  config: TransformerDiscriminatorConfig | None = None):

@@ -162,9 +162,30 @@ def make_discriminator(teacher, config: TrainConfig, guidance: float | None = No
     guidance already). ``config.light_d``: the light D (d2g_fast.models.light_discriminator),
     its backbone frozen; on ``shared_net`` (a LoRA G's network) when given."""
     disc_cls = teacher.discriminator_class()
+    check_discriminator_flags(disc_cls, config)
     net = teacher.denoiser.float()
     return disc_cls.build(net, discriminator_options(teacher, net, config, guidance, guidance_set),
                           shared_net)
+
+
+# The D flags that set an option only one kind of discriminator has: flag -> (option, what).
+_D_FLAG_OPTIONS = {
+    "d_taps": ("taps", "the transformer blocks an SD3 / FLUX discriminator reads (a UNet's D "
+                       "reads every decoder scale)"),
+    "d_multiscale_input_off": ("multiscale_input", "the UNet discriminator's multi-scale input"),
+    "d_multiscale_output_off": ("multiscale_output", "the UNet discriminator's multi-scale "
+                                                     "heads"),
+}
+
+
+def check_discriminator_flags(disc_cls, config: TrainConfig) -> None:
+    """Refuse a D flag this teacher's discriminator has no option for (rather than ignore it)."""
+    from d2g_fast.train.config import flag
+
+    for name, (option, what) in _D_FLAG_OPTIONS.items():
+        if getattr(config, name) and option not in disc_cls.OPTIONS:
+            raise ValueError(f"{name} ({flag(name)}): sets {what}, which this teacher's "
+                             f"discriminator ({disc_cls.__name__}) does not have")
 
 
 def discriminator_options(teacher, net, config: TrainConfig, guidance: float | None = None,
