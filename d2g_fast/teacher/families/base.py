@@ -50,7 +50,9 @@ The one-step generator
 Discriminator
     ``discriminator_class()`` (a classmethod) is the discriminator built on the family's
     network (:mod:`d2g_fast.models`: the UNet ``DiffusionDiscriminator`` or a
-    ``TransformerDiscriminator`` subclass); ``blocks(net)`` lists the network's repeated blocks
+    ``TransformerDiscriminator`` subclass), which the trainer builds with the class's
+    ``build(net, DiscriminatorOptions, shared_net)`` (its ``OPTIONS`` say which run options it
+    reads); ``blocks(net)`` lists the network's repeated blocks
     in forward order (FSDP units; the candidates for discriminator taps); ``default_taps(net)``
     the block indices tapped by default; ``tokens_to_grid(tokens)`` reshapes the image tokens
     [B, N, D] of a transformer block into a grid [B, D, h / p, w / p] (p: patch size, 2 for SD3
