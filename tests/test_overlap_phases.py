@@ -154,7 +154,6 @@ def test_an_error_in_g_phase_waits_for_d_phase(world, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(device="cuda"), "a CPU setting"),
     (dict(fsdp=True), "--fsdp"),
     (dict(gradient_checkpointing=True), "--gradient-checkpointing"),
     (dict(light_d=True, lora_rank=2), "--light-d and --lora-rank"),
@@ -163,6 +162,13 @@ def test_refused_where_the_threads_would_race(world, tmp_path, kw, words):
     with pytest.raises(ValueError, match="overlap_phases \\(--overlap-phases\\)") as err:
         _config(world, tmp_path / "x", **kw)
     assert words in str(err.value)
+
+
+def test_refused_on_a_gpu_device(world, tmp_path):
+    with threads(2), pytest.raises(ValueError,
+                                   match="overlap_phases \\(--overlap-phases\\)") as err:
+        build_run(_config(world, tmp_path / "x", device="cuda"))
+    assert "a CPU setting" in str(err.value)
 
 
 def test_refused_on_one_thread(world, tmp_path):

@@ -229,9 +229,7 @@ class TrainConfig:
 
 
 def _overlap_compatible(cfg) -> None:
-    if cfg.device.startswith("cuda"):
-        raise ValueError(f"overlap_phases (--overlap-phases): a CPU setting, got --device "
-                         f"{cfg.device}")
+    # The device (--device auto resolves it) and the thread count: make_phase_pool.
     for other in ("fsdp", "gradient_checkpointing"):
         if getattr(cfg, other):
             raise ValueError(f"overlap_phases (--overlap-phases): not with {other} "
